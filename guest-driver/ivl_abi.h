@@ -5,7 +5,7 @@
  * This header is the single source of truth for the layout of the region
  * that ivloop-server creates and every guest maps through BAR2 of QEMU's
  * ivshmem-doorbell device.  qemu-dev/ivloop_server/abi.py mirrors it and
- * tests/test_abi.py checks the mirror against a compiled probe of this file.
+ * tests/server/test_abi.py checks the mirror against a compiled probe of this file.
  *
  *   [ header | directory: max_peers slots | ring i->j for every ordered pair ]
  *
@@ -67,7 +67,6 @@ struct ivl_region_hdr {
 	__le64 generation;	/* bumped on every join and every leave */
 	__le32 nr_present;	/* slots with present != 0 */
 	__le32 reserved0;
-	__u8 pad[8];
 };				/* 64 bytes */
 
 enum ivl_slot_state {

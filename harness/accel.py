@@ -1,0 +1,137 @@
+"""Choosing the accelerator: KVM only where a stock kernel really boots.
+
+A /dev/kvm that opens is not enough: on PVM-based nested hosts a stock
+kernel never gets past decompression.  The decision is a pure function of
+the facts (tested without a VM); gathering the facts may boot a probe guest
+once, and the answer is cached.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AccelError
+
+log = logging.getLogger(__name__)
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_API_VERSION = 12
+ACCELS = ("kvm", "tcg")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "ivloop/accel.json"
+
+
+@dataclass(frozen=True)
+class Facts:
+    kvm_usable: bool  # /dev/kvm opens and speaks the KVM API
+    pvm_host: bool  # nested PVM hypervisor (stock kernels hang under KVM)
+    probe_booted: bool | None  # a KVM probe guest reached init; None = not probed
+
+
+@dataclass(frozen=True)
+class Choice:
+    accel: str
+    reason: str
+
+    @property
+    def qemu_args(self) -> list[str]:
+        if self.accel == "kvm":
+            return ["-accel", "kvm", "-cpu", "host"]
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+
+def decide(facts: Facts, forced: str | None = None) -> Choice:
+    """The accelerator to use for *facts*, honouring a user's *forced* choice."""
+    if forced is not None:
+        if forced not in ACCELS:
+            raise AccelError(f"--accel must be one of {', '.join(ACCELS)}, not '{forced}'")
+        if forced == "kvm" and not facts.kvm_usable:
+            raise AccelError("--accel kvm requested but /dev/kvm is missing or unusable")
+        return Choice(forced, "forced by --accel")
+    if not facts.kvm_usable:
+        return Choice("tcg", "/dev/kvm missing or unusable")
+    if facts.pvm_host:
+        return Choice("tcg", "PVM nested hypervisor: stock kernels do not boot under its KVM")
+    if facts.probe_booted is False:
+        return Choice("tcg", "a KVM probe guest did not boot")
+    if facts.probe_booted is None:
+        return Choice("tcg", "KVM not probed")
+    return Choice("kvm", "a KVM probe guest booted")
+
+
+def kvm_usable(dev: str = "/dev/kvm") -> bool:
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == KVM_API_VERSION
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def pvm_host() -> bool:
+    return Path("/sys/module/kvm_pvm").exists()
+
+
+def probe_kvm(kernel: Path, initrd: Path, timeout: float = 30.0) -> bool:
+    """Boot the guest image under KVM and report whether its init ran."""
+    argv = [
+        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256",
+        "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 quiet",
+    ]  # fmt: skip
+    log.info("probing KVM with a guest boot (up to %.0f s)", timeout)
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    ) as proc:
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        seen = b""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                seen += proc.stdout.read() or b""
+                if b"ivloop-init:" in seen:
+                    return True
+                time.sleep(0.2)
+            return False
+        finally:
+            proc.kill()
+
+
+def _cache_key(kernel: Path) -> str:
+    qemu = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+    ).stdout.split("\n")[0]
+    return f"{os.uname().release}|{qemu}|{kernel.resolve()}:{kernel.stat().st_size}"
+
+
+def choose(kernel: Path, initrd: Path, forced: str | None = None) -> Choice:
+    """Gather the facts (probing at most once per host/QEMU/kernel) and decide."""
+    usable = kvm_usable()
+    pvm = pvm_host()
+    booted: bool | None = None
+    if forced is None and usable and not pvm:
+        key = _cache_key(kernel)
+        try:
+            cached = json.loads(CACHE.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if key in cached:
+            booted = bool(cached[key])
+        else:
+            booted = probe_kvm(kernel, initrd)
+            cached[key] = booted
+            CACHE.parent.mkdir(parents=True, exist_ok=True)
+            CACHE.write_text(json.dumps(cached))
+    return decide(Facts(kvm_usable=usable, pvm_host=pvm, probe_booted=booted), forced)

@@ -1,0 +1,326 @@
+"""Bringing a topology up and down, and the operations on its VMs.
+
+This is the only module that changes the state directory's records; the
+CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import accel as accel_mod
+from . import guest as guest_mod
+from . import hostnet, qemu, servers
+from .errors import HarnessError, ImageError, StateError
+from .state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
+from .topology import Topology, VMSpec
+from .topology import parse as parse_topology
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+SSH_PORT_BASE = 2200
+BOOT_TIMEOUT = float(os.environ.get("IVLOOP_BOOT_TIMEOUT", "180"))
+
+
+def image_dir() -> Path:
+    return Path(os.environ.get("IVLOOP_IMAGE_DIR", REPO / "images" / "out"))
+
+
+def image_paths() -> tuple[Path, Path]:
+    d = image_dir()
+    kernel, initrd = d / "vmlinuz", d / "initrd.img"
+    if not kernel.exists() or not initrd.exists():
+        raise ImageError(f"guest image not found in {d}; run 'make image' first")
+    return kernel, initrd
+
+
+def topology_of(state: State) -> Topology:
+    return parse_topology(state.topology, state.topology_source)
+
+
+# ---------------------------------------------------------------------------
+# up / down
+
+
+def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
+       ivshmem: bool = True, driver: bool = True) -> State:
+    """Create hosts, wires, servers and VMs; return when every VM answers SSH."""
+    if sd.exists():
+        state = sd.load()
+        alive = [vm.name for vm in state.vms.values() if vm.proc and vm.proc.alive()]
+        raise StateError(
+            f"a topology is already up in {sd.path}"
+            + (f" (running: {', '.join(alive)})" if alive else "")
+            + "; run 'harness down' first"
+        )
+    kernel, initrd = image_paths()
+    choice = accel_mod.choose(kernel, initrd, forced_accel)
+    log.info("accelerator: %s (%s)", choice.accel, choice.reason)
+    state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
+                  accel=choice.accel, driver=driver)
+    sd.save(state)
+    guest_mod.ensure_key(sd.key_path)
+    sd.file("logs").mkdir(exist_ok=True)
+    try:
+        for host in topo.hosts.values():
+            hs = HostState(name=host.name, netns=sd.netns_name(host.name))
+            state.hosts[host.name] = hs
+            sd.save(state)  # recorded before it exists: down can always remove it
+            hostnet.create_host(hs.netns)
+        names = list(topo.hosts)
+        for other in names[1:]:  # a star of wires around the first host
+            hostnet.add_wire(state.hosts[names[0]].netns, f"wire-{other}",
+                             state.hosts[other].netns, f"wire-{names[0]}")
+        if ivshmem:
+            for host in topo.hosts.values():
+                start_server(sd, state, host.name)
+        for vm in topo.vms.values():
+            start_vm(sd, state, vm, ivshmem=ivshmem)
+        for vm in topo.vms.values():
+            wait_ssh(sd, state, vm.name)
+    except BaseException:
+        log.error("bringing the topology up failed; cleaning up")
+        down(sd)
+        raise
+    return state
+
+
+def start_server(sd: StateDir, state: State, host: str) -> None:
+    topo = topology_of(state)
+    hs = state.hosts[host]
+    hs.server_socket = str(sd.file(f"ivshmem-{host}.sock"))
+    sd.save(state)
+    spec = topo.host(host)
+    hs.server = servers.start(hs.netns, Path(hs.server_socket),
+                              sd.file("logs", f"server-{host}.log"),
+                              size=spec.region_size, max_peers=spec.max_peers)
+    sd.save(state)
+
+
+def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
+             host: str | None = None, incoming: bool = False, tag: str = "") -> VMState:
+    """Launch one VM's QEMU on *host* (default: its topology host).
+
+    With *incoming* the VM waits for a migration and is not recorded in
+    *state* (the caller records it once the migration has succeeded).
+    """
+    kernel, initrd = image_paths()
+    pubkey = guest_mod.ensure_key(sd.key_path)
+    accel_args = accel_mod.Choice(state.accel, "recorded").qemu_args
+    host = host or vm.host
+    hs = state.hosts[host]
+    suffix = f"-{tag}" if tag else ""
+    vs = VMState(
+        name=vm.name, host=host, status=VMStatus.BOOTING,
+        qmp=str(sd.file(f"qmp-{vm.name}{suffix}.sock")),
+        console=str(sd.file("logs", f"console-{vm.name}{suffix}.log")),
+        ssh_port=SSH_PORT_BASE + vm.index, tap=f"tap-{vm.name}"[:15],
+        accel=state.accel, ivshmem=ivshmem and bool(hs.server_socket),
+    )  # fmt: skip
+    if not incoming:
+        state.vms[vm.name] = vs
+        sd.save(state)
+    hostnet.add_tap(hs.netns, vs.tap)
+    pidfile = sd.file(f"qemu-{vm.name}{suffix}.pid")
+    spec = qemu.LaunchSpec(
+        vm=vm, kernel=kernel, initrd=initrd, accel_args=accel_args,
+        console=Path(vs.console), qmp=Path(vs.qmp), pidfile=pidfile, tap=vs.tap,
+        ssh_port=vs.ssh_port, ssh_key=pubkey,
+        ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None, incoming=incoming,
+        lower_only=not state.driver,
+    )  # fmt: skip
+    for stale in (Path(vs.qmp), pidfile):
+        stale.unlink(missing_ok=True)
+    pid = qemu.launch(qemu.render(spec), hs.netns, sd.file("logs", f"qemu-{vm.name}{suffix}.log"),
+                      pidfile)
+    vs.proc = ProcRecord.of(pid)
+    if not incoming:
+        sd.save(state)
+    log.info("%s: QEMU pid %d on host %s", vm.name, pid, host)
+    return vs
+
+
+def wait_ssh(sd: StateDir, state: State, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+    vs = state.vms[name]
+    try:
+        with guest(sd, state, name, timeout=timeout) as g:
+            g.run("true")
+    except HarnessError as exc:
+        console = Path(vs.console)
+        tail = console.read_text(errors="replace").splitlines()[-10:] if console.exists() else []
+        raise StateError(f"{name} did not come up: {exc}\nconsole:\n" + "\n".join(tail)) from exc
+    vs.status = VMStatus.RUNNING
+    sd.save(state)
+
+
+def down(sd: StateDir) -> list[str]:
+    """Stop every recorded process and remove every recorded namespace and socket."""
+    removed: list[str] = []
+    if not sd.exists():
+        return removed
+    try:
+        state = sd.load()
+    except StateError:
+        log.warning("state file unreadable; removing what can be found by name")
+        state = State(instance=sd.instance, topology={}, topology_source="")
+    for vs in state.vms.values():
+        if vs.proc and qemu.terminate(vs.proc):
+            removed.append(f"QEMU {vs.name} (pid {vs.proc.pid})")
+    for pidfile in sd.path.glob("qemu-*.pid"):  # e.g. a migration destination
+        with contextlib.suppress(OSError, ValueError):
+            rec = ProcRecord.of(int(pidfile.read_text().strip()))
+            if _is_ours(rec.pid, sd) and qemu.terminate(rec):
+                removed.append(f"QEMU pid {rec.pid}")
+        pidfile.unlink(missing_ok=True)
+    for hs in state.hosts.values():
+        if hs.server and qemu.terminate(hs.server):
+            removed.append(f"ivloop-server {hs.name} (pid {hs.server.pid})")
+    netnses = [hs.netns for hs in state.hosts.values()] + state.extra_netns
+    # Names are derived from the state directory, so even a state file that
+    # lost a host still finds its namespaces.
+    netnses += [p.name for p in hostnet.NETNS_DIR.glob(f"ivl-{sd.instance}-*")]
+    for ns in dict.fromkeys(netnses):
+        if hostnet.remove_host(ns):
+            removed.append(f"namespace {ns}")
+    for sock in sd.sockets():
+        sock.unlink(missing_ok=True)
+        removed.append(f"socket {sock.name}")
+    sd.clear()
+    return removed
+
+
+def _is_ours(pid: int, sd: StateDir) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(sd.path).encode() in cmdline
+
+
+# ---------------------------------------------------------------------------
+# guests and status
+
+
+def guest(sd: StateDir, state: State, name: str, timeout: float = 30) -> guest_mod.Guest:
+    topology_of(state).vm(name)  # unknown VM -> TopologyError
+    vs = state.vms.get(name)
+    if vs is None or vs.proc is None or not vs.proc.alive():
+        raise StateError(f"VM {name} is down; 'harness up' starts it")
+    g = guest_mod.Guest(name, state.hosts[vs.host].netns, vs.ssh_port, sd.key_path)
+    return g.open(timeout=timeout)
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    host: str
+    vm: str
+    ip: str
+    mac: str
+    accel: str
+    pid: int | None
+    status: str
+    ivshmem: str
+    path: str
+
+
+def path_state(g: guest_mod.Guest) -> str:
+    """Which path the guest's traffic takes, from the driver's own view."""
+    code, out = g.status("cat /sys/kernel/debug/ivloop/peers 2>/dev/null || "
+                         "cat /sys/class/net/ivl0/ivloop/peers 2>/dev/null", timeout=10)
+    if code != 0 or not out.strip():
+        code, _ = g.status("test -d /sys/class/net/ivl0", timeout=10)
+        return "lower only (no ivl0)" if code else "lower"
+    shm = [line.split()[1] for line in out.splitlines()[1:]
+           if len(line.split()) > 2 and "up" in line.lower()]
+    return f"shm to {len(shm)} peer(s)" if shm else "lower"
+
+
+def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
+    state = sd.load()
+    topo = topology_of(state)
+    rows: list[StatusRow] = []
+    for name, spec in topo.vms.items():
+        vs = state.vms.get(name)
+        alive = bool(vs and vs.proc and vs.proc.alive())
+        path = "-"
+        if alive and probe and vs and vs.status == VMStatus.RUNNING:
+            try:
+                with guest(sd, state, name, timeout=10) as g:
+                    path = path_state(g)
+            except HarnessError as exc:
+                path = f"unknown ({exc.__class__.__name__})"
+        rows.append(StatusRow(
+            host=vs.host if vs else spec.host, vm=name, ip=spec.ip, mac=spec.mac,
+            accel=vs.accel if vs else "-", pid=vs.proc.pid if alive and vs and vs.proc else None,
+            status=(vs.status.value if alive and vs else "down"),
+            ivshmem=("attached" if vs and vs.ivshmem else "detached") if alive else "-",
+            path=path,
+        ))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# ivshmem hot-plug
+
+
+async def unplug_ivshmem(mon: qemu.Monitor, timeout: float = 30) -> None:
+    """device_del the ivshmem device and wait for DEVICE_DELETED."""
+    with mon.listener("DEVICE_DELETED") as listener:
+        await mon.cmd("device_del", {"id": qemu.IVSHMEM_ID})
+        await mon.wait_event(listener, timeout, {"device": qemu.IVSHMEM_ID})
+    await mon.cmd("chardev-remove", {"id": qemu.IVSHMEM_CHARDEV})
+
+
+async def plug_ivshmem(mon: qemu.Monitor, server_socket: str) -> None:
+    """Connect a chardev to *server_socket* and hot-add ivshmem-doorbell on it."""
+    await mon.cmd("chardev-add", {
+        "id": qemu.IVSHMEM_CHARDEV,
+        "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": server_socket}}, "server": False}},
+    })  # fmt: skip
+    try:
+        await mon.cmd("device_add", {
+            "driver": "ivshmem-doorbell", "id": qemu.IVSHMEM_ID, "chardev": qemu.IVSHMEM_CHARDEV,
+            "vectors": 2, "bus": "pci.0", "addr": qemu.IVSHMEM_ADDR,
+        })  # fmt: skip
+    except HarnessError:
+        await mon.cmd("chardev-remove", {"id": qemu.IVSHMEM_CHARDEV})
+        raise
+
+
+def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
+    """Hot-plug or hot-unplug a VM's ivshmem device and record it."""
+    state = sd.load()
+    topology_of(state).vm(name)
+    vs = state.vms.get(name)
+    if vs is None or vs.proc is None or not vs.proc.alive():
+        raise StateError(f"VM {name} is down")
+    if vs.ivshmem == attached:
+        now = "attached" if attached else "detached"
+        raise StateError(f"{name}'s ivshmem device is already {now}")
+    server = state.hosts[vs.host].server_socket
+    if attached and not server:
+        raise StateError(f"host {vs.host} runs no ivloop-server")
+
+    async def go() -> None:
+        async with qemu.Monitor(Path(vs.qmp)) as mon:
+            if attached:
+                await plug_ivshmem(mon, server)
+            else:
+                await unplug_ivshmem(mon)
+    asyncio.run(go())
+    vs.ivshmem = attached
+    sd.save(state)
+
+
+@contextlib.contextmanager
+def locked(sd: StateDir) -> Iterator[StateDir]:
+    with sd:
+        yield sd

@@ -1,0 +1,83 @@
+"""Exceptions raised by the harness.
+
+Every error a user can cause or fix derives from :class:`HarnessError`, and
+its message says what went wrong and what to do about it::
+
+    HarnessError
+     ├── TopologyError      the topology file is invalid
+     ├── StateError         the state directory disagrees with the request
+     │    └── BusyError     another harness holds the state directory
+     ├── HostNetError       namespaces, bridges, taps or wires
+     ├── AccelError         no usable accelerator / bad --accel
+     ├── ImageError         the guest image is missing
+     ├── LaunchError        a QEMU or ivloop-server process did not start
+     ├── GuestError         a command in a guest failed or SSH is unreachable
+     ├── QMPError           QEMU's monitor refused or timed out
+     └── MigrationError     a live migration failed (source kept running)
+"""
+
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """Root of every error the harness reports to its user."""
+
+
+class TopologyError(HarnessError):
+    """The topology file is malformed or inconsistent."""
+
+
+class StateError(HarnessError):
+    """The requested operation does not fit the current state."""
+
+
+class BusyError(StateError):
+    """Another harness process holds the state directory lock."""
+
+
+class HostNetError(HarnessError):
+    """Creating or removing host networking failed."""
+
+
+class AccelError(HarnessError):
+    """The accelerator choice is invalid or unusable."""
+
+
+class ImageError(HarnessError):
+    """The guest image is missing or incomplete."""
+
+
+class LaunchError(HarnessError):
+    """A process did not start; carries its command line and output."""
+
+    def __init__(self, what: str, argv: list[str], exitcode: int | None, output: str) -> None:
+        self.argv = argv
+        self.exitcode = exitcode
+        self.output = output
+        status = "still running" if exitcode is None else f"exit status {exitcode}"
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        super().__init__(f"{what} ({status})" + (f"; last output:\n{tail}" if tail else ""))
+
+
+class GuestError(HarnessError):
+    """A command in a guest failed, or the guest is unreachable."""
+
+    def __init__(self, vm: str, command: str, exitcode: int | None, output: str) -> None:
+        self.vm = vm
+        self.command = command
+        self.exitcode = exitcode
+        self.output = output
+        detail = output.strip().splitlines()[-5:]
+        super().__init__(
+            f"{vm}: '{command}' failed"
+            + ("" if exitcode is None else f" with exit status {exitcode}")
+            + (": " + " | ".join(detail) if detail else "")
+        )
+
+
+class QMPError(HarnessError):
+    """QEMU's monitor refused a command or did not answer in time."""
+
+
+class MigrationError(HarnessError):
+    """A live migration failed; the source VM is kept running."""

@@ -1,0 +1,149 @@
+"""Commands in guests, over SSH on each VM's management NIC, through fabric.
+
+The management NIC is QEMU user-mode networking with the guest's port 22
+forwarded to 127.0.0.1 *inside the host's namespace*; connections are made
+from that namespace (see :func:`hostnet.connect`).  Measured traffic never
+uses this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fabric import Connection
+from invoke.exceptions import CommandTimedOut, UnexpectedExit
+
+from . import hostnet
+from .errors import GuestError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_key(path: Path) -> str:
+    """Create an ed25519 key pair at *path* if needed; return the public key line."""
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        path.touch(mode=0o600)
+        path.write_bytes(pem)
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        path.with_suffix(".pub").write_bytes(pub + b" ivloop-harness\n")
+    return path.with_suffix(".pub").read_text().split(" ivloop-harness")[0].strip()
+
+
+class Guest:
+    """An SSH session to one VM; a context manager that owns the connection."""
+
+    def __init__(self, vm: str, netns: str, port: int, key: Path) -> None:
+        self.vm = vm
+        self.netns = netns
+        self.port = port
+        self.key = key
+        self.log = log.getChild(vm)
+        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
+
+    def open(self, timeout: float = 120.0) -> Guest:
+        """Connect, retrying until *timeout* while the guest boots."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                self._connect()
+                return self
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                last = exc
+                self.close()
+                time.sleep(0.5)
+        raise GuestError(self.vm, "ssh", None, f"unreachable after {timeout:.0f} s: {last}")
+
+    def _banner(self) -> None:
+        """Wait-free check that sshd answers: until it does, QEMU's user-mode
+        network accepts the forwarded connection and closes it at once."""
+        with hostnet.connect(self.netns, self.port) as probe:
+            probe.settimeout(5)
+            if not probe.recv(4).startswith(b"SSH-"):
+                raise ConnectionRefusedError(f"{self.vm}: no SSH banner yet")
+
+    def _connect(self) -> None:
+        self._banner()
+        self._sock = hostnet.connect(self.netns, self.port)
+        pkey = paramiko.Ed25519Key.from_private_key_file(str(self.key))
+        conn = Connection(
+            "127.0.0.1", user="root", port=self.port, connect_timeout=10,
+            connect_kwargs={
+                "sock": self._sock, "pkey": pkey, "look_for_keys": False,
+                "allow_agent": False, "banner_timeout": 20, "auth_timeout": 20,
+            },
+        )  # fmt: skip
+        conn.open()
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Guest:
+        if self._conn is None:
+            self.open()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def run(self, command: str, timeout: float | None = 60, check: bool = True) -> str:
+        """Run *command*; return its stdout, raise :class:`GuestError` on failure."""
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        self.log.debug("run: %s", command)
+        try:
+            result = self._conn.run(command, hide=True, warn=not check, timeout=timeout, pty=False)
+        except UnexpectedExit as exc:
+            r = exc.result
+            raise GuestError(self.vm, command, r.exited, r.stdout + r.stderr) from None
+        except CommandTimedOut as exc:
+            raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
+        if check and result.exited != 0:
+            raise GuestError(self.vm, command, result.exited, result.stdout + result.stderr)
+        return str(result.stdout)
+
+    def status(self, command: str, timeout: float | None = 60) -> tuple[int, str]:
+        """Run *command*; return (exit status, stdout+stderr) without raising on failure."""
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        try:
+            result = self._conn.run(command, hide=True, warn=True, timeout=timeout, pty=False)
+        except CommandTimedOut as exc:
+            raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
+        return int(result.exited), str(result.stdout) + str(result.stderr)
+
+    def shell(self) -> int:
+        """An interactive shell on the caller's terminal."""
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        result = self._conn.shell()
+        return int(result.exited)

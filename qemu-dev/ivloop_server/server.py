@@ -1,0 +1,576 @@
+"""The ivloop-server: QEMU ivshmem server and authority on membership.
+
+One :class:`IvshmemServer` owns one region, one listening UNIX socket and
+the connections of the QEMU processes (peers) attached to it.  All work
+happens in event-loop callbacks and each callback runs to completion, so a
+join or a leave (directory update, notices to every other peer, doorbells)
+is never interleaved with another one.
+
+Peers go JOINING -> ACTIVE -> LEAVING -> GONE (JOINING -> LEAVING when the
+setup fails).  A peer's ID, its directory slot, stays taken until it is
+GONE, that is until its leave is written to the directory and announced to
+every remaining peer; only then can a new connection get it.
+
+Sends never block: messages are 8 bytes, and a peer whose socket buffer is
+full is not reading, so it is dropped like a peer whose socket failed.
+Only that peer is dropped; the others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from . import abi, protocol
+from .errors import ConfigError, SocketInUseError, SocketPathError, StateError
+from .region import Layout, Region, compute_layout, format_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE: Final = 32 << 20
+DEFAULT_MAX_PEERS: Final = 8
+DEFAULT_VECTORS: Final = abi.IVL_NR_VECTORS
+MAX_VECTORS: Final = 64
+SOCKET_MODE: Final = 0o600
+LISTEN_BACKLOG: Final = 64
+_PROBE_TIMEOUT: Final = 1.0
+_ACCEPT_RETRY_DELAY: Final = 0.2
+
+
+class Runstate(enum.Enum):
+    """Lifecycle of a server."""
+
+    IDLE = "idle"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class PeerState(enum.Enum):
+    """Lifecycle of one connected QEMU."""
+
+    JOINING = "joining"
+    ACTIVE = "active"
+    LEAVING = "leaving"
+    GONE = "gone"
+
+
+_RUN_TRANSITIONS: Final[dict[Runstate, frozenset[Runstate]]] = {
+    Runstate.IDLE: frozenset({Runstate.STARTING}),
+    Runstate.STARTING: frozenset({Runstate.RUNNING, Runstate.STOPPING}),
+    Runstate.RUNNING: frozenset({Runstate.STOPPING}),
+    Runstate.STOPPING: frozenset({Runstate.STOPPED}),
+    Runstate.STOPPED: frozenset(),
+}
+
+_PEER_TRANSITIONS: Final[dict[PeerState, frozenset[PeerState]]] = {
+    PeerState.JOINING: frozenset({PeerState.ACTIVE, PeerState.LEAVING}),
+    PeerState.ACTIVE: frozenset({PeerState.LEAVING}),
+    PeerState.LEAVING: frozenset({PeerState.GONE}),
+    PeerState.GONE: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What a server is asked to provide; :meth:`validate` says if it can."""
+
+    socket_path: Path
+    size: int = DEFAULT_SIZE
+    max_peers: int = DEFAULT_MAX_PEERS
+    vectors: int = DEFAULT_VECTORS
+    ring_size: int | None = None
+    memfd_name: str = "ivloop"
+
+    def validate(self) -> Layout:
+        """Check every value; return the region layout or raise ConfigError."""
+        if not 2 <= self.max_peers <= abi.IVL_MAX_PEERS:
+            raise ConfigError(
+                f"max peers must be between 2 and {abi.IVL_MAX_PEERS}, not {self.max_peers}"
+            )
+        if not abi.IVL_NR_VECTORS <= self.vectors <= MAX_VECTORS:
+            raise ConfigError(
+                f"vectors must be between {abi.IVL_NR_VECTORS} (membership and data doorbells) "
+                f"and {MAX_VECTORS}, not {self.vectors}"
+            )
+        return compute_layout(self.size, self.max_peers, self.ring_size)
+
+
+class Peer:
+    """One connected QEMU: its socket, its eventfds (one per vector), its state."""
+
+    def __init__(self, peer_id: int, sock: socket.socket, vectors: list[int], pid: int) -> None:
+        self.id = peer_id
+        self.sock = sock
+        self.vectors = vectors
+        self.pid = pid
+        self.state = PeerState.JOINING
+        #: IDs this peer's QEMU has been told about and not yet told are gone.
+        self.known: set[int] = set()
+        self.log = log.getChild(f"peer{peer_id}")
+        self._reading = False
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.id} {self.state.value} pid={self.pid}>"
+
+    def transition(self, new: PeerState) -> None:
+        if new not in _PEER_TRANSITIONS[self.state]:
+            raise StateError(f"peer {self.id}", self.state, new)
+        self.log.debug("peer %d: %s -> %s", self.id, self.state.value, new.value)
+        self.state = new
+
+    def close(self) -> None:
+        """Close the connection and the server's copies of the eventfds."""
+        self.sock.close()
+        vectors, self.vectors = self.vectors, []
+        for fd in vectors:
+            os.close(fd)
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    """PID of the process at the other end (0 if unknown)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return 0
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make ``path`` free for bind: remove a stale socket, refuse anything else.
+
+    A socket nobody listens on (connect: ECONNREFUSED) is a leftover of a
+    dead server and is removed.  A socket that accepts a connection belongs
+    to a live server: SocketInUseError, and the file is left alone.  Any
+    other file: SocketPathError, left alone.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SocketPathError(str(path), f"cannot inspect: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(
+            str(path), "exists and is not a socket; remove it or choose another --socket"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(_PROBE_TIMEOUT)
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("removing stale socket %s (nothing listens on it)", path, extra={"event": "stale"})
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except TimeoutError as exc:
+        raise SocketInUseError(
+            str(path), "a server is listening on it but not accepting; stop it first"
+        ) from exc
+    except OSError as exc:
+        raise SocketPathError(str(path), f"cannot check the existing socket: {exc}") from exc
+    finally:
+        probe.close()
+    raise SocketInUseError(
+        str(path),
+        "another server is accepting connections on it; stop it or choose another --socket",
+    )
+
+
+class IvshmemServer:
+    """An ivshmem server on one socket path, with one region.
+
+    Use as ``async with IvshmemServer(config) as server: ...`` or call
+    :meth:`start` and :meth:`stop` (stop is idempotent).  Every method must
+    be called from the event loop the server was started in.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.layout = config.validate()
+        self._runstate = Runstate.IDLE
+        self._region: Region | None = None
+        self._listener: socket.socket | None = None
+        self._socket_id: tuple[int, int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._peers: dict[int, Peer] = {}
+        self._doomed: dict[int, tuple[Peer, str, int]] = {}
+        self._stopped = asyncio.Event()
+        self._accept_retry: asyncio.TimerHandle | None = None
+
+    # -- state ----------------------------------------------------------
+
+    @property
+    def runstate(self) -> Runstate:
+        return self._runstate
+
+    def _transition(self, new: Runstate) -> None:
+        if new not in _RUN_TRANSITIONS[self._runstate]:
+            raise StateError("server", self._runstate, new)
+        log.debug("server: %s -> %s", self._runstate.value, new.value)
+        self._runstate = new
+
+    @property
+    def region(self) -> Region:
+        if self._region is None or self._region.closed:
+            raise StateError("region", self._runstate, "use")
+        return self._region
+
+    @property
+    def socket_path(self) -> Path:
+        return self.config.socket_path
+
+    def peers(self) -> dict[int, Peer]:
+        """Connected peers by ID (a copy)."""
+        return dict(self._peers)
+
+    # -- lifecycle ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the region and listen; on return, connections are accepted."""
+        self._transition(Runstate.STARTING)
+        self._loop = asyncio.get_running_loop()
+        try:
+            path = self.config.socket_path
+            prepare_socket_path(path)
+            self._region = Region.create(
+                self.layout.size,
+                self.layout.max_peers,
+                self.layout.ring_size,
+                name=self.config.memfd_name,
+            )
+            self._listener = self._listen(path)
+            self._loop.add_reader(self._listener.fileno(), self._on_listener_readable)
+        except BaseException:
+            self._teardown()
+            self._transition(Runstate.STOPPING)
+            self._transition(Runstate.STOPPED)
+            self._stopped.set()
+            raise
+        self._transition(Runstate.RUNNING)
+        lay = self.layout
+        log.info(
+            "listening on %s: region %s, %d peers, rings of %s, %d vectors",
+            path,
+            format_size(lay.size),
+            lay.max_peers,
+            format_size(lay.ring_size),
+            self.config.vectors,
+            extra={
+                "event": "start",
+                "socket": str(path),
+                "size": lay.size,
+                "max_peers": lay.max_peers,
+                "ring_size": lay.ring_size,
+                "vectors": self.config.vectors,
+            },
+        )
+
+    def _listen(self, path: Path) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(str(path))
+            # Before listen() nobody can connect, so there is no window in
+            # which the socket is reachable with the umask's mode.
+            os.chmod(path, SOCKET_MODE)
+            st = os.stat(path)
+            self._socket_id = (st.st_dev, st.st_ino)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise SocketPathError(str(path), f"cannot listen: {exc.strerror or exc}") from exc
+        return sock
+
+    async def stop(self, reason: str = "server stopping") -> None:
+        """Drop every peer (announcing each leave), unlink the socket, free the region."""
+        if self._runstate in (Runstate.STOPPING, Runstate.STOPPED):
+            await self._stopped.wait()
+            return
+        if self._runstate is Runstate.IDLE:
+            self._transition(Runstate.STARTING)
+        self._transition(Runstate.STOPPING)
+        nr_peers = len(self._peers)
+        if self._loop is not None and self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+        # One at a time, so each remaining peer is told and rung about each
+        # leave, and its guest falls back to the lower path in order.
+        for peer in sorted(self._peers.values(), key=lambda p: p.id):
+            self._doom(peer, reason, logging.INFO)
+            self._reap()
+        self._teardown()
+        self._transition(Runstate.STOPPED)
+        log.info(
+            "stopped (%s, %d peers dropped)",
+            reason,
+            nr_peers,
+            extra={"event": "stop", "reason": reason, "peers": nr_peers},
+        )
+        self._stopped.set()
+
+    def _teardown(self) -> None:
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
+        if self._listener is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            self._unlink_own_socket()
+        if self._region is not None:
+            self._region.close()
+
+    def _unlink_own_socket(self) -> None:
+        """Remove the socket file, if it is still the one this server bound."""
+        path = self.config.socket_path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._socket_id:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- connections ----------------------------------------------------
+
+    def _on_listener_readable(self) -> None:
+        assert self._listener is not None
+        while self._runstate is Runstate.RUNNING:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(exc)
+                    return
+                raise
+            try:
+                self._admit(conn)
+            except Exception:
+                log.exception("unexpected error admitting a connection")
+                conn.close()
+            finally:
+                self._reap()
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of fds or memory: stop polling the listener for a moment."""
+        assert self._loop is not None and self._listener is not None
+        log.error("cannot accept connections: %s; retrying shortly", exc.strerror)
+        self._loop.remove_reader(self._listener.fileno())
+
+        def resume() -> None:
+            self._accept_retry = None
+            if self._runstate is Runstate.RUNNING and self._listener is not None:
+                assert self._loop is not None
+                self._loop.add_reader(self._listener.fileno(), self._on_listener_readable)
+
+        self._accept_retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, resume)
+
+    def _free_id(self) -> int | None:
+        for peer_id in range(self.layout.max_peers):
+            if peer_id not in self._peers:
+                return peer_id
+        return None
+
+    def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
+        log.warning(
+            "refused connection from pid %d: %s",
+            pid,
+            reason,
+            extra={"event": "refuse", "reason": reason, "pid": pid},
+        )
+        conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        pid = _peer_pid(conn)
+        peer_id = self._free_id()
+        if peer_id is None:
+            self._refuse(conn, pid, f"all {self.layout.max_peers} peer slots are in use")
+            return
+        vectors: list[int] = []
+        try:
+            for _ in range(self.config.vectors):
+                vectors.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        except OSError as exc:
+            for fd in vectors:
+                os.close(fd)
+            self._refuse(conn, pid, f"cannot create eventfds: {exc.strerror}")
+            return
+
+        peer = Peer(peer_id, conn, vectors, pid)
+        others = self._live_peers()
+        self._peers[peer_id] = peer
+        region = self.region
+        region.zero_rings_of(peer_id)
+        generation = region.mark_present(peer_id)
+        peer.log.info(
+            "peer %d joined (pid %d, generation %d)",
+            peer_id,
+            pid,
+            generation,
+            extra={
+                "event": "join",
+                "peer": peer_id,
+                "pid": pid,
+                "generation": generation,
+                "nr_present": len(self._peers),
+            },
+        )
+
+        setup = protocol.setup_messages(
+            peer_id, region.fd, vectors, [(o.id, o.vectors) for o in others]
+        )
+        if not self._send_all(peer, setup):
+            return  # doomed: _reap() takes it out again
+        peer.known.update(o.id for o in others)
+        peer.known.add(peer_id)
+        for other in others:
+            if self._send_all(other, protocol.join_messages(peer_id, vectors)):
+                other.known.add(peer_id)
+        peer.transition(PeerState.ACTIVE)
+        assert self._loop is not None
+        self._loop.add_reader(conn.fileno(), self._on_peer_readable, peer)
+        self._ring_membership(exclude=peer)
+
+    def _live_peers(self) -> list[Peer]:
+        """ACTIVE peers not marked for dropping, in ID order."""
+        return [
+            p
+            for _, p in sorted(self._peers.items())
+            if p.state is PeerState.ACTIVE and p.id not in self._doomed
+        ]
+
+    def _send_all(self, peer: Peer, messages: Iterable[tuple[int, int | None]]) -> bool:
+        """Send ``messages`` to ``peer``; on failure mark it for dropping."""
+        if peer.id in self._doomed or peer.state not in (PeerState.JOINING, PeerState.ACTIVE):
+            return False
+        try:
+            for value, fd in messages:
+                protocol.send_message(peer.sock, value, fd)
+        except BlockingIOError:
+            self._doom(peer, "not reading its socket (send buffer full)", logging.WARNING)
+            return False
+        except OSError as exc:
+            self._doom(peer, f"send failed: {exc.strerror or exc}", logging.WARNING)
+            return False
+        return True
+
+    def _ring_membership(self, exclude: Peer) -> None:
+        """Ring vector 0 (membership changed) of every live peer but ``exclude``."""
+        for peer in self._live_peers():
+            if peer is exclude:
+                continue
+            try:
+                os.eventfd_write(peer.vectors[abi.IVL_VEC_MEMBERSHIP], 1)
+            except BlockingIOError:
+                pass  # counter saturated: an interrupt is pending anyway
+            except OSError as exc:
+                peer.log.error("cannot ring peer %d: %s", peer.id, exc.strerror)
+
+    def _on_peer_readable(self, peer: Peer) -> None:
+        try:
+            data = peer.sock.recv(256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._doom(peer, f"connection error: {exc.strerror or exc}", logging.INFO)
+        else:
+            if data:
+                self._doom(
+                    peer,
+                    f"misbehaving: sent {len(data)} bytes, clients must not send",
+                    logging.WARNING,
+                )
+            else:
+                self._doom(peer, "disconnected", logging.INFO)
+        self._reap()
+
+    # -- leaving --------------------------------------------------------
+
+    def _doom(self, peer: Peer, reason: str, level: int) -> None:
+        """Mark ``peer`` to be dropped once the current operation completes."""
+        if peer.id not in self._doomed and peer.state in (PeerState.JOINING, PeerState.ACTIVE):
+            self._doomed[peer.id] = (peer, reason, level)
+
+    def _reap(self) -> None:
+        """Drop doomed peers, including any a leave itself dooms."""
+        while self._doomed:
+            peer_id = next(iter(self._doomed))
+            peer, reason, level = self._doomed[peer_id]
+            try:
+                self._leave(peer, reason, level)
+            finally:
+                del self._doomed[peer_id]
+
+    def _leave(self, peer: Peer, reason: str, level: int) -> None:
+        peer.transition(PeerState.LEAVING)
+        if self._loop is not None and peer.sock.fileno() >= 0:
+            self._loop.remove_reader(peer.sock.fileno())
+        generation = self.region.mark_absent(peer.id)
+        notified = self._announce_leave(peer.id, self._live_peers())
+        self._ring_membership(exclude=peer)
+        peer.close()
+        peer.transition(PeerState.GONE)
+        del self._peers[peer.id]
+        peer.log.log(
+            level,
+            "peer %d left: %s (generation %d, told %d peers)",
+            peer.id,
+            reason,
+            generation,
+            notified,
+            extra={
+                "event": "leave",
+                "peer": peer.id,
+                "pid": peer.pid,
+                "reason": reason,
+                "generation": generation,
+                "nr_present": len(self._peers),
+            },
+        )
+
+    def _announce_leave(self, peer_id: int, others: Sequence[Peer]) -> int:
+        notified = 0
+        for other in others:
+            if other.id == peer_id or peer_id not in other.known:
+                continue
+            if self._send_all(other, [protocol.leave_message(peer_id)]):
+                other.known.discard(peer_id)
+                notified += 1
+        return notified

@@ -1,0 +1,192 @@
+"""Membership: limits, faults, ID reuse, shutdown, state guards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ivloop_server import abi
+from ivloop_server.errors import StateError
+from ivloop_server.server import IvshmemServer, Peer, PeerState, Runstate, ServerConfig
+
+from .conftest import ServerThread
+from .fakeclient import FakeQemu
+
+
+def present(server: ServerThread) -> list[int]:
+    return server.call(lambda: [s.index for s in server.server.region.directory() if s.present])
+
+
+def test_over_the_limit_is_refused_and_others_keep_working(
+    make_server: Callable[..., ServerThread],
+    clients: list[FakeQemu],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    st = make_server(max_peers=2, size=4 << 20)
+    a = FakeQemu.join(st.path)
+    b = FakeQemu.join(st.path)
+    clients += [a, b]
+    a.expect_join(1)
+    with caplog.at_level(logging.WARNING, logger="ivloop_server"):
+        c = FakeQemu.connect(st.path)
+        clients.append(c)
+        assert c.at_eof(), "refused client must get EOF before any message"
+        st.settle()
+    refusals = [r for r in caplog.records if getattr(r, "event", None) == "refuse"]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.WARNING
+    assert "2 peer slots" in refusals[0].getMessage()
+    assert not a.pending() and not b.pending()
+    assert present(st) == [0, 1]
+    # The two members still talk.
+    b.ring(0, abi.IVL_VEC_DATA)
+    assert a.take_interrupts(abi.IVL_VEC_DATA) == 1
+    # And a slot freed by a leave is given out again.
+    b.close()
+    a.expect_leave(1)
+    d = FakeQemu.join(st.path)
+    clients.append(d)
+    assert d.own_id == 1
+    assert sorted(d.peers) == [0]
+
+
+def test_client_that_sends_is_dropped_and_announced(
+    server: ServerThread, join: Callable[[], FakeQemu], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = join(), join()
+    a.expect_join(1)
+    with caplog.at_level(logging.INFO, logger="ivloop_server"):
+        b.sock.send(b"hello")
+        a.expect_leave(1)
+        server.settle()
+    assert b.at_eof()
+    assert present(server) == [0]
+    leaves = [r for r in caplog.records if getattr(r, "event", None) == "leave"]
+    assert [(r.peer, r.levelno) for r in leaves] == [(1, logging.WARNING)]  # type: ignore[attr-defined]
+    assert "misbehaving" in leaves[0].reason  # type: ignore[attr-defined]
+
+
+def test_client_that_vanishes_is_announced(
+    server: ServerThread, join: Callable[[], FakeQemu]
+) -> None:
+    a, b, c = join(), join(), join()
+    a.expect_join(1)
+    a.expect_join(2)
+    b.expect_join(2)
+    b.close()
+    a.expect_leave(1)
+    c.expect_leave(1)
+    assert a.gone == [1] and sorted(a.peers) == [2]
+    assert present(server) == [0, 2]
+
+
+def test_client_that_resets_is_announced(
+    server: ServerThread, join: Callable[[], FakeQemu], clients: list[FakeQemu]
+) -> None:
+    a = join()
+    # Closing with unread data makes the server's end see ECONNRESET.
+    b = FakeQemu.connect(server.path)
+    clients.append(b)
+    a.expect_join(1)
+    b.sock.close()
+    a.expect_leave(1)
+    server.settle()
+    assert present(server) == [0]
+
+
+def test_id_is_reused_only_after_the_leave(
+    server: ServerThread, join: Callable[[], FakeQemu]
+) -> None:
+    a, b = join(), join()
+    a.expect_join(1)
+    assert (a.own_id, b.own_id) == (0, 1)
+    c = join()
+    assert c.own_id == 2  # lowest free while 0 and 1 are held
+    b.expect_join(2)
+    a.close()
+    b.expect_leave(0)  # by now the directory says 0 is free and everyone knows
+    c.expect_leave(0)
+    d = join()
+    assert d.own_id == 0
+    assert sorted(d.peers) == [1, 2]
+    b.expect_join(0)
+    c.expect_join(0)
+    # The new occupant's eventfds are new: B's doorbell for 0 reaches D, not A.
+    b.ring(0, abi.IVL_VEC_DATA)
+    assert d.take_interrupts(abi.IVL_VEC_DATA) == 1
+
+
+def test_send_error_drops_only_that_peer(
+    server: ServerThread, join: Callable[[], FakeQemu]
+) -> None:
+    a, b = join(), join()
+    a.expect_join(1)
+    b.sock.shutdown(socket.SHUT_RD)  # the server's next send to B fails (EPIPE)
+    c = join()
+    assert sorted(c.peers) == [0, 1]  # B was still present when C joined
+    a.expect_join(2)
+    a.expect_leave(1)
+    c.expect_leave(1)
+    server.settle()
+    assert present(server) == [0, 2]
+    c.ring(0, abi.IVL_VEC_DATA)
+    assert a.take_interrupts(abi.IVL_VEC_DATA) == 1
+
+
+def test_stop_drops_everyone_and_removes_the_socket(
+    server: ServerThread, join: Callable[[], FakeQemu]
+) -> None:
+    a, b = join(), join()
+    a.expect_join(1)
+    assert server.path.is_socket()
+    server.run(server.server.stop("test"))
+    assert server.server.runstate is Runstate.STOPPED
+    assert not server.path.exists()
+    # Peers leave in ID order: A first (B is told), then B (nobody left to tell).
+    assert a.at_eof()
+    b.expect_leave(0)
+    assert b.take_interrupts(abi.IVL_VEC_MEMBERSHIP) == 1
+    assert b.at_eof()
+    server.run(server.server.stop("again"))  # idempotent
+
+
+def test_peer_state_machine_guards() -> None:
+    left, right = socket.socketpair()
+    peer = Peer(0, left, [], pid=0)
+    try:
+        with pytest.raises(StateError, match="joining to gone"):
+            peer.transition(PeerState.GONE)
+        peer.transition(PeerState.ACTIVE)
+        with pytest.raises(StateError):
+            peer.transition(PeerState.JOINING)
+        peer.transition(PeerState.LEAVING)
+        peer.transition(PeerState.GONE)
+        with pytest.raises(StateError):
+            peer.transition(PeerState.ACTIVE)
+    finally:
+        peer.close()
+        right.close()
+
+
+def test_server_runstate_guards(tmp_path: Path) -> None:
+    def state(server: IvshmemServer) -> Runstate:
+        return server.runstate  # a call, so mypy does not narrow across awaits
+
+    async def scenario() -> None:
+        server = IvshmemServer(ServerConfig(tmp_path / "s.sock", size=4 << 20, max_peers=2))
+        assert state(server) is Runstate.IDLE
+        async with server:
+            assert state(server) is Runstate.RUNNING
+            with pytest.raises(StateError):
+                await server.start()
+        assert state(server) is Runstate.STOPPED
+        with pytest.raises(StateError):
+            await server.start()
+        with pytest.raises(StateError):
+            _ = server.region
+
+    asyncio.run(scenario())
