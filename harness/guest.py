@@ -117,7 +117,8 @@ class Guest:
         assert self._conn is not None
         self.log.debug("run: %s", command)
         try:
-            result = self._conn.run(command, hide=True, warn=not check, timeout=timeout, pty=False)
+            result = self._conn.run(command, hide=True, warn=not check, timeout=timeout,
+                                    pty=False, in_stream=False)
         except UnexpectedExit as exc:
             r = exc.result
             raise GuestError(self.vm, command, r.exited, r.stdout + r.stderr) from None
@@ -135,7 +136,8 @@ class Guest:
             self.open()
         assert self._conn is not None
         try:
-            result = self._conn.run(command, hide=True, warn=True, timeout=timeout, pty=False)
+            result = self._conn.run(command, hide=True, warn=True, timeout=timeout, pty=False,
+                                    in_stream=False)
         except CommandTimedOut as exc:
             raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
         return int(result.exited), str(result.stdout) + str(result.stderr)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -23,6 +22,7 @@ import jinja2
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp import QMPError as _QMPLibError
 
+from . import procs
 from .errors import LaunchError, QMPError
 from .state import ProcRecord
 from .topology import VMSpec
@@ -74,22 +74,19 @@ def render(spec: LaunchSpec) -> list[str]:
 def launch(argv: list[str], netns: str, logfile: Path, pidfile: Path, timeout: float = 30) -> int:
     """Start QEMU in *netns*, detached; return its PID once QMP is listening."""
     full = ["ip", "netns", "exec", netns, *argv]
-    with logfile.open("ab") as out:
-        proc = subprocess.Popen(
-            full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
-        )  # fmt: skip
+    pid = procs.spawn_detached(full, logfile)
     qmp = Path(argv[argv.index("-qmp") + 1].split(",")[0].removeprefix("unix:"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        code = proc.poll()
+        code = procs.exit_status(pid)
         if code is not None:
             raise LaunchError("QEMU exited during start-up", full, code, _tail(logfile))
         if qmp.exists() and pidfile.exists():
             # `ip netns exec` execs QEMU, so the child's PID is QEMU's.
-            return proc.pid
+            return pid
         time.sleep(0.05)
-    proc.kill()
+    os.kill(pid, signal.SIGKILL)
+    procs.reap(pid)
     raise LaunchError(f"QEMU did not open its QMP socket in {timeout:.0f} s", full, None,
                       _tail(logfile))
 
@@ -104,17 +101,20 @@ def _tail(path: Path, lines: int = 20) -> str:
 def terminate(proc: ProcRecord, timeout: float = 10) -> bool:
     """Stop a recorded process: SIGTERM, then SIGKILL.  Only if it is still ours."""
     if not proc.alive():
+        procs.reap(proc.pid)
         return False
     with _suppress_gone():
         os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        procs.reap(proc.pid)
         if not proc.alive():
             return True
         time.sleep(0.05)
     with _suppress_gone():
         os.kill(proc.pid, signal.SIGKILL)
     while proc.alive():
+        procs.reap(proc.pid)
         time.sleep(0.05)
     return True
 

@@ -1,0 +1,88 @@
+# ivloop — shared-memory networking for co-resident QEMU/KVM guests.
+#
+#   make demo    the main job: boot, show the shared path, migrate, report
+#   make test    every test, VM tests included (installs what is missing)
+#
+# Setup targets (deps, image) are separate from checks; every target that
+# needs them depends on them, so a fresh Debian 12 machine needs nothing else.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+HARNESS := $(VENV)/bin/harness
+VM_LOCK ?= /tmp/ivloop-vm.lock
+
+# Host packages: QEMU and image tooling, compilers for the module and the
+# fuzzer, and the guest's tools (so dpkg can name the packages owning their
+# libraries when the image is assembled).
+APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod cpio gzip xz-utils zstd \
+	binutils gcc make clang libclang-rt-14-dev python3-venv util-linux \
+	busybox-static iperf3 sockperf dropbear-bin ethtool pciutils dash \
+	linux-source-6.1
+
+KABI = $(shell images/resolve-kernel 2>/dev/null)
+KDIR = /usr/src/linux-headers-$(KABI)
+
+.PHONY: help deps apt venv driver image test unit-test vm-test demo lint fuzz bench soak clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
+
+deps: apt venv  ## install system packages and the Python environment (idempotent)
+
+# Always checked (a dpkg query, well under a second): a kernel update in the
+# archive means new headers to install.
+apt:
+	@set -e; \
+	if ! images/resolve-kernel >/dev/null 2>&1; then apt-get update -q; fi; \
+	abi=$$(images/resolve-kernel); \
+	want="$(APT_PACKAGES) linux-headers-$$abi"; \
+	missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $$want 2>/dev/null | \
+		awk '$$NF == "installed" { print $$1 }' | sort | comm -13 - <(tr ' ' '\n' <<<"$$want" | sort -u)); \
+	if [ -n "$$missing" ]; then \
+		echo "[deps] installing:" $$missing; \
+		apt-get update -q >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+driver: apt  ## build ivloop.ko against the guest kernel's headers (W=1)
+	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver KDIR=$(KDIR); fi
+
+image: apt driver  ## build (or reuse) the guest image in images/out
+	@module=""; [ -e guest-driver/ivloop.ko ] && module="--module guest-driver/ivloop.ko"; \
+	images/build $$module
+
+unit-test: deps  ## fast tests, no VM
+	$(PYTEST) -m "not vm" -n 2 -q
+
+vm-test: deps image  ## tests that boot real guests (serialised on $(VM_LOCK))
+	flock $(VM_LOCK) $(PYTEST) -m vm -q
+
+test: deps image  ## every test: unit tests, then VM tests
+	$(PYTEST) -m "not vm" -n 2 -q
+	flock $(VM_LOCK) $(PYTEST) -m vm -q
+
+demo: deps image  ## boot the topology, show the shared path, migrate, report
+	flock $(VM_LOCK) $(HARNESS) demo
+
+lint: deps  ## ruff, mypy, checkpatch
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver checkpatch; fi
+
+fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)
+	$(MAKE) -C tests/ring fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-600}
+
+clean:  ## remove build outputs (keeps the downloaded packages)
+	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi
+	rm -rf images/out tests/ring/build build

@@ -1,0 +1,44 @@
+"""The accelerator decision: pure logic over gathered facts."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.accel import Facts, decide
+from harness.errors import AccelError
+
+GOOD = Facts(kvm_usable=True, pvm_host=False, probe_booted=True)
+
+
+def test_kvm_when_a_probe_guest_booted() -> None:
+    assert decide(GOOD).accel == "kvm"
+
+
+@pytest.mark.parametrize(
+    ("facts", "reason"),
+    [
+        (Facts(False, False, None), "missing or unusable"),
+        (Facts(True, True, None), "PVM"),
+        (Facts(True, False, False), "did not boot"),
+        (Facts(True, False, None), "not probed"),
+    ],
+)
+def test_tcg_unless_kvm_is_proven(facts: Facts, reason: str) -> None:
+    choice = decide(facts)
+    assert choice.accel == "tcg" and reason in choice.reason
+    assert choice.qemu_args == ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+
+def test_forcing_overrides_detection() -> None:
+    assert decide(GOOD, "tcg").accel == "tcg"
+    assert decide(Facts(True, True, None), "kvm").accel == "kvm"
+
+
+def test_forcing_kvm_without_dev_kvm_is_refused() -> None:
+    with pytest.raises(AccelError, match="unusable"):
+        decide(Facts(False, False, None), "kvm")
+
+
+def test_unknown_accel_is_refused() -> None:
+    with pytest.raises(AccelError, match="must be one of kvm, tcg"):
+        decide(GOOD, "hvf")

@@ -1,0 +1,89 @@
+"""Topology files: parsing, derived fields, and clear errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import topology
+from harness.errors import TopologyError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "topo.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_topology_has_two_hosts_and_three_vms() -> None:
+    topo = topology.load()
+    assert sorted(topo.hosts) == ["A", "B"]
+    assert [vm.host for vm in topo.vms.values()] == ["A", "A", "B"]
+    assert topo.vm("vm2").mobile and not topo.vm("vm1").mobile
+
+
+def test_derived_addresses_are_unique_and_private() -> None:
+    topo = topology.load()
+    macs = {vm.mac for vm in topo.vms.values()}
+    ips = {vm.ip for vm in topo.vms.values()}
+    assert len(macs) == len(ips) == 3
+    assert topo.vm("vm1").ip == "10.77.0.1"
+    assert topo.vm("vm3").mac == "52:54:00:77:00:03"
+    assert topo.vm("vm1").mgmt_mac == "52:54:00:ff:00:01"
+    assert topo.vm("vm2").ip6 == "fd77::2"
+
+
+def test_explicit_fields_are_kept(tmp_path: Path) -> None:
+    topo = topology.load(write(tmp_path, """
+[hosts.X]
+max_peers = 4
+[vms.a]
+host = "X"
+mac = "02:00:00:00:00:0A"
+ip = "10.77.0.40"
+memory = 512
+"""))
+    vm = topo.vm("a")
+    assert (vm.mac, vm.ip, vm.memory) == ("02:00:00:00:00:0a", "10.77.0.40", 512)
+    assert topo.host("X").max_peers == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\n[vms.v1]\nhost = "A"\n', "not valid TOML"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nmac = "52:54:00:zz:00:01"\n', "invalid MAC"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nmac = "01:00:00:00:00:01"\n', "multicast"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nmac = "02:00:00:00:00:01"\n'
+         '[vms.v2]\nhost = "A"\nmac = "02:00:00:00:00:01"\n', "already used by v1"),
+        ('[hosts.A]\n[vms.v1]\nhost = "C"\n', "host 'C' is not defined"),
+        ('[hosts.A]\n[vms.A]\nhost = "A"\n', "already used by a host"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nip = "8.8.8.8"\n', "not a host address"),
+        ('[network]\nsubnet = "8.8.8.0/24"\n[hosts.A]\n', "private"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\ncolour = "red"\n', "unknown key"),
+        ('[hosts.A]\nmax_peers = 1\n', "max_peers"),
+        ('[hosts."bad name"]\n', "letters or digits"),
+        ("", "at least one"),
+        ('[hosts.A]\nmax_peers = 2\n[vms.v1]\nhost="A"\n[vms.v2]\nhost="A"\n[vms.v3]\nhost="A"\n',
+         "max_peers = 2"),
+    ],
+)
+def test_bad_topology_is_refused_with_a_clear_message(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(TopologyError, match=message):
+        topology.load(write(tmp_path, text))
+
+
+def test_missing_file_is_a_topology_error(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match="cannot read"):
+        topology.load(tmp_path / "absent.toml")
+
+
+def test_unknown_vm_and_host_lookups_name_the_alternatives() -> None:
+    topo = topology.load()
+    with pytest.raises(TopologyError, match=r"unknown VM 'vm9' \(VMs: vm1, vm2, vm3\)"):
+        topo.vm("vm9")
+    with pytest.raises(TopologyError, match=r"unknown host 'Z' \(hosts: A, B\)"):
+        topo.host("Z")
