@@ -1,0 +1,410 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * ivloop ring: single-producer, single-consumer, variable-length records in
+ * the shared region.  See ivl_ring.h for the API and ivl_abi.h for the
+ * layout.
+ *
+ * Trust model: each side keeps its own index (r->prod or r->cons) in private
+ * memory and treats it as the truth.  The peer's index and every record
+ * header are read once into a local and checked before use, so a peer that
+ * writes garbage, or rewrites the ring while we look at it, can make us
+ * drop frames or declare the ring broken, but never make us touch memory
+ * outside the ring's data area or loop.
+ *
+ * Locking: none inside.  The caller serialises all producer calls on a ring
+ * (e.g. the netdev tx lock) and all consumer calls on a ring (NAPI).
+ */
+#ifdef __KERNEL__
+#include <linux/types.h>
+#include <linux/errno.h>
+#include <linux/bug.h>
+#include <linux/compiler.h>
+#include <linux/log2.h>
+#include <asm/barrier.h>
+#include <asm/byteorder.h>
+#endif
+#include "ivl_ring.h"
+
+#define IVL_REC_HDR_SIZE	((u32)sizeof(struct ivl_rec_hdr))
+
+/*
+ * The peer's index is sane when it is aligned and the distance between the
+ * two indices (mod 2^32) is no more than the ring holds.
+ */
+static bool ivl_ring_index_ok(const struct ivl_ring *r, u32 prod, u32 cons)
+{
+	return (u32)(prod - cons) <= r->size &&
+	       ((prod | cons) & (IVL_REC_ALIGN - 1)) == 0;
+}
+
+static struct ivl_rec_hdr *ivl_ring_hdr_at(const struct ivl_ring *r, u32 idx)
+{
+	/* idx is a multiple of IVL_REC_ALIGN, so the header fits before end */
+	return (struct ivl_rec_hdr *)(r->data + (idx & r->mask));
+}
+
+static int ivl_ring_attach(struct ivl_ring *r, void *base, u32 size)
+{
+	if (!is_power_of_2(size) || size < IVL_RING_MIN_SIZE ||
+	    size > IVL_RING_MAX_SIZE)
+		return -EINVAL;
+	/* record headers are read with naturally aligned 16/32-bit loads */
+	if (((unsigned long)base & (IVL_REC_ALIGN - 1)) != 0)
+		return -EINVAL;
+
+	r->ctrl = base;
+	r->data = (u8 *)base + IVL_RING_CTRL_SIZE;
+	r->size = size;
+	r->mask = size - 1;
+	r->prod = 0;
+	r->cons = 0;
+	r->other = 0;
+	r->pending = 0;
+	r->broken = false;
+	return 0;
+}
+
+int ivl_ring_attach_producer(struct ivl_ring *r, void *base, u32 size)
+{
+	int err = ivl_ring_attach(r, base, size);
+
+	if (err)
+		return err;
+	/*
+	 * The shared prod is ours to write but the server zeroed it, or a
+	 * previous instance of this driver left it: start from it, so a
+	 * consumer that kept its cons still agrees with us.
+	 */
+	r->prod = le32_to_cpu(READ_ONCE(r->ctrl->prod));
+	r->other = r->prod;
+	if (r->prod & (IVL_REC_ALIGN - 1))
+		return -EBADMSG;
+	return 0;
+}
+
+int ivl_ring_attach_consumer(struct ivl_ring *r, void *base, u32 size)
+{
+	int err = ivl_ring_attach(r, base, size);
+
+	if (err)
+		return err;
+	r->cons = le32_to_cpu(READ_ONCE(r->ctrl->cons));
+	r->other = r->cons;
+	if (r->cons & (IVL_REC_ALIGN - 1))
+		return -EBADMSG;
+	return 0;
+}
+
+/*
+ * Producer: read the consumer's cons once and check it against our private
+ * prod.  On success *free is the number of bytes we may write.
+ */
+static bool ivl_ring_prod_free(struct ivl_ring *r, u32 *free)
+{
+	u32 cons;
+
+	if (unlikely(r->broken))
+		return false;
+	/*
+	 * Acquire pairs with the store-release of cons in
+	 * ivl_ring_consume(): the consumer's reads of the bytes it released
+	 * happen before our writes into them.
+	 */
+	cons = le32_to_cpu(smp_load_acquire(&r->ctrl->cons));
+	if (unlikely(!ivl_ring_index_ok(r, r->prod, cons))) {
+		r->broken = true;
+		return false;
+	}
+	r->other = cons;
+	*free = r->size - (u32)(r->prod - cons);
+	return true;
+}
+
+/*
+ * Bytes to skip with a pad before a record of @span may start at @prod, or
+ * 0 when it fits before the ring's end.
+ */
+static u32 ivl_ring_pad_for(const struct ivl_ring *r, u32 prod, u32 span)
+{
+	u32 tail = r->size - (prod & r->mask);
+
+	return span <= tail ? 0 : tail;
+}
+
+bool ivl_ring_has_room(struct ivl_ring *r, u32 len)
+{
+	u32 free, span;
+
+	if (len > IVL_MAX_FRAME || !ivl_ring_prod_free(r, &free))
+		return false;
+	span = ivl_rec_span(len);
+	return ivl_ring_pad_for(r, r->prod, span) + span <= free;
+}
+
+void *ivl_ring_reserve(struct ivl_ring *r, u32 len)
+{
+	struct ivl_rec_hdr *pad;
+	u32 free, span, skip;
+
+	r->pending = 0;
+	if (len > IVL_MAX_FRAME || !ivl_ring_prod_free(r, &free))
+		return NULL;
+	span = ivl_rec_span(len);
+	skip = ivl_ring_pad_for(r, r->prod, span);
+	if (skip + span > free)
+		return NULL;
+
+	if (skip) {
+		/*
+		 * The record does not fit before the ring's end: fill the
+		 * tail with a pad record.  It becomes visible with the next
+		 * commit's store-release of prod, together with the record
+		 * that follows it; if the caller abandons this reservation
+		 * the pad simply waits for the next commit.
+		 */
+		pad = ivl_ring_hdr_at(r, r->prod);
+		WRITE_ONCE(pad->len, cpu_to_le32(skip - IVL_REC_HDR_SIZE));
+		WRITE_ONCE(pad->flags, cpu_to_le16(IVL_REC_PAD));
+		WRITE_ONCE(pad->gso_type, cpu_to_le16(IVL_GSO_NONE));
+		WRITE_ONCE(pad->gso_size, 0);
+		WRITE_ONCE(pad->csum_start, 0);
+		WRITE_ONCE(pad->csum_offset, 0);
+		WRITE_ONCE(pad->reserved, 0);
+		r->prod += skip;
+	}
+	r->pending = span;
+	return (u8 *)ivl_ring_hdr_at(r, r->prod) + IVL_REC_HDR_SIZE;
+}
+
+void ivl_ring_commit(struct ivl_ring *r, u32 len,
+		     const struct ivl_rec_meta *meta)
+{
+	struct ivl_rec_hdr *hdr;
+	u32 span = ivl_rec_span(len);
+	u16 flags = 0;
+
+	/* a longer record than reserved would overrun into unfree bytes */
+	if (WARN_ON_ONCE(len > IVL_MAX_FRAME || span > r->pending))
+		return;
+
+	if (meta)
+		flags = meta->flags & (IVL_REC_CSUM_PARTIAL |
+				       IVL_REC_CSUM_VALID);
+	hdr = ivl_ring_hdr_at(r, r->prod);
+	WRITE_ONCE(hdr->len, cpu_to_le32(len));
+	WRITE_ONCE(hdr->flags, cpu_to_le16(flags));
+	WRITE_ONCE(hdr->gso_type, cpu_to_le16(meta ? meta->gso_type : 0));
+	WRITE_ONCE(hdr->gso_size, cpu_to_le16(meta ? meta->gso_size : 0));
+	WRITE_ONCE(hdr->csum_start, cpu_to_le16(meta ? meta->csum_start : 0));
+	WRITE_ONCE(hdr->csum_offset,
+		   cpu_to_le16(meta ? meta->csum_offset : 0));
+	WRITE_ONCE(hdr->reserved, 0);
+	r->prod += span;
+	r->pending = 0;
+	/*
+	 * Release: the frame bytes the caller wrote, any pad header and this
+	 * header are visible before the new prod.  Pairs with the
+	 * load-acquire of prod in ivl_ring_peek().
+	 */
+	smp_store_release(&r->ctrl->prod, cpu_to_le32(r->prod));
+}
+
+bool ivl_ring_need_kick(struct ivl_ring *r)
+{
+	/*
+	 * Full barrier: our store of prod (in ivl_ring_commit()) is ordered
+	 * before our load of need_kick.  Pairs with the smp_mb() in
+	 * ivl_ring_enable_kick(), which orders the consumer's store of
+	 * need_kick before its load of prod.  Store-buffering with a full
+	 * barrier on both sides: either the consumer sees our prod and
+	 * keeps polling, or we see need_kick set and ring the doorbell.  A
+	 * release or acquire alone would allow both loads to miss both
+	 * stores, which is the lost wakeup.
+	 */
+	smp_mb();
+	return READ_ONCE(r->ctrl->need_kick) != 0;
+}
+
+int ivl_ring_check_producer(struct ivl_ring *r)
+{
+	u32 free;
+
+	return ivl_ring_prod_free(r, &free) ? 0 : -EBADMSG;
+}
+
+/*
+ * Consumer: read the producer's prod once and check it against our private
+ * cons.  Returns the number of bytes published and not yet consumed, or
+ * -EBADMSG.
+ */
+static int ivl_ring_cons_avail(struct ivl_ring *r, u32 *avail)
+{
+	u32 prod;
+
+	if (unlikely(r->broken))
+		return -EBADMSG;
+	/*
+	 * Acquire pairs with the store-release of prod in ivl_ring_commit():
+	 * the record headers and frame bytes below prod are visible before
+	 * we read them.
+	 */
+	prod = le32_to_cpu(smp_load_acquire(&r->ctrl->prod));
+	if (unlikely(!ivl_ring_index_ok(r, prod, r->cons))) {
+		r->broken = true;
+		return -EBADMSG;
+	}
+	r->other = prod;
+	*avail = (u32)(prod - r->cons);
+	return 0;
+}
+
+static bool ivl_ring_gso_ok(u16 gso_type, u16 gso_size)
+{
+	switch (gso_type & ~IVL_GSO_ECN) {
+	case IVL_GSO_NONE:
+		/* ECN without a segmentation type means nothing */
+		return gso_type == IVL_GSO_NONE;
+	case IVL_GSO_TCPV4:
+	case IVL_GSO_TCPV6:
+		return gso_size != 0;
+	case IVL_GSO_UDP_L4:
+		return gso_size != 0 && !(gso_type & IVL_GSO_ECN);
+	default:
+		return false;
+	}
+}
+
+/*
+ * Check a record header copied out of the ring at offset @off with @avail
+ * bytes published from there.  Every value is the local copy: the peer may
+ * have rewritten the ring since.
+ */
+static bool ivl_ring_rec_ok(const struct ivl_ring *r, u32 off, u32 avail,
+			    u32 len, u16 flags, u16 gso_type, u16 gso_size,
+			    u16 csum_start, u16 csum_offset)
+{
+	u32 tail = r->size - off;
+	u32 span;
+
+	if (flags & ~IVL_REC_KNOWN_FLAGS)
+		return false;
+	if (flags & IVL_REC_PAD) {
+		/*
+		 * A pad runs exactly to the ring's end.  One at offset 0
+		 * would cover the whole ring and is never written; refusing
+		 * it bounds ivl_ring_peek() to one pad per call.
+		 */
+		return flags == IVL_REC_PAD && off != 0 &&
+		       len == tail - IVL_REC_HDR_SIZE && tail <= avail;
+	}
+	if (len > IVL_MAX_FRAME)
+		return false;
+	span = ivl_rec_span(len);
+	if (span > avail || span > tail)
+		return false;
+	if (!ivl_ring_gso_ok(gso_type, gso_size))
+		return false;
+	/* the 16-bit checksum field to fill in lies inside the frame */
+	if ((flags & IVL_REC_CSUM_PARTIAL) &&
+	    (u32)csum_start + csum_offset + sizeof(u16) > len)
+		return false;
+	return true;
+}
+
+int ivl_ring_peek(struct ivl_ring *r, struct ivl_rec *rec)
+{
+	const struct ivl_rec_hdr *hdr;
+	u16 flags, gso_type, gso_size, csum_start, csum_offset;
+	u32 avail, off, len;
+	int pass, err;
+
+	err = ivl_ring_cons_avail(r, &avail);
+	if (err)
+		return err;
+
+	/* at most one pad then one record: see ivl_ring_rec_ok() */
+	for (pass = 0; pass < 2; pass++) {
+		if (!avail)
+			return -EAGAIN;
+		/* avail >= IVL_REC_ALIGN: the whole header is published */
+		off = r->cons & r->mask;
+		hdr = ivl_ring_hdr_at(r, r->cons);
+		len = le32_to_cpu(READ_ONCE(hdr->len));
+		flags = le16_to_cpu(READ_ONCE(hdr->flags));
+		gso_type = le16_to_cpu(READ_ONCE(hdr->gso_type));
+		gso_size = le16_to_cpu(READ_ONCE(hdr->gso_size));
+		csum_start = le16_to_cpu(READ_ONCE(hdr->csum_start));
+		csum_offset = le16_to_cpu(READ_ONCE(hdr->csum_offset));
+
+		if (!ivl_ring_rec_ok(r, off, avail, len, flags, gso_type,
+				     gso_size, csum_start, csum_offset)) {
+			r->broken = true;
+			return -EBADMSG;
+		}
+
+		if (flags & IVL_REC_PAD) {
+			r->cons += len + IVL_REC_HDR_SIZE;
+			avail -= len + IVL_REC_HDR_SIZE;
+			/*
+			 * Release the pad now rather than with the next
+			 * record, so a producer waiting for room is not held
+			 * up by a pad with nothing behind it yet.  Nothing
+			 * of the pad was read but its header, above.
+			 */
+			smp_store_release(&r->ctrl->cons, cpu_to_le32(r->cons));
+			continue;
+		}
+
+		rec->data = (const u8 *)hdr + IVL_REC_HDR_SIZE;
+		rec->len = len;
+		rec->span = ivl_rec_span(len);
+		rec->meta.flags = flags;
+		rec->meta.gso_type = gso_type;
+		rec->meta.gso_size = gso_size;
+		rec->meta.csum_start = csum_start;
+		rec->meta.csum_offset = csum_offset;
+		return 0;
+	}
+	/* a pad right after a pad: caught by the off != 0 rule above */
+	r->broken = true;
+	return -EBADMSG;
+}
+
+void ivl_ring_consume(struct ivl_ring *r, const struct ivl_rec *rec)
+{
+	r->cons += rec->span;
+	/*
+	 * Release: our reads of the record (the caller's copy) complete
+	 * before the producer can see the space free and overwrite it.
+	 * Pairs with the load-acquire of cons in ivl_ring_prod_free().
+	 */
+	smp_store_release(&r->ctrl->cons, cpu_to_le32(r->cons));
+}
+
+bool ivl_ring_empty(struct ivl_ring *r)
+{
+	u32 avail;
+
+	return ivl_ring_cons_avail(r, &avail) == 0 && avail == 0;
+}
+
+bool ivl_ring_enable_kick(struct ivl_ring *r)
+{
+	WRITE_ONCE(r->ctrl->need_kick, cpu_to_le32(1));
+	/*
+	 * Full barrier: our store of need_kick is ordered before our load
+	 * of prod below.  Pairs with the smp_mb() in ivl_ring_need_kick();
+	 * see there why this cannot lose a wakeup.
+	 */
+	smp_mb();
+	return !ivl_ring_empty(r);
+}
+
+void ivl_ring_disable_kick(struct ivl_ring *r)
+{
+	/*
+	 * No barrier: a producer that still sees need_kick set only rings
+	 * one doorbell too many, which costs an interrupt, not a frame.
+	 */
+	WRITE_ONCE(r->ctrl->need_kick, 0);
+}
