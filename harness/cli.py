@@ -14,7 +14,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from . import cluster
+from . import demo as demo_mod
+from . import migrate as migrate_mod
 from . import topology as topology_mod
+from . import watch as watch_mod
 from .errors import HarnessError
 from .state import StateDir
 
@@ -53,11 +56,51 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("down", help="stop and remove everything the harness started")
 
+    s = sub.add_parser("migrate", help="live-migrate a VM to another host")
+    s.add_argument("vm", nargs="?", default=None,
+                   help="VM to move (default: the one VM marked mobile on --from)")
+    s.add_argument("--from", dest="source", required=True, metavar="HOST")
+    s.add_argument("--to", dest="dest", required=True, metavar="HOST")
+    s.add_argument("--timeout", type=_positive, default=120.0, help="seconds (default 120)")
+    s.add_argument("--max-bandwidth", type=_positive_int, default=None, metavar="MIB",
+                   help="cap the migration stream (MiB/s)")
+    s.add_argument("--json", type=Path, default=None, help="also write the report here")
+
+    s = sub.add_parser("watch", help="run a TCP stream and a 20 ms ping; plot the path")
+    s.add_argument("src", help="VM that sends (must not migrate meanwhile)")
+    s.add_argument("dst")
+    s.add_argument("--duration", type=_positive, default=30.0, help="seconds (default 30)")
+    s.add_argument("--out", type=Path, default=None, help="directory for timeline.json/.png")
+
+    s = sub.add_parser("demo", help="the whole story: up, shared path, migrate there and back")
+    s.add_argument("--duration", type=_positive, default=40.0,
+                   help="seconds of traffic around the migrations (default 40)")
+    s.add_argument("--out", type=Path, default=Path("build/demo"),
+                   help="directory for the timeline (default build/demo)")
+    s.add_argument("--accel", choices=["kvm", "tcg"], default=None)
+
     for name, help_ in (("plug", "hot-add a VM's ivshmem device"),
                         ("unplug", "hot-remove a VM's ivshmem device")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("vm")
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: '{text}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _positive(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number: '{text}'")
+    return int(value)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -123,8 +166,75 @@ def cmd_plug(args: argparse.Namespace, sd: StateDir) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace, sd: StateDir) -> int:
+    with sd, out.status("migrating...") as spinner:
+        def progress(phase: str, info: dict[str, object]) -> None:
+            t = float(info.get("t", 0.0))  # type: ignore[arg-type]
+            if phase == "transfer":
+                spinner.update(f"[{t:5.1f} s] migrating: {info['status']}, "
+                               f"{float(info['mib']):.0f} MiB sent")  # type: ignore[arg-type]
+            elif phase != "migration":
+                out.print(f"[{t:5.1f} s] {phase}")
+        report = migrate_mod.migrate(sd, args.vm, args.source, args.dest,
+                                     timeout=args.timeout,
+                                     max_bandwidth_mib=args.max_bandwidth,
+                                     progress=progress)
+    table = Table(title=f"{report.vm}: {report.source} -> {report.destination}")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    for label, value in (("unplug ivshmem (source)", report.unplug_s),
+                         ("start destination", report.dest_start_s),
+                         ("migrate", report.migrate_s),
+                         ("plug ivshmem (destination)", report.plug_s),
+                         ("total (QEMU)", report.total_s)):
+        table.add_row(label, f"{value:.3f}")
+    table.add_row("downtime", "-" if report.downtime_ms is None
+                  else f"{report.downtime_ms / 1000:.3f}")
+    table.add_row("RAM transferred (MiB)", f"{report.transferred_mib:.1f}")
+    out.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
+def _print_timeline(tl: watch_mod.Timeline) -> None:
+    pb = tl.path_bytes()
+    table = Table(title=f"{tl.source} -> {tl.destination}")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("TCP stream", "survived" if tl.iperf_ok else f"FAILED {tl.iperf_error}")
+    table.add_row("bytes on shm / lower",
+                  f"{pb['shm'] / 2**20:.1f} / {pb['lower'] / 2**20:.1f} MiB")
+    table.add_row("pings lost", f"{tl.ping_lost} of {tl.ping_sent}")
+    out.print(table)
+
+
+def cmd_watch(args: argparse.Namespace, sd: StateDir) -> int:
+    w = watch_mod.Watch(sd, args.src, args.dst, duration=args.duration, out_dir=args.out)
+    with out.status(f"watching {args.src} -> {args.dst} for {args.duration:.0f} s"), w:
+        w.wait()
+    _print_timeline(w.timeline)
+    js, png = w.write()
+    out.print(f"timeline: {js}" + (f", plot: {png}" if png else ""))
+    return 0 if w.timeline.iperf_ok else 1
+
+
+def cmd_demo(args: argparse.Namespace, sd: StateDir) -> int:
+    result = demo_mod.run(sd, out.print, args.out, duration=args.duration,
+                          accel=args.accel)
+    table = Table(title="ivloop demo")
+    table.add_column("measure")
+    table.add_column("value")
+    for k, v in demo_mod.summary_rows(result):
+        table.add_row(k, v)
+    out.print(table)
+    ok = result.timeline is not None and result.timeline.iperf_ok and len(result.migrations) == 2
+    return 0 if ok else 1
+
+
 COMMANDS = {"up": cmd_up, "status": cmd_status, "ssh": cmd_ssh, "down": cmd_down,
-            "plug": cmd_plug, "unplug": cmd_plug}
+            "plug": cmd_plug, "unplug": cmd_plug, "migrate": cmd_migrate,
+            "watch": cmd_watch, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import guest as guest_mod
-from . import hostnet, qemu, servers
+from . import hostnet, paths, qemu, servers
 from .errors import HarnessError, ImageError, StateError
 from .state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
 from .topology import Topology, VMSpec
@@ -105,7 +105,7 @@ def start_server(sd: StateDir, state: State, host: str) -> None:
 
 
 def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
-             host: str | None = None, incoming: bool = False, tag: str = "") -> VMState:
+             host: str | None = None, incoming: bool = False, generation: int = 0) -> VMState:
     """Launch one VM's QEMU on *host* (default: its topology host).
 
     With *incoming* the VM waits for a migration and is not recorded in
@@ -116,13 +116,14 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     accel_args = accel_mod.Choice(state.accel, "recorded").qemu_args
     host = host or vm.host
     hs = state.hosts[host]
-    suffix = f"-{tag}" if tag else ""
+    # Each incarnation (a migration destination is a new one) has its own files.
+    suffix = f"-g{generation}" if generation else ""
     vs = VMState(
         name=vm.name, host=host, status=VMStatus.BOOTING,
         qmp=str(sd.file(f"qmp-{vm.name}{suffix}.sock")),
         console=str(sd.file("logs", f"console-{vm.name}{suffix}.log")),
         ssh_port=SSH_PORT_BASE + vm.index, tap=f"tap-{vm.name}"[:15],
-        accel=state.accel, ivshmem=ivshmem and bool(hs.server_socket),
+        accel=state.accel, ivshmem=ivshmem and bool(hs.server_socket), generation=generation,
     )  # fmt: skip
     if not incoming:
         state.vms[vm.name] = vs
@@ -230,18 +231,6 @@ class StatusRow:
     path: str
 
 
-def path_state(g: guest_mod.Guest) -> str:
-    """Which path the guest's traffic takes, from the driver's own view."""
-    code, out = g.status("cat /sys/kernel/debug/ivloop/peers 2>/dev/null || "
-                         "cat /sys/class/net/ivl0/ivloop/peers 2>/dev/null", timeout=10)
-    if code != 0 or not out.strip():
-        code, _ = g.status("test -d /sys/class/net/ivl0", timeout=10)
-        return "lower only (no ivl0)" if code else "lower"
-    shm = [line.split()[1] for line in out.splitlines()[1:]
-           if len(line.split()) > 2 and "up" in line.lower()]
-    return f"shm to {len(shm)} peer(s)" if shm else "lower"
-
-
 def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
     state = sd.load()
     topo = topology_of(state)
@@ -253,7 +242,7 @@ def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
         if alive and probe and vs and vs.status == VMStatus.RUNNING:
             try:
                 with guest(sd, state, name, timeout=10) as g:
-                    path = path_state(g)
+                    path = paths.describe(g)
             except HarnessError as exc:
                 path = f"unknown ({exc.__class__.__name__})"
         rows.append(StatusRow(

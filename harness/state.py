@@ -72,7 +72,7 @@ class VMState:
     tap: str = ""
     accel: str = ""
     ivshmem: bool = False
-    ivshmem_id: int = 0
+    generation: int = 0  # bumped by every migration (new QEMU, new files)
 
 
 @dataclass

@@ -1,0 +1,263 @@
+"""Continuous traffic between two VMs, with a timeline of which path carried it.
+
+``Watch`` starts an iperf3 TCP stream and a 20 ms ping from the source VM
+(which must stay put) to the destination, samples the source driver's
+per-path counters every half second, and on exit collects everything into a
+:class:`Timeline`, written as JSON and as a PNG with the events marked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from . import cluster, paths
+from .errors import GuestError, HarnessError
+from .guest import Guest
+from .state import StateDir
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL = 0.02
+SAMPLE_INTERVAL = 0.5
+_PING_RE = re.compile(r"seq=(\d+) .*time=([\d.]+) ms")
+
+
+@dataclass
+class Sample:
+    t: float
+    shm_tx_bytes: int
+    lower_tx_bytes: int
+    shm_rx_bytes: int
+    lower_rx_bytes: int
+
+
+@dataclass
+class Timeline:
+    source: str
+    destination: str
+    duration: float
+    samples: list[Sample] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    iperf_intervals: list[tuple[float, float, float]] = field(default_factory=list)
+    iperf_ok: bool = False
+    iperf_error: str = ""
+    iperf_bytes: int = 0
+    ping_sent: int = 0
+    ping_lost: int = 0
+    lost_at: list[float] = field(default_factory=list)
+    rtt_ms: list[tuple[float, float]] = field(default_factory=list)
+
+    def path_bytes(self) -> dict[str, int]:
+        if len(self.samples) < 2:
+            return {"shm": 0, "lower": 0}
+        first, last = self.samples[0], self.samples[-1]
+        return {"shm": last.shm_tx_bytes - first.shm_tx_bytes,
+                "lower": last.lower_tx_bytes - first.lower_tx_bytes}
+
+    def path_at(self) -> list[tuple[float, str, float]]:
+        """(t, dominant path, Mbit/s on the wire from counters) per sample interval."""
+        out = []
+        for a, b in zip(self.samples, self.samples[1:], strict=False):
+            dt = b.t - a.t
+            shm = b.shm_tx_bytes - a.shm_tx_bytes
+            lower = b.lower_tx_bytes - a.lower_tx_bytes
+            path = "shm" if shm > lower else ("lower" if lower > 0 else "idle")
+            out.append((b.t, path, (shm + lower) * 8 / dt / 1e6 if dt > 0 else 0.0))
+        return out
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["path_bytes"] = self.path_bytes()
+        data["path_at"] = self.path_at()
+        return json.dumps(data, indent=2)
+
+
+class Watch:
+    """Traffic from *src* to *dst* for at most *duration* seconds."""
+
+    def __init__(self, sd: StateDir, src: str, dst: str, duration: float = 60,
+                 out_dir: Path | None = None) -> None:
+        state = sd.load()
+        topo = cluster.topology_of(state)
+        topo.vm(src)
+        self.dst_ip = topo.vm(dst).ip
+        if src == dst:
+            raise HarnessError("watch needs two different VMs")
+        self.sd = sd
+        self.src = src
+        self.dst = dst
+        self.duration = duration
+        self.out_dir = out_dir or sd.file("watch")
+        self.timeline = Timeline(src, dst, duration)
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._guest: Guest | None = None
+        self._sampler_guest: Guest | None = None
+        self.t0 = 0.0
+
+    def mark(self, label: str) -> None:
+        self.timeline.events.append((round(self.now(), 3), label))
+
+    def progress(self, phase: str, info: dict[str, object]) -> None:
+        """A migrate() progress callback: phases become timeline events."""
+        if phase not in ("transfer", "migration"):
+            self.mark(phase)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __enter__(self) -> Watch:
+        state = self.sd.load()
+        self._guest = cluster.guest(self.sd, state, self.src)
+        self._sampler_guest = cluster.guest(self.sd, state, self.src)
+        g = self._guest
+        g.run("rm -f /tmp/watch-*; killall -q iperf3-watch ping 2>/dev/null; true")
+        secs = int(self.duration) + 1
+        count = int(self.duration / PING_INTERVAL)
+        g.run(f"(iperf3 -c {self.dst_ip} -t {secs} -J > /tmp/watch-iperf.json 2>&1 &) ; "
+              f"(ping -i {PING_INTERVAL} -c {count} -W 1 {self.dst_ip} > /tmp/watch-ping.log "
+              "2>&1 &)")
+        self.t0 = time.monotonic()
+        self.mark("traffic started")
+        self._sampler = threading.Thread(target=self._sample, name="watch-sampler", daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        assert self._sampler_guest is not None
+        while not self._stop.is_set():
+            try:
+                c = paths.counters(self._sampler_guest)
+            except HarnessError as exc:
+                log.warning("counter sample failed: %s", exc)
+            else:
+                self.timeline.samples.append(Sample(
+                    t=round(self.now(), 3), shm_tx_bytes=c.get("shm_tx_bytes", 0),
+                    lower_tx_bytes=c.get("lower_tx_bytes", 0),
+                    shm_rx_bytes=c.get("shm_rx_bytes", 0),
+                    lower_rx_bytes=c.get("lower_rx_bytes", 0)))  # fmt: skip
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def wait(self) -> None:
+        """Let the traffic run to its end."""
+        left = self.duration - self.now()
+        if left > 0:
+            time.sleep(left)
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._sampler:
+            self._sampler.join(timeout=15)
+        self.mark("traffic stopped")
+        g = self._guest
+        try:
+            if g is not None:
+                self._collect(g)
+        finally:
+            for guest in (self._guest, self._sampler_guest):
+                if guest is not None:
+                    guest.close()
+        self.write()
+
+    def _collect(self, g: Guest) -> None:
+        # iperf3 ends by itself; give it its last seconds, then stop both.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            code, _ = g.status("pidof iperf3 >/dev/null", timeout=10)
+            if code != 0:
+                break
+            time.sleep(0.5)
+        g.status("killall -q -INT iperf3 ping; sleep 0.2", timeout=10)
+        tl = self.timeline
+        raw = g.run("cat /tmp/watch-iperf.json", timeout=30)
+        try:
+            result = json.loads(raw)
+        except ValueError:
+            tl.iperf_error = f"no JSON from iperf3: {raw[-200:]}"
+        else:
+            tl.iperf_error = str(result.get("error", ""))
+            for interval in result.get("intervals", []):
+                s = interval["sum"]
+                tl.iperf_intervals.append((s["start"], s["end"], s["bits_per_second"] / 1e6))
+            end = result.get("end", {})
+            tl.iperf_bytes = int(end.get("sum_received", {}).get("bytes", 0))
+            tl.iperf_ok = not tl.iperf_error and tl.iperf_bytes > 0
+        self._parse_ping(g.run("cat /tmp/watch-ping.log", timeout=30))
+
+    def _parse_ping(self, text: str) -> None:
+        tl = self.timeline
+        seen = {}
+        for m in _PING_RE.finditer(text):
+            seen[int(m.group(1))] = float(m.group(2))
+        total = re.search(r"(\d+) packets transmitted", text)
+        sent = int(total.group(1)) if total else (max(seen) + 1 if seen else 0)
+        tl.ping_sent = sent
+        tl.ping_lost = sent - len(seen)
+        tl.lost_at = [round(seq * PING_INTERVAL, 3) for seq in range(sent) if seq not in seen]
+        tl.rtt_ms = [(round(seq * PING_INTERVAL, 3), rtt) for seq, rtt in sorted(seen.items())]
+
+    def write(self) -> tuple[Path, Path | None]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        js = self.out_dir / "timeline.json"
+        js.write_text(self.timeline.to_json())
+        png = self.out_dir / "timeline.png"
+        try:
+            plot(self.timeline, png)
+        except (ImportError, ValueError, OSError) as exc:
+            log.warning("could not draw %s: %s", png, exc)
+            return js, None
+        return js, png
+
+
+def plot(tl: Timeline, path: Path) -> None:
+    # Imported here: matplotlib costs a second of start-up that only plots need.
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    pts = tl.path_at()
+    for name, colour in (("shm", "tab:green"), ("lower", "tab:orange")):
+        xs = [t for t, p, _ in pts if p == name]
+        ys = [v for t, p, v in pts if p == name]
+        ax.bar(xs, ys, width=-0.45, align="edge", color=colour, alpha=0.6,
+               label=f"{name} path (driver counters)")
+    if tl.iperf_intervals:
+        ax.step([e for _, e, _ in tl.iperf_intervals], [v for _, _, v in tl.iperf_intervals],
+                where="pre", color="black", lw=1, label="iperf3 goodput")
+    ax.set_ylabel("Mbit/s")
+    ax.set_title(f"{tl.source} -> {tl.destination}: TCP stream and 20 ms ping "
+                 f"({tl.ping_lost}/{tl.ping_sent} pings lost, "
+                 f"stream {'survived' if tl.iperf_ok else 'FAILED'})")
+    if tl.rtt_ms:
+        ax2.plot([t for t, _ in tl.rtt_ms], [r for _, r in tl.rtt_ms], ".", ms=2,
+                 color="tab:blue", label="ping RTT")
+    if tl.lost_at:
+        ax2.plot(tl.lost_at, [0] * len(tl.lost_at), "x", color="red", label="lost ping")
+    ax2.set_ylabel("RTT ms")
+    ax2.set_xlabel("seconds")
+    for t, label in tl.events:
+        for a in (ax, ax2):
+            a.axvline(t, color="grey", ls="--", lw=0.8)
+        ax.annotate(label, (t, ax.get_ylim()[1]), rotation=90, fontsize=7, va="top",
+                    ha="right", color="dimgrey")
+    ax.legend(loc="lower left", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def require_ok(tl: Timeline) -> None:
+    if not tl.iperf_ok:
+        raise GuestError(tl.source, "iperf3 stream", None, tl.iperf_error or "no data")
