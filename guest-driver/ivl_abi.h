@@ -79,11 +79,16 @@ enum ivl_slot_state {
  * Directory slot i, at dir_offset + i * slot_size, one per IVPosition.
  * The first cache line belongs to the server, the second to the guest that
  * holds IVPosition i, so neither ever writes a line the other writes.
+ * Slot index and QEMU peer ID differ: QEMU cannot take a peer ID back (its
+ * ivshmem frees a departed peer's eventfd array and then reuses it), so the
+ * server never reuses an ID; a guest finds its slot as the present slot
+ * whose peer_id equals its IVPosition, and rings a peer at that slot's
+ * peer_id.
  */
 struct ivl_slot {
 	/* written by the server only */
 	__le32 present;		/* 1 while a QEMU holds this IVPosition */
-	__le32 reserved0;
+	__le32 peer_id;		/* QEMU peer ID (IVPosition) of the occupant */
 	__le64 generation;	/* region generation of this slot's last join/leave */
 	__u8 pad0[48];
 	/* written by the guest at IVPosition i only */

@@ -33,6 +33,7 @@ from .state import State, StateDir, VMState, VMStatus
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, Any]], None]
+DEFAULT_BANDWIDTH_MIB = 128  # QEMU's own default
 
 
 @dataclass
@@ -208,9 +209,10 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
                 caps = [{"capability": "events", "state": True}]
                 await dst.cmd("migrate-set-capabilities", {"capabilities": caps})
                 await src.cmd("migrate-set-capabilities", {"capabilities": caps})
-                if max_bandwidth_mib:
-                    await src.cmd("migrate-set-parameters",
-                                  {"max-bandwidth": max_bandwidth_mib * 2**20})
+                # Always set: a cap left by an earlier (failed) attempt would stick.
+                await src.cmd("migrate-set-parameters",
+                              {"max-bandwidth": (max_bandwidth_mib or DEFAULT_BANDWIDTH_MIB)
+                               * 2**20})
                 await dst.cmd("migrate-incoming", {"uri": f"unix:{mig_sock}"})
                 mark("migrate")
                 t = time.monotonic()

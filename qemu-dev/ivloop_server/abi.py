@@ -108,14 +108,18 @@ class IvlRegionHdr(ctypes.LittleEndianStructure):
 
 
 class IvlSlot(ctypes.LittleEndianStructure):
-    """struct ivl_slot: directory slot i, one per IVPosition.
+    """struct ivl_slot: directory slot i.
 
     The first cache line is written by the server only, the second by the
-    guest holding IVPosition i only.
+    guest occupying the slot only.  Slot index and QEMU peer ID differ: QEMU
+    cannot take a peer ID back (its ivshmem frees a departed peer's eventfd
+    array and then reuses it), so the server never reuses an ID; a guest
+    finds its slot as the present slot whose ``peer_id`` equals its
+    IVPosition, and rings a peer at that slot's ``peer_id``.
     """
 
     present: int
-    reserved0: int
+    peer_id: int  # QEMU peer ID (IVPosition) of the occupant
     generation: int
     pad0: ctypes.Array[ctypes.c_uint8]
     mac: ctypes.Array[ctypes.c_uint8]
@@ -128,7 +132,7 @@ class IvlSlot(ctypes.LittleEndianStructure):
 
     _fields_ = (
         ("present", _le32),
-        ("reserved0", _le32),
+        ("peer_id", _le32),
         ("generation", _le64),
         ("pad0", _u8 * 48),
         ("mac", _u8 * 6),

@@ -13,6 +13,14 @@ store per field, in program order.  Where a guest reads a group of fields
 guarded by a generation number, the payload is written first and the
 generation last; on x86-64 (TSO) stores become visible in program order, so
 a guest that reads the generation with acquire semantics sees the payload.
+
+A slot's index (its place in the directory and the ring matrix) is not the
+QEMU peer ID of its occupant: the server never gives a peer ID out twice
+(QEMU's ivshmem cannot take one back), while slots are reused.  Each slot
+records its occupant's ID in ``peer_id``.  On a leave only ``present`` is
+cleared; ``peer_id`` keeps the departed occupant's ID (useful when reading
+a dump) until the next join overwrites it.  Since IDs are never reused, a
+stale ``peer_id`` can never equal the IVPosition of a live guest.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Final, Self
 
 from . import abi
 from .errors import LayoutError, RegionError
+from .protocol import MAX_PEER_ID
 
 PAGE_SIZE: Final = 4096
 DEFAULT_MEMFD_NAME: Final = "ivloop"
@@ -147,10 +156,16 @@ def compute_layout(size: int, max_peers: int, ring_size: int | None = None) -> L
 
 @dataclass(frozen=True)
 class SlotView:
-    """A snapshot of one directory slot, decoded."""
+    """A snapshot of one directory slot, decoded.
+
+    ``index`` is the slot (directory and ring index); ``peer_id`` the QEMU
+    peer ID (IVPosition) of its occupant, meaningful while ``present`` (after
+    a leave it still holds the departed occupant's ID).
+    """
 
     index: int
     present: bool
+    peer_id: int
     generation: int
     mac: bytes
     state: abi.IvlSlotState | int  # an int when the guest wrote an unknown value
@@ -171,6 +186,7 @@ class SlotView:
         return cls(
             index=index,
             present=raw.present != 0,
+            peer_id=raw.peer_id,
             generation=raw.generation,
             mac=bytes(raw.mac),
             state=state,
@@ -189,6 +205,7 @@ def _field(cls: type[ctypes.LittleEndianStructure], name: str, fmt: str) -> tupl
 _HDR_GENERATION = _field(_HDR, "generation", "<Q")
 _HDR_NR_PRESENT = _field(_HDR, "nr_present", "<I")
 _SLOT_PRESENT = _field(_SLOT, "present", "<I")
+_SLOT_PEER_ID = _field(_SLOT, "peer_id", "<I")
 _SLOT_GENERATION = _field(_SLOT, "generation", "<Q")
 
 
@@ -369,6 +386,13 @@ class Region:
         """Snapshots of every directory slot, in slot order."""
         return [self.slot(i) for i in range(self.layout.max_peers)]
 
+    def slot_of(self, peer_id: int) -> SlotView | None:
+        """The present slot whose occupant has QEMU peer ID ``peer_id``, if any.
+
+        This is how a guest finds its own slot (``peer_id`` == IVPosition).
+        """
+        return next((s for s in self.directory() if s.present and s.peer_id == peer_id), None)
+
     def ring_ctrl(self, producer: int, consumer: int) -> abi.IvlRingCtrl:
         self._check_open()
         return abi.IvlRingCtrl.from_buffer_copy(
@@ -390,6 +414,7 @@ class Region:
                 {
                     "index": s.index,
                     "present": s.present,
+                    "peer_id": s.peer_id,
                     "generation": s.generation,
                     "mac": s.mac_str,
                     "state": s.state.name if isinstance(s.state, abi.IvlSlotState) else s.state,
@@ -419,41 +444,50 @@ class Region:
             self._map[offset : offset + n] = zeros[:n] if n < len(zeros) else zeros
             offset += n
 
-    def zero_rings_of(self, peer: int) -> None:
-        """Zero every ring to and from slot ``peer`` (control blocks and data)."""
+    def zero_rings_of(self, slot: int) -> None:
+        """Zero every ring to and from slot index ``slot`` (control blocks and data)."""
         self._check_open()
         lay = self.layout
         for other in range(lay.max_peers):
-            self._zero(lay.ring_offset(peer, other), lay.ring_stride)
-            if other != peer:
-                self._zero(lay.ring_offset(other, peer), lay.ring_stride)
+            self._zero(lay.ring_offset(slot, other), lay.ring_stride)
+            if other != slot:
+                self._zero(lay.ring_offset(other, slot), lay.ring_stride)
 
-    def _set_presence(self, index: int, present: bool) -> int:
+    def _set_presence(self, index: int, peer_id: int | None) -> int:
+        """Join (``peer_id`` given) or leave (None) slot ``index``."""
         self._check_open()
         if not self._owner:
             raise RegionError("only the server that created a region writes its directory")
+        present = peer_id is not None
         slot = self.layout.slot_offset(index)
         generation = self._get(0, _HDR_GENERATION) + 1
         nr_present = self._get(0, _HDR_NR_PRESENT) + (1 if present else -1)
         # Payload first, generations last: the header's generation is what a
-        # guest polls, so it is the very last store.
+        # guest polls, so it is the very last store.  A leave keeps peer_id.
+        if peer_id is not None:
+            self._put(slot, _SLOT_PEER_ID, peer_id)
         self._put(slot, _SLOT_PRESENT, 1 if present else 0)
         self._put(0, _HDR_NR_PRESENT, nr_present)
         self._put(slot, _SLOT_GENERATION, generation)
         self._put(0, _HDR_GENERATION, generation)
         return generation
 
-    def mark_present(self, index: int) -> int:
-        """Record a join in slot ``index``; return the new generation."""
+    def mark_present(self, index: int, peer_id: int) -> int:
+        """Record that QEMU peer ``peer_id`` joined in slot ``index``; return the new generation.
+
+        ``peer_id`` is written before ``present`` and the generations.
+        """
+        if not 0 <= peer_id <= MAX_PEER_ID:
+            raise RegionError(f"peer ID {peer_id} is outside 0..{MAX_PEER_ID}")
         if self._get(self.layout.slot_offset(index), _SLOT_PRESENT):
             raise RegionError(f"slot {index} is already present")
-        return self._set_presence(index, True)
+        return self._set_presence(index, peer_id)
 
     def mark_absent(self, index: int) -> int:
-        """Record a leave in slot ``index``; return the new generation."""
+        """Record a leave in slot ``index`` (``peer_id`` is kept); return the new generation."""
         if not self._get(self.layout.slot_offset(index), _SLOT_PRESENT):
             raise RegionError(f"slot {index} is not present")
-        return self._set_presence(index, False)
+        return self._set_presence(index, None)
 
 
 def find_server_region(pid: int, name: str = DEFAULT_MEMFD_NAME) -> Path:

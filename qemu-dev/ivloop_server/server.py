@@ -7,9 +7,22 @@ join or a leave (directory update, notices to every other peer, doorbells)
 is never interleaved with another one.
 
 Peers go JOINING -> ACTIVE -> LEAVING -> GONE (JOINING -> LEAVING when the
-setup fails).  A peer's ID, its directory slot, stays taken until it is
-GONE, that is until its leave is written to the directory and announced to
-every remaining peer; only then can a new connection get it.
+setup fails).
+
+Each peer has two numbers:
+
+- its QEMU peer ID, what the protocol sends and the guest reads as its
+  IVPosition.  IDs are given out in increasing order, 0, 1, 2..., and
+  never twice while the server runs: QEMU 7.2's ivshmem frees a departed
+  peer's eventfd array without resetting it (``close_peer_eventfds``) and
+  writes a returning ID's eventfds into that freed memory, corrupting its
+  heap.  QEMU takes IDs up to 65535; once they are used up, new
+  connections are refused (restart the server to start again from 0).
+- its directory slot, its index in the region's directory and ring
+  matrix: the lowest free one.  A slot stays taken until its peer is GONE,
+  that is until its leave is written to the directory and announced to
+  every remaining peer; only then can a new connection get it.  The slot
+  records its occupant's ID (``peer_id``), which is how a guest finds it.
 
 Sends never block: messages are 8 bytes, and a peer whose socket buffer is
 full is not reading, so it is dropped like a peer whose socket failed.
@@ -35,6 +48,7 @@ from typing import Final, Self
 
 from . import abi, protocol
 from .errors import ConfigError, SocketInUseError, SocketPathError, StateError
+from .protocol import MAX_PEER_ID
 from .region import Layout, Region, compute_layout, format_size
 
 log = logging.getLogger(__name__)
@@ -94,9 +108,16 @@ class ServerConfig:
     vectors: int = DEFAULT_VECTORS
     ring_size: int | None = None
     memfd_name: str = "ivloop"
+    #: QEMU peer ID given to the first client (IDs then count up).  0 except
+    #: in tests, which use it to reach the end of the ID space quickly.
+    first_peer_id: int = 0
 
     def validate(self) -> Layout:
         """Check every value; return the region layout or raise ConfigError."""
+        if not 0 <= self.first_peer_id <= MAX_PEER_ID:
+            raise ConfigError(
+                f"first peer ID must be between 0 and {MAX_PEER_ID}, not {self.first_peer_id}"
+            )
         if not 2 <= self.max_peers <= abi.IVL_MAX_PEERS:
             raise ConfigError(
                 f"max peers must be between 2 and {abi.IVL_MAX_PEERS}, not {self.max_peers}"
@@ -110,10 +131,18 @@ class ServerConfig:
 
 
 class Peer:
-    """One connected QEMU: its socket, its eventfds (one per vector), its state."""
+    """One connected QEMU: its peer ID, its directory slot, its socket, its
+    eventfds (one per vector), its state.
 
-    def __init__(self, peer_id: int, sock: socket.socket, vectors: list[int], pid: int) -> None:
+    ``id`` is the QEMU peer ID (protocol messages, the guest's IVPosition);
+    ``slot`` the directory and ring index.  They differ in general.
+    """
+
+    def __init__(
+        self, peer_id: int, slot: int, sock: socket.socket, vectors: list[int], pid: int
+    ) -> None:
         self.id = peer_id
+        self.slot = slot
         self.sock = sock
         self.vectors = vectors
         self.pid = pid
@@ -124,7 +153,7 @@ class Peer:
         self._reading = False
 
     def __repr__(self) -> str:
-        return f"<Peer {self.id} {self.state.value} pid={self.pid}>"
+        return f"<Peer {self.id} slot={self.slot} {self.state.value} pid={self.pid}>"
 
     def transition(self, new: PeerState) -> None:
         if new not in _PEER_TRANSITIONS[self.state]:
@@ -209,7 +238,10 @@ class IvshmemServer:
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Connected peers by QEMU peer ID.
         self._peers: dict[int, Peer] = {}
+        #: The next QEMU peer ID to give out; IDs are never given out twice.
+        self._next_id = config.first_peer_id
         self._doomed: dict[int, tuple[Peer, str, int]] = {}
         self._stopped = asyncio.Event()
         self._accept_retry: asyncio.TimerHandle | None = None
@@ -237,8 +269,13 @@ class IvshmemServer:
         return self.config.socket_path
 
     def peers(self) -> dict[int, Peer]:
-        """Connected peers by ID (a copy)."""
+        """Connected peers by QEMU peer ID (a copy); each knows its ``slot``."""
         return dict(self._peers)
+
+    @property
+    def next_peer_id(self) -> int:
+        """The QEMU peer ID the next client will get (above MAX_PEER_ID: none)."""
+        return self._next_id
 
     # -- lifecycle ------------------------------------------------------
 
@@ -401,14 +438,19 @@ class IvshmemServer:
 
         self._accept_retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, resume)
 
-    def _free_id(self) -> int | None:
-        for peer_id in range(self.layout.max_peers):
-            if peer_id not in self._peers:
-                return peer_id
+    def _free_slot(self) -> int | None:
+        """The lowest directory slot no peer holds (a leaving peer still holds its own)."""
+        taken = {p.slot for p in self._peers.values()}
+        for slot in range(self.layout.max_peers):
+            if slot not in taken:
+                return slot
         return None
 
-    def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
-        log.warning(
+    def _refuse(
+        self, conn: socket.socket, pid: int, reason: str, level: int = logging.WARNING
+    ) -> None:
+        log.log(
+            level,
             "refused connection from pid %d: %s",
             pid,
             reason,
@@ -419,8 +461,18 @@ class IvshmemServer:
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         pid = _peer_pid(conn)
-        peer_id = self._free_id()
-        if peer_id is None:
+        if self._next_id > MAX_PEER_ID:
+            self._refuse(
+                conn,
+                pid,
+                f"QEMU peer IDs are used up: all {MAX_PEER_ID + 1} IDs up to {MAX_PEER_ID} "
+                "have been given out and an ID cannot be given out twice (QEMU's ivshmem "
+                "cannot take one back); restart the server to accept new peers",
+                logging.ERROR,
+            )
+            return
+        slot = self._free_slot()
+        if slot is None:
             self._refuse(conn, pid, f"all {self.layout.max_peers} peer slots are in use")
             return
         vectors: list[int] = []
@@ -433,20 +485,25 @@ class IvshmemServer:
             self._refuse(conn, pid, f"cannot create eventfds: {exc.strerror}")
             return
 
-        peer = Peer(peer_id, conn, vectors, pid)
+        # The ID is spent from here on, even if the setup below fails.
+        peer_id = self._next_id
+        self._next_id += 1
+        peer = Peer(peer_id, slot, conn, vectors, pid)
         others = self._live_peers()
         self._peers[peer_id] = peer
         region = self.region
-        region.zero_rings_of(peer_id)
-        generation = region.mark_present(peer_id)
+        region.zero_rings_of(slot)
+        generation = region.mark_present(slot, peer_id)
         peer.log.info(
-            "peer %d joined (pid %d, generation %d)",
+            "peer %d joined in slot %d (pid %d, generation %d)",
             peer_id,
+            slot,
             pid,
             generation,
             extra={
                 "event": "join",
                 "peer": peer_id,
+                "slot": slot,
                 "pid": pid,
                 "generation": generation,
                 "nr_present": len(self._peers),
@@ -542,7 +599,7 @@ class IvshmemServer:
         peer.transition(PeerState.LEAVING)
         if self._loop is not None and peer.sock.fileno() >= 0:
             self._loop.remove_reader(peer.sock.fileno())
-        generation = self.region.mark_absent(peer.id)
+        generation = self.region.mark_absent(peer.slot)
         notified = self._announce_leave(peer.id, self._live_peers())
         self._ring_membership(exclude=peer)
         peer.close()
@@ -550,14 +607,16 @@ class IvshmemServer:
         del self._peers[peer.id]
         peer.log.log(
             level,
-            "peer %d left: %s (generation %d, told %d peers)",
+            "peer %d left slot %d: %s (generation %d, told %d peers)",
             peer.id,
+            peer.slot,
             reason,
             generation,
             notified,
             extra={
                 "event": "leave",
                 "peer": peer.id,
+                "slot": peer.slot,
                 "pid": peer.pid,
                 "reason": reason,
                 "generation": generation,

@@ -69,7 +69,7 @@ int main(void)
 
 	SIZE(ivl_slot);
 	FIELD(ivl_slot, present);
-	FIELD(ivl_slot, reserved0);
+	FIELD(ivl_slot, peer_id);
 	FIELD(ivl_slot, generation);
 	FIELD(ivl_slot, pad0);
 	FIELD(ivl_slot, mac);

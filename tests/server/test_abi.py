@@ -61,7 +61,7 @@ def test_header_parse_finds_things() -> None:
     # Guards the guards: a broken regex would make the completeness checks vacuous.
     assert {"IVL_MAGIC", "IVL_NR_VECTORS", "IVL_STATE_UP"} <= header_constants()
     assert set(header_structs()) == set(abi.STRUCTS)
-    assert header_structs()["ivl_slot"][:3] == ["present", "reserved0", "generation"]
+    assert header_structs()["ivl_slot"][:3] == ["present", "peer_id", "generation"]
 
 
 def test_probe_covers_whole_header(probe: list[list[str]]) -> None:
@@ -101,3 +101,16 @@ def test_field_offsets_and_sizes_match(probe: list[list[str]]) -> None:
 def test_slot_state_enum_matches_constants() -> None:
     assert [int(s) for s in abi.IvlSlotState] == [0, 1, 2]
     assert abi.IVL_STATE_LEAVING is abi.IvlSlotState.IVL_STATE_LEAVING
+
+
+def test_slot_peer_id_took_reserved0s_place(probe: list[list[str]]) -> None:
+    """peer_id (QEMU peer ID of the occupant) sits where reserved0 was; nothing moved."""
+    slot = {row[2]: (int(row[3]), int(row[4])) for row in probe if row[:2] == ["field", "ivl_slot"]}
+    assert "reserved0" not in slot
+    assert slot["peer_id"] == (4, 4)
+    assert (slot["present"], slot["generation"], slot["pad0"]) == ((0, 4), (8, 8), (16, 48))
+    assert (slot["mac"], slot["state"], slot["pad1"]) == ((64, 6), (72, 4), (96, 32))
+    name = "peer_id"
+    descr = getattr(abi.IvlSlot, name)
+    assert (descr.offset, descr.size) == (4, 4)
+    assert ["sizeof", "ivl_slot", "128"] in probe

@@ -176,6 +176,8 @@ def test_json_logs(
     assert reasons[0].startswith("misbehaving") and reasons[1] == "received SIGTERM"
     assert by_event["stop"]["reason"] == "received SIGTERM"
     assert by_event["join"]["logger"] == "ivloop_server.server.peer1"
+    slots = [(r["event"], r["peer"], r["slot"]) for r in records if "slot" in r]
+    assert slots == [("join", 0, 0), ("join", 1, 1), ("leave", 1, 1), ("leave", 0, 0)]
     # 2 peers in 32M: 4 rings of just under 8M each, so 4M rings.
     assert by_event["start"]["ring_size"] == 4 << 20
     assert by_event["join"]["pid"] == os.getpid()
@@ -195,6 +197,22 @@ def test_dump_reads_a_running_servers_directory(
     assert data["header"]["nr_present"] == 1
     assert [s["present"] for s in data["directory"]] == [True] + [False] * 7
     assert data["directory"][0]["state"] == "IVL_STATE_DOWN"
+    assert data["directory"][0]["peer_id"] == 0
+    # Re-join: slot 1 is given out again, with a new peer ID, and --dump shows it.
+    b = FakeQemu.join(sp.socket_path)
+    clients.append(b)
+    b.close()
+    a.expect_join(1)
+    a.expect_leave(1)
+    c = FakeQemu.join(sp.socket_path)
+    clients.append(c)
+    a.expect_join(2)
+    data = json.loads(run_cli("--dump", str(sp.proc.pid)).stdout)
+    assert [(s["index"], s["present"], s["peer_id"]) for s in data["directory"][:3]] == [
+        (0, True, 0),
+        (1, True, 2),
+        (2, False, 0),
+    ]
     assert sp.terminate() == 0
 
 
@@ -228,12 +246,12 @@ def test_no_fd_leak_across_joins_and_leaves(
     anchor = FakeQemu.join(sp.socket_path, vectors=4)
     clients.append(anchor)
     baseline = len(list(fd_dir.iterdir()))
-    for _ in range(5):
+    for peer_id in range(1, 6):
         with FakeQemu.join(sp.socket_path, vectors=4) as guest:
-            assert guest.own_id == 1
+            assert guest.own_id == peer_id  # slot 1 each time, never the same ID
             assert len(guest.peers[0]) == 4
-            anchor.expect_join(1)
-        anchor.expect_leave(1)
+            anchor.expect_join(peer_id)
+        anchor.expect_leave(peer_id)
     # The leave is announced before the server closes the peer's fds.
     wait_until(lambda: len(list(fd_dir.iterdir())) == baseline, what="server fds back to baseline")
     assert sp.terminate() == 0

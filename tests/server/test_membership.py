@@ -1,4 +1,5 @@
-"""Membership: limits, faults, ID reuse, shutdown, state guards."""
+"""Membership: limits, faults, slot reuse (never ID reuse), ID exhaustion,
+shutdown, state guards."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ivloop_server import abi
-from ivloop_server.errors import StateError
+from ivloop_server.errors import ConfigError, StateError
+from ivloop_server.protocol import MAX_PEER_ID
 from ivloop_server.server import IvshmemServer, Peer, PeerState, Runstate, ServerConfig
 
 from .conftest import ServerThread
@@ -19,7 +21,15 @@ from .fakeclient import FakeQemu
 
 
 def present(server: ServerThread) -> list[int]:
+    """Indices of the present slots."""
     return server.call(lambda: [s.index for s in server.server.region.directory() if s.present])
+
+
+def occupants(server: ServerThread) -> dict[int, int]:
+    """Slot index -> QEMU peer ID, for the present slots."""
+    return server.call(
+        lambda: {s.index: s.peer_id for s in server.server.region.directory() if s.present}
+    )
 
 
 def test_over_the_limit_is_refused_and_others_keep_working(
@@ -45,13 +55,15 @@ def test_over_the_limit_is_refused_and_others_keep_working(
     # The two members still talk.
     b.ring(0, abi.IVL_VEC_DATA)
     assert a.take_interrupts(abi.IVL_VEC_DATA) == 1
-    # And a slot freed by a leave is given out again.
+    # And a slot freed by a leave is given out again, with a new ID.
     b.close()
     a.expect_leave(1)
     d = FakeQemu.join(st.path)
     clients.append(d)
-    assert d.own_id == 1
+    assert d.own_id == 2
     assert sorted(d.peers) == [0]
+    st.settle()
+    assert occupants(st) == {0: 0, 1: 2}
 
 
 def test_client_that_sends_is_dropped_and_announced(
@@ -98,26 +110,118 @@ def test_client_that_resets_is_announced(
     assert present(server) == [0]
 
 
-def test_id_is_reused_only_after_the_leave(
+def test_slot_is_reused_only_after_the_leave_and_id_never(
     server: ServerThread, join: Callable[[], FakeQemu]
 ) -> None:
     a, b = join(), join()
     a.expect_join(1)
     assert (a.own_id, b.own_id) == (0, 1)
     c = join()
-    assert c.own_id == 2  # lowest free while 0 and 1 are held
+    assert c.own_id == 2  # slot 2, the lowest free while 0 and 1 are held
     b.expect_join(2)
+    assert occupants(server) == {0: 0, 1: 1, 2: 2}
     a.close()
-    b.expect_leave(0)  # by now the directory says 0 is free and everyone knows
+    b.expect_leave(0)  # by now the directory says slot 0 is free and everyone knows
     c.expect_leave(0)
     d = join()
-    assert d.own_id == 0
+    # D takes the freed slot 0 but a new ID: QEMU cannot take ID 0 back.
+    assert d.own_id == 3
     assert sorted(d.peers) == [1, 2]
-    b.expect_join(0)
-    c.expect_join(0)
-    # The new occupant's eventfds are new: B's doorbell for 0 reaches D, not A.
-    b.ring(0, abi.IVL_VEC_DATA)
+    b.expect_join(3)
+    c.expect_join(3)
+    assert not b.pending() and not c.pending()
+    assert sorted(b.peers) == [2, 3] and sorted(c.peers) == [1, 3]
+    assert occupants(server) == {0: 3, 1: 1, 2: 2}
+    peers = server.call(server.server.peers)
+    assert {pid: p.slot for pid, p in peers.items()} == {1: 1, 2: 2, 3: 0}
+    # The new occupant's eventfds are new: B's doorbell for 3 reaches D.
+    b.ring(3, abi.IVL_VEC_DATA)
     assert d.take_interrupts(abi.IVL_VEC_DATA) == 1
+    d.ring(1, abi.IVL_VEC_DATA)
+    assert b.take_interrupts(abi.IVL_VEC_DATA) == 1
+
+
+def test_ids_keep_growing_while_slots_are_reused(
+    make_server: Callable[..., ServerThread],
+    clients: list[FakeQemu],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    st = make_server(max_peers=2, size=4 << 20)
+    anchor = FakeQemu.join(st.path)
+    clients.append(anchor)
+    seen = []
+    with caplog.at_level(logging.INFO, logger="ivloop_server"):
+        for cycle in range(20):
+            with FakeQemu.join(st.path) as guest:
+                assert guest.own_id is not None
+                seen.append(guest.own_id)
+                assert sorted(guest.peers) == [0]
+                anchor.expect_join(guest.own_id)
+                st.settle()
+                assert occupants(st) == {0: 0, 1: guest.own_id}, f"cycle {cycle}"
+                guest.ring(0, abi.IVL_VEC_DATA)
+                assert anchor.take_interrupts(abi.IVL_VEC_DATA) == 1
+                anchor.ring(guest.own_id, abi.IVL_VEC_DATA)
+                assert guest.take_interrupts(abi.IVL_VEC_DATA) == 1
+            anchor.expect_leave(seen[-1])
+        st.settle()  # the leave is logged after it is announced
+    assert seen == list(range(1, 21))
+    assert sorted(anchor.peers) == [] and anchor.gone == seen
+    assert st.call(lambda: st.server.next_peer_id) == 21
+    joins = [r for r in caplog.records if getattr(r, "event", None) == "join"]
+    leaves = [r for r in caplog.records if getattr(r, "event", None) == "leave"]
+    assert [(r.peer, r.slot) for r in joins] == [(i, 1) for i in seen]  # type: ignore[attr-defined]
+    assert [(r.peer, r.slot) for r in leaves] == [(i, 1) for i in seen]  # type: ignore[attr-defined]
+
+
+def test_peer_ids_used_up_refuses_new_clients_and_others_keep_working(
+    make_server: Callable[..., ServerThread],
+    clients: list[FakeQemu],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    st = make_server(max_peers=4, first_peer_id=MAX_PEER_ID - 1)
+    a = FakeQemu.join(st.path)
+    b = FakeQemu.join(st.path)
+    clients += [a, b]
+    assert (a.own_id, b.own_id) == (MAX_PEER_ID - 1, MAX_PEER_ID)
+    a.expect_join(MAX_PEER_ID)
+    st.settle()
+    assert occupants(st) == {0: MAX_PEER_ID - 1, 1: MAX_PEER_ID}
+
+    def refused() -> None:
+        c = FakeQemu.connect(st.path)
+        clients.append(c)
+        assert c.at_eof(), "refused client must get EOF before any message"
+        st.settle()
+
+    with caplog.at_level(logging.WARNING, logger="ivloop_server"):
+        refused()  # slots are free, IDs are not
+        refusals = [r for r in caplog.records if getattr(r, "event", None) == "refuse"]
+        assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
+        assert "peer IDs are used up" in refusals[0].reason  # type: ignore[attr-defined]
+        assert "restart the server" in refusals[0].getMessage()
+        assert not a.pending() and not b.pending()
+        assert occupants(st) == {0: MAX_PEER_ID - 1, 1: MAX_PEER_ID}
+        # The members still talk.
+        b.ring(MAX_PEER_ID - 1, abi.IVL_VEC_DATA)
+        assert a.take_interrupts(abi.IVL_VEC_DATA) == 1
+        a.ring(MAX_PEER_ID, abi.IVL_VEC_DATA)
+        assert b.take_interrupts(abi.IVL_VEC_DATA) == 1
+        # A leave frees a slot but no ID: still refused; the leave is announced.
+        b.close()
+        a.expect_leave(MAX_PEER_ID)
+        refused()
+        refusals = [r for r in caplog.records if getattr(r, "event", None) == "refuse"]
+        assert len(refusals) == 2
+        assert not a.pending()
+        assert occupants(st) == {0: MAX_PEER_ID - 1}
+    assert st.server.runstate is Runstate.RUNNING
+
+
+@pytest.mark.parametrize("first", [-1, MAX_PEER_ID + 1])
+def test_first_peer_id_is_validated(tmp_path: Path, first: int) -> None:
+    with pytest.raises(ConfigError, match="first peer ID"):
+        ServerConfig(tmp_path / "s.sock", first_peer_id=first).validate()
 
 
 def test_send_error_drops_only_that_peer(
@@ -156,7 +260,7 @@ def test_stop_drops_everyone_and_removes_the_socket(
 
 def test_peer_state_machine_guards() -> None:
     left, right = socket.socketpair()
-    peer = Peer(0, left, [], pid=0)
+    peer = Peer(0, 0, left, [], pid=0)
     try:
         with pytest.raises(StateError, match="joining to gone"):
             peer.transition(PeerState.GONE)

@@ -152,14 +152,19 @@ def test_data_doorbell_between_peers(join: Callable[[], FakeQemu]) -> None:
     assert b.take_interrupts(abi.IVL_VEC_DATA) == 1
 
 
-def directory(server: ServerThread) -> tuple[int, int, list[tuple[bool, int]]]:
-    def read() -> tuple[int, int, list[tuple[bool, int]]]:
+Dir = tuple[int, int, list[tuple[bool, int, int]]]
+
+
+def directory(server: ServerThread) -> Dir:
+    """Header generation, nr_present, and (present, peer_id, generation) of each slot."""
+
+    def read() -> Dir:
         region = server.server.region
         hdr = region.header()
         return (
             hdr.generation,
             hdr.nr_present,
-            [(s.present, s.generation) for s in region.directory()],
+            [(s.present, s.peer_id, s.generation) for s in region.directory()],
         )
 
     return server.call(read)
@@ -168,23 +173,32 @@ def directory(server: ServerThread) -> tuple[int, int, list[tuple[bool, int]]]:
 def test_directory_tracks_joins_and_leaves(
     server: ServerThread, join: Callable[[], FakeQemu]
 ) -> None:
-    assert directory(server) == (0, 0, [(False, 0)] * 4)
+    free = (False, 0, 0)
+    assert directory(server) == (0, 0, [free] * 4)
     a, b, c = join(), join(), join()
-    assert directory(server) == (3, 3, [(True, 1), (True, 2), (True, 3), (False, 0)])
+    assert directory(server) == (3, 3, [(True, 0, 1), (True, 1, 2), (True, 2, 3), free])
     b.close()
     a.expect_join(1)
     a.expect_join(2)
     a.expect_leave(1)
     c.expect_leave(1)
-    assert directory(server) == (4, 2, [(True, 1), (False, 4), (True, 3), (False, 0)])
+    # A leave clears present and keeps the departed occupant's peer_id.
+    assert directory(server) == (4, 2, [(True, 0, 1), (False, 1, 4), (True, 2, 3), free])
     d = join()
-    assert d.own_id == 1
-    c.expect_join(1)
-    assert directory(server) == (5, 3, [(True, 1), (True, 5), (True, 3), (False, 0)])
+    assert d.own_id == 3  # slot 1, new ID
+    c.expect_join(3)
+    assert directory(server) == (5, 3, [(True, 0, 1), (True, 3, 5), (True, 2, 3), free])
     a.close()
     c.expect_leave(0)
     d.expect_leave(0)
-    assert directory(server) == (6, 2, [(False, 6), (True, 5), (True, 3), (False, 0)])
+    assert directory(server) == (6, 2, [(False, 0, 6), (True, 3, 5), (True, 2, 3), free])
+    e = join()
+    assert e.own_id == 4
+    assert directory(server) == (7, 3, [(True, 4, 7), (True, 3, 5), (True, 2, 3), free])
+    assert server.call(lambda: server.server.region.slot_of(4)) == server.call(
+        lambda: server.server.region.slot(0)
+    )
+    assert server.call(lambda: server.server.region.slot_of(0)) is None  # gone, not present
 
 
 def test_rings_to_and_from_a_slot_are_zeroed_on_join(
@@ -212,6 +226,19 @@ def test_rings_to_and_from_a_slot_are_zeroed_on_join(
         # The header and directory were not touched by the ring zeroing.
         assert m[0:4] == b"IVLP"
 
+        # Rings are zeroed by slot, not by peer ID: B (ID 1, slot 1) leaves,
+        # C gets ID 2 in slot 1, and the rings of slot 1 are clean again.
+        m[lay.rings_offset : lay.rings_end] = b"\xaa" * (lay.rings_end - lay.rings_offset)
+        b.close()
+        a.expect_join(1)
+        a.expect_leave(1)
+        c = join()
+        assert c.own_id == 2
+        for i in range(lay.max_peers):
+            assert ring(i, 1) == clean, f"ring {i}->1"
+            assert ring(1, i) == clean, f"ring 1->{i}"
+        assert ring(2, 2) == dirty and ring(0, 2) == dirty and ring(2, 0) == dirty
+
 
 def test_server_region_matches_attach_view(
     server: ServerThread, join: Callable[[], FakeQemu]
@@ -222,4 +249,5 @@ def test_server_region_matches_attach_view(
     with Region.attach(a.shm_fd) as view:
         assert view.layout == server.server.layout
         assert [s.present for s in view.directory()] == [True, True, False, False]
+        assert [s.peer_id for s in view.directory()] == [0, 1, 0, 0]
         assert view.as_dict()["header"]["nr_present"] == 2  # type: ignore[index]

@@ -80,23 +80,63 @@ def test_create_initialises_and_seals(tmp_path: Path) -> None:
         assert [s.present for s in region.directory()] == [False, False]
         with pytest.raises(OSError):
             os.ftruncate(region.fd, 8 * M)  # F_SEAL_GROW
-        assert region.mark_present(1) == 1
-        assert region.mark_present(0) == 2
+        assert region.mark_present(1, 7) == 1
+        assert region.mark_present(0, 8) == 2
+        with pytest.raises(RegionError, match="already present"):
+            region.mark_present(0, 9)
         assert region.mark_absent(1) == 3
         with pytest.raises(RegionError, match="not present"):
             region.mark_absent(1)
         hdr = region.header()
         assert (hdr.generation, hdr.nr_present) == (3, 1)
-        assert [(s.present, s.generation) for s in read_directory(region.fd)] == [
-            (True, 2),
-            (False, 3),
+        # A leave keeps the departed occupant's peer_id; present is what counts.
+        assert [(s.present, s.peer_id, s.generation) for s in read_directory(region.fd)] == [
+            (True, 8, 2),
+            (False, 7, 3),
         ]
+        assert region.slot_of(8) == region.slot(0)
+        assert region.slot_of(7) is None
+        dumped = region.as_dict()["directory"]
+        assert isinstance(dumped, list)
+        assert [d["peer_id"] for d in dumped] == [8, 7]
         proc_path = find_server_region(os.getpid())
         with Region.attach(proc_path) as view:
             assert view.slot(0).present
             with pytest.raises(RegionError, match="only the server"):
-                view.mark_present(1)
+                view.mark_present(1, 10)
     assert region.closed
+
+
+def test_peer_id_is_written_before_presence_and_generations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with Region.create(4 * M, 2) as region:
+        slot1 = region.layout.slot_offset(1)
+        names = {
+            slot1 + field_offset(abi.IvlSlot, "peer_id"): "peer_id",
+            slot1 + field_offset(abi.IvlSlot, "present"): "present",
+            slot1 + field_offset(abi.IvlSlot, "generation"): "slot generation",
+            field_offset(abi.IvlRegionHdr, "nr_present"): "nr_present",
+            field_offset(abi.IvlRegionHdr, "generation"): "generation",
+        }
+        stores: list[str] = []
+        put = Region._put
+
+        def spy(self: Region, base: int, field: tuple[int, str], value: int) -> None:
+            stores.append(names[base + field[0]])
+            put(self, base, field, value)
+
+        monkeypatch.setattr(Region, "_put", spy)
+        region.mark_present(1, 65535)
+        assert stores == ["peer_id", "present", "nr_present", "slot generation", "generation"]
+        stores.clear()
+        region.mark_absent(1)
+        assert stores == ["present", "nr_present", "slot generation", "generation"]
+        assert region.slot(1).peer_id == 65535
+        for bad in (-1, 65536):
+            with pytest.raises(RegionError, match=r"outside 0\.\.65535"):
+                region.mark_present(0, bad)
+        assert not region.slot(0).present
 
 
 def test_attach_rejects_non_regions(tmp_path: Path) -> None:

@@ -1,0 +1,335 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ivloop: shared-memory fast path between co-resident QEMU guests.
+ *
+ * Two objects meet here:
+ *  - struct ivl_priv: the upper netdev "ivl0" stacked on the guest's NIC
+ *    (rtnl_link_ops kind "ivloop").  It exists with or without the device.
+ *  - struct ivl_shm: one ivshmem-doorbell PCI function (1af4:1110) with the
+ *    mapped region, the peer array and the RCU peer table.
+ * There is at most one of each per guest; rtnl pairs them (ivl_attach()).
+ *
+ * Lock order: rtnl -> ivl_shm.lock -> the upper device's TX queue lock.
+ */
+#ifndef IVL_H
+#define IVL_H
+
+#include <linux/bitmap.h>
+#include <linux/etherdevice.h>
+#include <linux/hrtimer.h>
+#include <linux/mutex.h>
+#include <linux/netdevice.h>
+#include <linux/pci.h>
+#include <linux/rcupdate.h>
+#include <linux/rtnetlink.h>
+#include <linux/timer.h>
+#include <linux/u64_stats_sync.h>
+#include <linux/workqueue.h>
+#include <net/rtnetlink.h>
+
+#include "ivl_abi.h"
+#include "ivl_ring.h"
+
+#define IVL_DRV_NAME		"ivloop"
+#define IVL_LINK_KIND		"ivloop"
+
+#define IVL_GSO_MAX_SIZE	65536U
+/* Frames up to this size are received into one linear skb. */
+#define IVL_RX_LINEAR_MAX	2048U
+/* Larger frames: this many bytes linear (headers), the rest in pages. */
+#define IVL_RX_HEAD		256U
+/* Records delivered per peer when the device goes away. */
+#define IVL_DRAIN_BUDGET	1024U
+/* TX flow control: ring-full poll interval, doubling up to the max. */
+#define IVL_TX_POLL_MIN_US	20U
+#define IVL_TX_POLL_MAX_US	1000U
+
+/* Counters: per CPU, written with BH disabled, never reset. */
+struct ivl_stats {
+	u64_stats_t shm_tx_packets;
+	u64_stats_t shm_tx_bytes;
+	u64_stats_t shm_rx_packets;
+	u64_stats_t shm_rx_bytes;
+	u64_stats_t lower_tx_packets;
+	u64_stats_t lower_tx_bytes;
+	u64_stats_t lower_rx_packets;
+	u64_stats_t lower_rx_bytes;
+	u64_stats_t doorbells_sent;
+	u64_stats_t doorbells_suppressed;
+	u64_stats_t space_kicks_sent;	/* consumer told a producer "room again" */
+	u64_stats_t ring_full;		/* queue stopped on a full ring */
+	u64_stats_t tx_wakeups;
+	u64_stats_t tx_no_room;		/* reserve failed anyway: sent lower */
+	u64_stats_t tx_lower_drops;	/* lower dev_queue_xmit refused */
+	u64_stats_t tx_bad_ring;	/* peer broke the cons of our ring */
+	u64_stats_t rx_bad_record;	/* ring broken by the peer */
+	u64_stats_t rx_bad_offload;	/* offload metadata rejected */
+	u64_stats_t rx_runt;		/* frame shorter than an Ethernet header */
+	u64_stats_t rx_alloc_fail;
+	u64_stats_t rx_lower_drops;	/* skb_share_check failed */
+	u64_stats_t peer_up;		/* peer usable for sending */
+	u64_stats_t peer_down;		/* peer no longer usable */
+	u64_stats_t peer_timeout;	/* heartbeat stopped */
+	u64_stats_t peer_stalled;	/* ring stayed full too long */
+	u64_stats_t peer_bad_entry;	/* broken directory slot */
+};
+
+struct ivl_pcpu_stats {
+	struct ivl_stats s;
+	struct u64_stats_sync syncp;
+};
+
+/* Per-peer, per-direction counters; one writer each (TX lock, NAPI). */
+struct ivl_peer_stats {
+	u64_stats_t packets;
+	u64_stats_t bytes;
+	struct u64_stats_sync syncp;
+};
+
+/* ivl_peer.flags: set from any context, read locklessly in xmit. */
+enum {
+	IVL_PEER_BROKEN,	/* peer broke the ring: lower path until it rejoins */
+	IVL_PEER_STALLED,	/* our ring to it stayed full: lower path for now */
+};
+
+struct ivl_shm;
+
+/*
+ * One other guest (directory slot).  Lives as long as the ivl_shm, so the
+ * TX flow-control state may point at it without RCU.
+ */
+struct ivl_peer {
+	struct ivl_shm *shm;
+	u32 id;
+	unsigned long flags;		/* IVL_PEER_*, atomic bitops */
+
+	/* protected by shm->lock (refresh work) */
+	u8 mac[ETH_ALEN] __aligned(2);	/* MAC the table was built with */
+	u8 new_mac[ETH_ALEN] __aligned(2);
+	u64 gen;			/* slot generation the rings are attached for */
+	u64 seen_gen;			/* last slot generation read */
+	u64 hb_last;
+	unsigned long hb_stamp;		/* jiffies when hb_last changed */
+	bool attached;			/* rings attached (for @gen) */
+	bool want_rx, want_tx, reattach;
+	bool hb_dead, bad_entry, dup_mac;
+	/* written under shm->lock, read locklessly (TX flow control) */
+	bool rx_on;			/* in table->rx: NAPI polls it */
+	bool tx_on;			/* in table->tx: xmit may use it */
+
+	/* producer side, protected by the upper device's TX queue lock */
+	struct ivl_ring tx;
+	struct ivl_peer_stats tx_stats;
+
+	/* consumer side, owned by NAPI (or by detach with NAPI disabled) */
+	struct ivl_ring rx;
+	struct ivl_peer_stats rx_stats;
+	bool rx_armed;			/* need_kick set on @rx */
+};
+
+struct ivl_route {
+	u8 mac[ETH_ALEN];
+	u16 pad;			/* ether_addr_equal_64bits() reads 8 bytes */
+	struct ivl_peer *peer;
+};
+
+/* Immutable once published; replaced whole under RCU. */
+struct ivl_peer_table {
+	struct rcu_head rcu;
+	unsigned int nr_tx;
+	unsigned int nr_rx;
+	struct ivl_route tx[IVL_MAX_PEERS];
+	struct ivl_peer *rx[IVL_MAX_PEERS];
+};
+
+struct ivl_priv;
+
+/* The ivshmem-doorbell PCI function and the region it maps. */
+struct ivl_shm {
+	struct pci_dev *pdev;
+	void __iomem *regs;		/* BAR0 */
+	void *region;			/* BAR2, memremap(WB): guest RAM */
+
+	/* header fields, read once and validated at probe; never reread */
+	u64 region_size;
+	u64 rings_offset;
+	u64 ring_stride;
+	u32 max_peers;
+	u32 ring_size;
+	u32 my_id;			/* IVPosition */
+
+	struct ivl_peer *peers;		/* [max_peers] */
+	struct ivl_peer_table __rcu *table;	/* NULL: everything lower */
+
+	struct mutex lock;		/* peers' table state, @priv, @stopping */
+	struct ivl_priv *priv;		/* attached upper; READ_ONCE in IRQs */
+	bool stopping;			/* refresh work must not run */
+	bool table_dirty;		/* last rebuild failed: retry */
+	u8 my_mac[ETH_ALEN] __aligned(2);	/* as published in my slot */
+
+	struct work_struct refresh_work;
+	struct timer_list hb_timer;
+	atomic64_t heartbeat;
+	struct dentry *dbg_peers;
+};
+
+/* The upper netdev's private area. */
+struct ivl_priv {
+	struct net_device *dev;
+	struct net_device *lower;	/* stable while registered */
+	netdevice_tracker lower_tracker;
+	struct ivl_shm __rcu *shm;	/* written under rtnl */
+	struct ivl_pcpu_stats __percpu *stats;
+	struct napi_struct napi;
+	unsigned long flags;		/* IVL_F_*, atomic bitops */
+
+	/* rtnl */
+	bool napi_on;
+	bool upper_linked;
+	bool rx_handler_on;
+
+	/* TX queue lock */
+	DECLARE_BITMAP(kick_pending, IVL_MAX_PEERS);
+	struct ivl_peer *stop_peer;	/* ring that stopped the queue */
+	unsigned long stop_since;	/* jiffies */
+	unsigned int stop_backoff_us;
+	struct hrtimer tx_timer;	/* polls @stop_peer's ring for room */
+
+	/* NAPI */
+	unsigned int rx_next;		/* round-robin start in table->rx */
+};
+
+enum {
+	IVL_F_FORCE_LOWER,		/* ethtool priv flag "force-lower" */
+};
+
+/* Module parameters (ivl_main.c). */
+extern bool ivl_param_force_lower;
+extern unsigned int ivl_param_stall_ms;
+
+/* Pairing of the one upper and the one device, both rtnl-protected. */
+extern struct ivl_priv *ivl_the_upper;
+extern struct ivl_shm *ivl_the_shm;
+extern struct dentry *ivl_debugfs_root;
+
+/* --- accessors named for their lock context --- */
+
+static inline struct ivl_shm *ivl_shm_rtnl(const struct ivl_priv *priv)
+{
+	return rtnl_dereference(priv->shm);
+}
+
+/* ndo_start_xmit runs under rcu_read_lock_bh() (dev_queue_xmit). */
+static inline struct ivl_shm *ivl_shm_rcu_bh(const struct ivl_priv *priv)
+{
+	return rcu_dereference_bh(priv->shm);
+}
+
+static inline struct ivl_shm *ivl_shm_rcu(const struct ivl_priv *priv)
+{
+	return rcu_dereference(priv->shm);
+}
+
+static inline struct ivl_peer_table *ivl_table_rcu_bh(const struct ivl_shm *shm)
+{
+	return rcu_dereference_bh(shm->table);
+}
+
+static inline struct ivl_peer_table *ivl_table_rcu(const struct ivl_shm *shm)
+{
+	return rcu_dereference(shm->table);
+}
+
+static inline struct ivl_peer_table *ivl_table_locked(const struct ivl_shm *shm)
+{
+	return rcu_dereference_protected(shm->table,
+					 lockdep_is_held(&shm->lock));
+}
+
+static inline struct netdev_queue *ivl_txq(const struct ivl_priv *priv)
+{
+	return netdev_get_tx_queue(priv->dev, 0);
+}
+
+/* --- region geometry (offsets validated at probe) --- */
+
+static inline struct ivl_slot *ivl_slot(const struct ivl_shm *shm, u32 id)
+{
+	return shm->region + IVL_HDR_SIZE + (size_t)id * IVL_SLOT_SIZE;
+}
+
+static inline void *ivl_ring_base(const struct ivl_shm *shm, u32 prod, u32 cons)
+{
+	u64 idx = (u64)prod * shm->max_peers + cons;
+
+	return shm->region + shm->rings_offset + idx * shm->ring_stride;
+}
+
+static inline void ivl_doorbell(const struct ivl_shm *shm, u32 peer, u32 vec)
+{
+	writel((peer << 16) | vec, shm->regs + IVL_REG_DOORBELL);
+}
+
+static inline bool ivl_peer_usable_tx(const struct ivl_peer *peer)
+{
+	/* the flags switch a peer to the lower path before the table does */
+	return !(READ_ONCE(peer->flags) &
+		 (BIT(IVL_PEER_BROKEN) | BIT(IVL_PEER_STALLED)));
+}
+
+/* --- counters --- */
+
+static inline void __ivl_stat_add(struct ivl_priv *priv, size_t off, u64 n)
+{
+	struct ivl_pcpu_stats *s = this_cpu_ptr(priv->stats);
+
+	u64_stats_update_begin(&s->syncp);
+	u64_stats_add((u64_stats_t *)((u8 *)&s->s + off), n);
+	u64_stats_update_end(&s->syncp);
+}
+
+/* Callers have BH disabled (xmit, NAPI, rx_handler, soft timers). */
+#define ivl_stat_add(priv, field, n) \
+	__ivl_stat_add(priv, offsetof(struct ivl_stats, field), n)
+#define ivl_stat_inc(priv, field) ivl_stat_add(priv, field, 1)
+
+/* From process context. */
+#define ivl_stat_inc_bh(priv, field)		\
+	do {					\
+		local_bh_disable();		\
+		ivl_stat_inc(priv, field);	\
+		local_bh_enable();		\
+	} while (0)
+
+static inline void ivl_peer_stat_add(struct ivl_peer_stats *ps, u32 bytes)
+{
+	u64_stats_update_begin(&ps->syncp);
+	u64_stats_inc(&ps->packets);
+	u64_stats_add(&ps->bytes, bytes);
+	u64_stats_update_end(&ps->syncp);
+}
+
+/* ivl_pci.c */
+extern struct pci_driver ivl_pci_driver;
+
+/* ivl_netdev.c */
+extern struct rtnl_link_ops ivl_link_ops;
+extern struct notifier_block ivl_netdev_notifier;
+void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm);
+void ivl_detach(struct ivl_priv *priv, u32 state);
+void ivl_tx_wake_check(struct ivl_priv *priv);
+void ivl_tx_wake_check_locked(struct ivl_priv *priv);
+int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
+		struct napi_struct *napi, int budget);
+
+/* ivl_peer.c */
+void ivl_peers_init(struct ivl_shm *shm);
+void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv);
+void ivl_peers_stop(struct ivl_shm *shm);
+void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac);
+void ivl_notify_peers(struct ivl_shm *shm);
+void ivl_peer_broken(struct ivl_peer *peer, const char *why);
+void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer);
+void ivl_peers_debugfs_add(struct ivl_shm *shm);
+
+#endif /* IVL_H */

@@ -1,0 +1,1186 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ivloop upper device: ivl0, stacked on the guest's NIC.
+ *
+ * Transmit, per frame (net_failover's shape): a unicast destination that
+ * belongs to a usable peer goes into that peer's ring; everything else goes
+ * to the lower NIC with dev_queue_xmit().
+ *
+ * Locking: one TX queue and no LLTX, so the core's TX queue lock serialises
+ * ndo_start_xmit and makes it the single producer of every ring we write.
+ * The TX flow-control timer, NAPI's wake check and ring re-attachment take
+ * the same lock.  The peer table is read under RCU (rcu_read_lock_bh in
+ * xmit, rcu_read_lock in NAPI).
+ *
+ * Flow control: the queue is stopped as soon as the ring just written lacks
+ * room for one more maximal frame, so a frame that is handed to us always
+ * fits and NETDEV_TX_BUSY is never needed.  Ring consumers only ask for
+ * doorbells when they go idle, so the producer has no doorbell of its own
+ * for "room again".  Two things wake the queue, whichever comes first:
+ *  - the consumer: when it reads a ring that was nearly full (fill above
+ *    size - 2 maximal records, the most a stopped producer can be waiting
+ *    for) it rings our data vector after freeing space; our NAPI then runs
+ *    the wake check.  This is the fast path and needs no ABI field.
+ *  - a soft hrtimer polling the ring, 20 us doubling to 1 ms.  It is what
+ *    makes progress certain even when a doorbell is lost or the peer does
+ *    not send one, and after stall_ms it gives up on the peer: the peer is
+ *    marked stalled and its frames take the lower path until its ring has
+ *    room again.
+ * Receive: frames from the lower NIC arrive through an rx_handler; frames
+ * from rings through NAPI, scheduled by the data vector.
+ */
+#include <linux/ethtool.h>
+#include <linux/if_arp.h>
+#include <linux/ip.h>
+#include <linux/skbuff.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <net/tcp.h>
+
+#include "ivl.h"
+
+#define IVL_FEATURES	(NETIF_F_SG | NETIF_F_FRAGLIST | NETIF_F_HW_CSUM | \
+			 NETIF_F_HIGHDMA | NETIF_F_RXCSUM | NETIF_F_TSO | \
+			 NETIF_F_TSO6 | NETIF_F_TSO_ECN | NETIF_F_GSO_UDP_L4)
+
+/* GSO types a record can carry; others go to the lower NIC. */
+#define IVL_SKB_GSO_OK	(SKB_GSO_TCPV4 | SKB_GSO_TCPV6 | SKB_GSO_TCP_ECN | \
+			 SKB_GSO_UDP_L4 | SKB_GSO_DODGY)
+
+/* Two maximal records: the most room a stopped producer waits for. */
+#define IVL_SPACE_KICK_MARGIN \
+	(2 * ALIGN(sizeof(struct ivl_rec_hdr) + IVL_MAX_FRAME, IVL_REC_ALIGN))
+
+/* ------------------------------------------------------------------ */
+/* counters                                                           */
+
+struct ivl_stat_desc {
+	char name[ETH_GSTRING_LEN];
+	size_t off;
+};
+
+#define IVL_STAT(f) { #f, offsetof(struct ivl_stats, f) }
+
+static const struct ivl_stat_desc ivl_stat_descs[] = {
+	IVL_STAT(shm_tx_packets),
+	IVL_STAT(shm_tx_bytes),
+	IVL_STAT(shm_rx_packets),
+	IVL_STAT(shm_rx_bytes),
+	IVL_STAT(lower_tx_packets),
+	IVL_STAT(lower_tx_bytes),
+	IVL_STAT(lower_rx_packets),
+	IVL_STAT(lower_rx_bytes),
+	IVL_STAT(doorbells_sent),
+	IVL_STAT(doorbells_suppressed),
+	IVL_STAT(space_kicks_sent),
+	IVL_STAT(ring_full),
+	IVL_STAT(tx_wakeups),
+	IVL_STAT(tx_no_room),
+	IVL_STAT(tx_lower_drops),
+	IVL_STAT(tx_bad_ring),
+	IVL_STAT(rx_bad_record),
+	IVL_STAT(rx_bad_offload),
+	IVL_STAT(rx_runt),
+	IVL_STAT(rx_alloc_fail),
+	IVL_STAT(rx_lower_drops),
+	IVL_STAT(peer_up),
+	IVL_STAT(peer_down),
+	IVL_STAT(peer_timeout),
+	IVL_STAT(peer_stalled),
+	IVL_STAT(peer_bad_entry),
+};
+
+#define IVL_NR_STATS	ARRAY_SIZE(ivl_stat_descs)
+#define IVL_IDX(f)	(offsetof(struct ivl_stats, f) / sizeof(u64_stats_t))
+
+static const char ivl_priv_flag_names[][ETH_GSTRING_LEN] = {
+	[IVL_F_FORCE_LOWER] = "force-lower",
+};
+
+/* Sum the per-CPU counters; @sum has IVL_NR_STATS slots in table order. */
+static void ivl_stats_sum(const struct ivl_priv *priv, u64 *sum)
+{
+	u64 snap[IVL_NR_STATS];
+	unsigned int start, i;
+	int cpu;
+
+	BUILD_BUG_ON(sizeof(struct ivl_stats) !=
+		     IVL_NR_STATS * sizeof(u64_stats_t));
+	memset(sum, 0, IVL_NR_STATS * sizeof(*sum));
+	for_each_possible_cpu(cpu) {
+		const struct ivl_pcpu_stats *ps = per_cpu_ptr(priv->stats, cpu);
+
+		do {
+			start = u64_stats_fetch_begin(&ps->syncp);
+			for (i = 0; i < IVL_NR_STATS; i++)
+				snap[i] = u64_stats_read((const u64_stats_t *)
+					((const u8 *)&ps->s + ivl_stat_descs[i].off));
+		} while (u64_stats_fetch_retry(&ps->syncp, start));
+		for (i = 0; i < IVL_NR_STATS; i++)
+			sum[i] += snap[i];
+	}
+}
+
+static void ivl_get_stats64(struct net_device *dev,
+			    struct rtnl_link_stats64 *st)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	u64 v[IVL_NR_STATS];
+
+	ivl_stats_sum(priv, v);
+	st->tx_packets = v[IVL_IDX(shm_tx_packets)] + v[IVL_IDX(lower_tx_packets)];
+	st->tx_bytes = v[IVL_IDX(shm_tx_bytes)] + v[IVL_IDX(lower_tx_bytes)];
+	st->rx_packets = v[IVL_IDX(shm_rx_packets)] + v[IVL_IDX(lower_rx_packets)];
+	st->rx_bytes = v[IVL_IDX(shm_rx_bytes)] + v[IVL_IDX(lower_rx_bytes)];
+	st->tx_dropped = v[IVL_IDX(tx_lower_drops)];
+	st->rx_dropped = v[IVL_IDX(rx_alloc_fail)] + v[IVL_IDX(rx_lower_drops)];
+	st->rx_errors = v[IVL_IDX(rx_bad_record)] + v[IVL_IDX(rx_bad_offload)] +
+			v[IVL_IDX(rx_runt)];
+	st->rx_length_errors = v[IVL_IDX(rx_runt)];
+	st->tx_errors = v[IVL_IDX(tx_bad_ring)];
+}
+
+/* ------------------------------------------------------------------ */
+/* transmit                                                           */
+
+/* Offload metadata for @skb, or false when a record cannot carry it. */
+static bool ivl_tx_meta(const struct sk_buff *skb, struct ivl_rec_meta *m)
+{
+	const struct skb_shared_info *si = skb_shinfo(skb);
+	int start;
+
+	memset(m, 0, sizeof(*m));
+	if (skb_is_gso(skb)) {
+		if (si->gso_type & ~IVL_SKB_GSO_OK ||
+		    skb->ip_summed != CHECKSUM_PARTIAL)
+			return false;
+		if (si->gso_type & SKB_GSO_TCPV4)
+			m->gso_type = IVL_GSO_TCPV4;
+		else if (si->gso_type & SKB_GSO_TCPV6)
+			m->gso_type = IVL_GSO_TCPV6;
+		else if (si->gso_type & SKB_GSO_UDP_L4)
+			m->gso_type = IVL_GSO_UDP_L4;
+		else
+			return false;
+		if (si->gso_type & SKB_GSO_TCP_ECN) {
+			if (m->gso_type == IVL_GSO_UDP_L4)
+				return false;
+			m->gso_type |= IVL_GSO_ECN;
+		}
+		m->gso_size = si->gso_size;
+	}
+
+	if (skb->ip_summed == CHECKSUM_PARTIAL) {
+		start = skb_checksum_start_offset(skb);
+		/* the receiver rejects a record whose csum field is outside */
+		if (start < 0 || start > U16_MAX ||
+		    start + skb->csum_offset + sizeof(__sum16) > skb->len)
+			return false;
+		m->flags = IVL_REC_CSUM_PARTIAL;
+		m->csum_start = start;
+		m->csum_offset = skb->csum_offset;
+	} else if (skb->ip_summed == CHECKSUM_UNNECESSARY) {
+		m->flags = IVL_REC_CSUM_VALID;
+	}
+	return true;
+}
+
+/* The peer that should get @skb over shared memory, or NULL for lower. */
+static struct ivl_peer *ivl_route_rcu_bh(struct ivl_priv *priv,
+					 struct ivl_shm *shm,
+					 const struct sk_buff *skb,
+					 struct ivl_rec_meta *meta)
+{
+	const struct ivl_peer_table *t;
+	struct ivl_peer *peer = NULL;
+	const u8 *dest = skb->data;
+	unsigned int i;
+
+	if (test_bit(IVL_F_FORCE_LOWER, &priv->flags))
+		return NULL;
+	t = ivl_table_rcu_bh(shm);
+	if (!t || !t->nr_tx || skb_headlen(skb) < ETH_HLEN ||
+	    !is_unicast_ether_addr(dest))
+		return NULL;
+	for (i = 0; i < t->nr_tx; i++) {
+		/* reads 8 bytes: the skb has a full header, routes are padded */
+		if (ether_addr_equal_64bits(dest, t->tx[i].mac)) {
+			peer = t->tx[i].peer;
+			break;
+		}
+	}
+	if (!peer || !ivl_peer_usable_tx(peer) || skb->len > IVL_MAX_FRAME ||
+	    !ivl_tx_meta(skb, meta))
+		return NULL;
+	return peer;
+}
+
+/* TX lock held.  Ring the doorbells deferred by xmit_more. */
+static void ivl_tx_kick_flush(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	unsigned long id;
+
+	for_each_set_bit(id, priv->kick_pending, IVL_MAX_PEERS) {
+		if (ivl_ring_need_kick(&shm->peers[id].tx)) {
+			ivl_doorbell(shm, id, IVL_VEC_DATA);
+			ivl_stat_inc(priv, doorbells_sent);
+		} else {
+			ivl_stat_inc(priv, doorbells_suppressed);
+		}
+	}
+	bitmap_zero(priv->kick_pending, IVL_MAX_PEERS);
+}
+
+/* TX lock held.  Wake the queue if the reason it was stopped is gone. */
+void ivl_tx_wake_check_locked(struct ivl_priv *priv)
+{
+	struct ivl_peer *peer = priv->stop_peer;
+	unsigned long stall = msecs_to_jiffies(ivl_param_stall_ms);
+
+	if (!peer)
+		return;
+	if (!test_bit(IVL_F_FORCE_LOWER, &priv->flags) &&
+	    ivl_peer_usable_tx(peer) && READ_ONCE(peer->tx_on) &&
+	    !ivl_ring_has_room(&peer->tx, IVL_MAX_FRAME)) {
+		if (!time_after(jiffies, priv->stop_since + stall))
+			return;
+		ivl_peer_stalled(priv, peer);
+	}
+	WRITE_ONCE(priv->stop_peer, NULL);
+	ivl_stat_inc(priv, tx_wakeups);
+	netif_wake_queue(priv->dev);
+}
+
+void ivl_tx_wake_check(struct ivl_priv *priv)
+{
+	struct netdev_queue *txq = ivl_txq(priv);
+
+	__netif_tx_lock_bh(txq);
+	ivl_tx_wake_check_locked(priv);
+	__netif_tx_unlock_bh(txq);
+}
+
+static ktime_t ivl_us(u32 us)
+{
+	return ns_to_ktime((u64)us * NSEC_PER_USEC);
+}
+
+static enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer)
+{
+	struct ivl_priv *priv = container_of(timer, struct ivl_priv, tx_timer);
+	struct netdev_queue *txq = ivl_txq(priv);
+	enum hrtimer_restart ret = HRTIMER_NORESTART;
+
+	/* soft hrtimer: softirq context, BH already disabled */
+	__netif_tx_lock(txq, smp_processor_id());
+	ivl_tx_wake_check_locked(priv);
+	/*
+	 * Still stopped: poll again, later.  If xmit re-armed the timer
+	 * while we waited for the lock, that arming stands.
+	 */
+	if (priv->stop_peer && !hrtimer_is_queued(timer)) {
+		priv->stop_backoff_us = min(priv->stop_backoff_us * 2,
+					    IVL_TX_POLL_MAX_US);
+		hrtimer_forward_now(timer, ivl_us(priv->stop_backoff_us));
+		ret = HRTIMER_RESTART;
+	}
+	__netif_tx_unlock(txq);
+	return ret;
+}
+
+/* TX lock held.  @peer's ring cannot take another maximal frame. */
+static void ivl_tx_stop(struct ivl_priv *priv, struct ivl_shm *shm,
+			struct ivl_peer *peer)
+{
+	netif_stop_queue(priv->dev);
+	WRITE_ONCE(priv->stop_peer, peer);
+	priv->stop_since = jiffies;
+	priv->stop_backoff_us = IVL_TX_POLL_MIN_US;
+	ivl_stat_inc(priv, ring_full);
+	/* a consumer that went idle must hear about what is waiting */
+	ivl_tx_kick_flush(priv, shm);
+	/*
+	 * The consumer may have made room since our has_room(); its space
+	 * kick then found the queue running.  Recheck now that the stop is
+	 * recorded (has_room reads cons with acquire).
+	 */
+	if (ivl_ring_has_room(&peer->tx, IVL_MAX_FRAME)) {
+		WRITE_ONCE(priv->stop_peer, NULL);
+		netif_start_queue(priv->dev);
+		return;
+	}
+	hrtimer_start(&priv->tx_timer, ivl_us(IVL_TX_POLL_MIN_US),
+		      HRTIMER_MODE_REL_SOFT);
+}
+
+/* TX lock held.  False: not sent, the caller sends @skb lower. */
+static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
+			 struct ivl_peer *peer, struct sk_buff *skb,
+			 const struct ivl_rec_meta *meta)
+{
+	struct ivl_ring *r = &peer->tx;
+	u32 len = skb->len;
+	void *buf;
+
+	buf = ivl_ring_reserve(r, len);
+	if (unlikely(!buf)) {
+		/* the queue stops before this; only a broken ring gets here */
+		ivl_stat_inc(priv, tx_no_room);
+		if (ivl_ring_check_producer(r)) {
+			ivl_stat_inc(priv, tx_bad_ring);
+			ivl_peer_broken(peer, "bad consumer index in our ring");
+		}
+		return false;
+	}
+	/* the one copy on this side; an abandoned reservation is harmless */
+	if (WARN_ON_ONCE(skb_copy_bits(skb, 0, buf, len)))
+		return false;
+	ivl_ring_commit(r, len, meta);
+	skb_tx_timestamp(skb);
+
+	ivl_stat_inc(priv, shm_tx_packets);
+	ivl_stat_add(priv, shm_tx_bytes, len);
+	ivl_peer_stat_add(&peer->tx_stats, len);
+	__set_bit(peer->id, priv->kick_pending);
+
+	if (unlikely(!ivl_ring_has_room(r, IVL_MAX_FRAME)))
+		ivl_tx_stop(priv, shm, peer);
+	dev_consume_skb_any(skb);
+	return true;
+}
+
+static void ivl_xmit_lower(struct ivl_priv *priv, struct sk_buff *skb)
+{
+	unsigned int len = skb->len;
+	int ret;
+
+	/* the lower device checks features: it segments what it cannot TSO */
+	skb->dev = priv->lower;
+	ret = dev_queue_xmit(skb);
+	if (likely(ret == NET_XMIT_SUCCESS || ret == NET_XMIT_CN)) {
+		ivl_stat_inc(priv, lower_tx_packets);
+		ivl_stat_add(priv, lower_tx_bytes, len);
+	} else {
+		ivl_stat_inc(priv, tx_lower_drops);
+	}
+}
+
+static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct ivl_shm *shm = ivl_shm_rcu_bh(priv);
+	struct ivl_peer *peer = NULL;
+	struct ivl_rec_meta meta;
+
+	if (shm)
+		peer = ivl_route_rcu_bh(priv, shm, skb, &meta);
+	if (!peer || !ivl_xmit_shm(priv, shm, peer, skb, &meta))
+		ivl_xmit_lower(priv, skb);
+	/* one doorbell per peer per batch */
+	if (shm && !netdev_xmit_more() &&
+	    !bitmap_empty(priv->kick_pending, IVL_MAX_PEERS))
+		ivl_tx_kick_flush(priv, shm);
+	return NETDEV_TX_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* receive from rings                                                 */
+
+/* One copy out of the ring: linear for small frames, head + pages else. */
+static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
+					struct napi_struct *napi,
+					const u8 *data, u32 len)
+{
+	u32 head = len <= IVL_RX_LINEAR_MAX ? len : IVL_RX_HEAD;
+	struct sk_buff *skb;
+	struct page *page;
+	u32 off, chunk;
+	int i;
+
+	BUILD_BUG_ON(DIV_ROUND_UP(IVL_MAX_FRAME - IVL_RX_HEAD, PAGE_SIZE) >
+		     MAX_SKB_FRAGS);
+	if (napi)
+		skb = napi_alloc_skb(napi, head);
+	else
+		skb = netdev_alloc_skb_ip_align(priv->dev, head);
+	if (!skb)
+		return NULL;
+	skb_put_data(skb, data, head);
+
+	for (off = head, i = 0; off < len; off += chunk, i++) {
+		chunk = min_t(u32, len - off, PAGE_SIZE);
+		page = dev_alloc_page();
+		if (!page) {
+			kfree_skb(skb);
+			return NULL;
+		}
+		memcpy(page_address(page), data + off, chunk);
+		skb_add_rx_frag(skb, i, page, 0, chunk, PAGE_SIZE);
+	}
+	return skb;
+}
+
+/*
+ * Rebuild checksum and GSO state from a record (skb->data at the MAC
+ * header).  Modelled on virtio_net_hdr_to_skb(); values are the ring's
+ * checked local copies but still the peer's word, hence SKB_GSO_DODGY.
+ */
+static int ivl_rx_offload(struct sk_buff *skb, const struct ivl_rec_meta *m)
+{
+	struct skb_shared_info *si = skb_shinfo(skb);
+	u32 type = 0, thlen = 0, check = 0, start, off, needed, p_off;
+	u16 gso_size = m->gso_size;
+
+	switch (m->gso_type & ~IVL_GSO_ECN) {
+	case IVL_GSO_NONE:
+		break;
+	case IVL_GSO_TCPV4:
+	case IVL_GSO_TCPV6:
+		type = (m->gso_type & ~IVL_GSO_ECN) == IVL_GSO_TCPV4 ?
+		       SKB_GSO_TCPV4 : SKB_GSO_TCPV6;
+		thlen = sizeof(struct tcphdr);
+		check = offsetof(struct tcphdr, check);
+		gso_size = max_t(u16, gso_size, TCP_MIN_GSO_SIZE);
+		break;
+	case IVL_GSO_UDP_L4:
+		type = SKB_GSO_UDP_L4;
+		thlen = sizeof(struct udphdr);
+		check = offsetof(struct udphdr, check);
+		break;
+	default:
+		return -EINVAL;
+	}
+	if (m->gso_type & IVL_GSO_ECN)
+		type |= SKB_GSO_TCP_ECN;
+
+	if (m->flags & IVL_REC_CSUM_PARTIAL) {
+		start = m->csum_start;
+		off = m->csum_offset;
+		needed = start + max_t(u32, thlen, off + sizeof(__sum16));
+		/* checked here so skb_partial_csum_set() has nothing to log */
+		if (needed > skb->len || !pskb_may_pull(skb, needed) ||
+		    !skb_partial_csum_set(skb, start, off))
+			return -EINVAL;
+	} else if (type) {
+		/* a GSO frame always leaves its checksum to the device */
+		return -EINVAL;
+	} else if (m->flags & IVL_REC_CSUM_VALID) {
+		skb->ip_summed = CHECKSUM_UNNECESSARY;
+	}
+
+	if (!type)
+		return 0;
+	if (skb->csum_offset != check || gso_size == GSO_BY_FRAGS)
+		return -EINVAL;
+	p_off = skb_transport_offset(skb) + thlen;
+	if (type == SKB_GSO_UDP_L4 &&
+	    skb->len - p_off > (u32)gso_size * UDP_MAX_SEGMENTS)
+		return -EINVAL;
+	/* too small to be GSO: deliver as a plain frame */
+	if (skb->len - p_off > gso_size) {
+		si->gso_size = gso_size;
+		si->gso_type = type | SKB_GSO_DODGY;
+		si->gso_segs = 0;
+	}
+	return 0;
+}
+
+static void ivl_rx_deliver(struct ivl_priv *priv, struct ivl_peer *peer,
+			   const struct ivl_rec *rec, struct napi_struct *napi)
+{
+	u32 len = rec->len;	/* <= IVL_MAX_FRAME, checked by the ring */
+	struct sk_buff *skb;
+
+	if (unlikely(len < ETH_HLEN)) {
+		ivl_stat_inc(priv, rx_runt);
+		return;
+	}
+	skb = ivl_rx_build_skb(priv, napi, rec->data, len);
+	if (unlikely(!skb)) {
+		ivl_stat_inc(priv, rx_alloc_fail);
+		return;
+	}
+	if (unlikely(ivl_rx_offload(skb, &rec->meta))) {
+		ivl_stat_inc(priv, rx_bad_offload);
+		kfree_skb(skb);
+		return;
+	}
+	skb->protocol = eth_type_trans(skb, priv->dev);
+
+	ivl_stat_inc(priv, shm_rx_packets);
+	ivl_stat_add(priv, shm_rx_bytes, len);
+	ivl_peer_stat_add(&peer->rx_stats, len);
+	if (napi)
+		napi_gro_receive(napi, skb);
+	else
+		netif_receive_skb(skb);
+}
+
+/*
+ * Read up to @budget records from @peer's ring to us.  NAPI context, or
+ * process context with BH disabled and NAPI disabled (@napi == NULL).
+ */
+int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
+		struct napi_struct *napi, int budget)
+{
+	struct ivl_ring *r = &peer->rx;
+	u32 busy = r->size - IVL_SPACE_KICK_MARGIN;
+	bool space_kick = false;
+	struct ivl_rec rec;
+	int n = 0, err;
+
+	BUILD_BUG_ON(IVL_RING_MIN_SIZE <= IVL_SPACE_KICK_MARGIN);
+	if (test_bit(IVL_PEER_BROKEN, &peer->flags))
+		return 0;
+	if (peer->rx_armed) {
+		/* we are polling: the producer need not ring */
+		ivl_ring_disable_kick(r);
+		peer->rx_armed = false;
+	}
+	while (n < budget) {
+		err = ivl_ring_peek(r, &rec);
+		if (err == -EAGAIN)
+			break;
+		if (unlikely(err)) {
+			ivl_stat_inc(priv, rx_bad_record);
+			ivl_peer_broken(peer, "bad record in its ring");
+			break;
+		}
+		/* r->other is the prod just read: was the producer near full? */
+		if (r->other - r->cons > busy)
+			space_kick = true;
+		ivl_rx_deliver(priv, peer, &rec, napi);
+		ivl_ring_consume(r, &rec);
+		n++;
+	}
+	if (space_kick) {
+		ivl_doorbell(peer->shm, peer->id, IVL_VEC_DATA);
+		ivl_stat_inc(priv, space_kicks_sent);
+	}
+	return n;
+}
+
+/* Ask every polled ring for a kick; true if records raced in. */
+static bool ivl_rx_rearm(const struct ivl_peer_table *t)
+{
+	bool more = false;
+	unsigned int i;
+
+	for (i = 0; i < t->nr_rx; i++) {
+		struct ivl_peer *p = t->rx[i];
+
+		if (test_bit(IVL_PEER_BROKEN, &p->flags))
+			continue;
+		p->rx_armed = true;
+		if (ivl_ring_enable_kick(&p->rx))
+			more = true;
+	}
+	return more;
+}
+
+static int ivl_napi_poll(struct napi_struct *napi, int budget)
+{
+	struct ivl_priv *priv = container_of(napi, struct ivl_priv, napi);
+	const struct ivl_peer_table *t = NULL;
+	struct ivl_shm *shm;
+	unsigned int i, n;
+	int done = 0;
+
+	rcu_read_lock();
+	shm = ivl_shm_rcu(priv);
+	if (shm)
+		t = ivl_table_rcu(shm);
+	if (t && t->nr_rx) {
+		/* rotate the start so one busy peer cannot starve the rest */
+		n = t->nr_rx;
+		for (i = 0; i < n && done < budget; i++)
+			done += ivl_rx_ring(priv, t->rx[(priv->rx_next + i) % n],
+					    napi, budget - done);
+		priv->rx_next++;
+		if (done < budget && ivl_rx_rearm(t))
+			done = budget;	/* stay scheduled and poll again */
+	}
+	rcu_read_unlock();
+
+	/* the data vector also means "room again" in our rings */
+	if (READ_ONCE(priv->stop_peer))
+		ivl_tx_wake_check(priv);
+
+	if (done < budget)
+		napi_complete_done(napi, done);
+	return done;
+}
+
+/* Detach: deliver what peers already sent, bounded.  NAPI is disabled. */
+static void ivl_rx_drain(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	struct ivl_peer *p;
+	int left, n;
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_id || !p->attached || !p->rx_on)
+			continue;
+		for (left = IVL_DRAIN_BUDGET; left > 0; left -= n) {
+			local_bh_disable();
+			n = ivl_rx_ring(priv, p, NULL, min(left, NAPI_POLL_WEIGHT));
+			local_bh_enable();
+			if (!n)
+				break;
+			cond_resched();
+		}
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* receive from the lower NIC                                         */
+
+static rx_handler_result_t ivl_handle_frame(struct sk_buff **pskb)
+{
+	struct sk_buff *skb = *pskb;
+	struct ivl_priv *priv = rcu_dereference(skb->dev->rx_handler_data);
+
+	if (unlikely(skb->pkt_type == PACKET_LOOPBACK) ||
+	    !netif_running(priv->dev))
+		return RX_HANDLER_PASS;
+
+	skb = skb_share_check(skb, GFP_ATOMIC);
+	if (unlikely(!skb)) {
+		ivl_stat_inc(priv, rx_lower_drops);
+		return RX_HANDLER_CONSUMED;
+	}
+	*pskb = skb;
+	skb->dev = priv->dev;
+	ivl_stat_inc(priv, lower_rx_packets);
+	ivl_stat_add(priv, lower_rx_bytes, skb->len + ETH_HLEN);
+	return RX_HANDLER_ANOTHER;
+}
+
+/* ------------------------------------------------------------------ */
+/* pairing with the PCI device (rtnl)                                 */
+
+static void ivl_shm_up(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	if (!priv->napi_on) {
+		napi_enable(&priv->napi);
+		priv->napi_on = true;
+	}
+	ivl_slot_publish(shm, IVL_STATE_UP, priv->dev->dev_addr);
+	ivl_notify_peers(shm);
+	queue_work(system_wq, &shm->refresh_work);
+	/* frames may already wait in rings from an earlier session */
+	local_bh_disable();
+	napi_schedule(&priv->napi);
+	local_bh_enable();
+}
+
+static void ivl_shm_down(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	/* peers stop sending; what they sent waits for the next ndo_open */
+	ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
+	ivl_notify_peers(shm);
+	if (priv->napi_on) {
+		napi_disable(&priv->napi);
+		priv->napi_on = false;
+	}
+}
+
+/* Forget TX flow-control state: nothing may point into the rings. */
+static void ivl_tx_flow_reset(struct ivl_priv *priv)
+{
+	struct netdev_queue *txq = ivl_txq(priv);
+
+	hrtimer_cancel(&priv->tx_timer);
+	__netif_tx_lock_bh(txq);
+	bitmap_zero(priv->kick_pending, IVL_MAX_PEERS);
+	if (priv->stop_peer) {
+		WRITE_ONCE(priv->stop_peer, NULL);
+		/* when closed, ndo_open starts the queue again */
+		if (netif_running(priv->dev))
+			netif_tx_wake_queue(txq);
+	}
+	__netif_tx_unlock_bh(txq);
+}
+
+void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	ASSERT_RTNL();
+	rcu_assign_pointer(priv->shm, shm);
+	ivl_peers_start(shm, priv);
+	if (netif_running(priv->dev))
+		ivl_shm_up(priv, shm);
+	netdev_info(priv->dev, "shared memory %s attached: id %u of %u, rings of %u KiB\n",
+		    pci_name(shm->pdev), shm->my_id, shm->max_peers,
+		    shm->ring_size / 1024);
+}
+
+/*
+ * @state: IVL_STATE_LEAVING when the device goes away, IVL_STATE_DOWN
+ * when ivl0 does.  Afterwards no frame, timer, work or IRQ of ours uses
+ * the rings or @priv through the device.
+ */
+void ivl_detach(struct ivl_priv *priv, u32 state)
+{
+	struct ivl_shm *shm = ivl_shm_rtnl(priv);
+	bool drain = priv->napi_on;
+
+	ASSERT_RTNL();
+	/* peers first stop sending to us ... */
+	ivl_slot_publish(shm, state, NULL);
+	ivl_notify_peers(shm);
+	/* ... then we stop sending to them: no table, no shm, grace period */
+	ivl_peers_stop(shm);
+	RCU_INIT_POINTER(priv->shm, NULL);
+	synchronize_rcu();
+
+	if (priv->napi_on) {
+		napi_disable(&priv->napi);
+		priv->napi_on = false;
+	}
+	if (drain)
+		ivl_rx_drain(priv, shm);
+	ivl_tx_flow_reset(priv);
+
+	/* the IRQ handlers read shm->priv without locks: wait them out */
+	mutex_lock(&shm->lock);
+	WRITE_ONCE(shm->priv, NULL);
+	mutex_unlock(&shm->lock);
+	synchronize_irq(pci_irq_vector(shm->pdev, IVL_VEC_MEMBERSHIP));
+	synchronize_irq(pci_irq_vector(shm->pdev, IVL_VEC_DATA));
+
+	netdev_info(priv->dev, "shared memory %s detached (%s)\n",
+		    pci_name(shm->pdev),
+		    state == IVL_STATE_LEAVING ? "device removed" : "device down");
+}
+
+/* ------------------------------------------------------------------ */
+/* net_device_ops                                                     */
+
+static int ivl_ndo_init(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	priv->stats = netdev_alloc_pcpu_stats(struct ivl_pcpu_stats);
+	if (!priv->stats)
+		return -ENOMEM;
+	/* our TX lock is held while the lower device takes its own */
+	netdev_lockdep_set_classes(dev);
+	netdev_hold(priv->lower, &priv->lower_tracker, GFP_KERNEL);
+	netif_napi_add(dev, &priv->napi, ivl_napi_poll);
+	hrtimer_init(&priv->tx_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_SOFT);
+	priv->tx_timer.function = ivl_tx_timer_fn;
+	return 0;
+}
+
+/* Every way out (dellink, lower gone, failed newlink) comes through here. */
+static void ivl_ndo_uninit(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	if (ivl_shm_rtnl(priv))
+		ivl_detach(priv, IVL_STATE_DOWN);
+	if (priv->rx_handler_on) {
+		/* waits for a grace period: no rx_handler still uses @priv */
+		netdev_rx_handler_unregister(priv->lower);
+		priv->rx_handler_on = false;
+	}
+	if (priv->upper_linked) {
+		netdev_upper_dev_unlink(priv->lower, dev);
+		priv->upper_linked = false;
+	}
+	hrtimer_cancel(&priv->tx_timer);
+	netif_napi_del(&priv->napi);
+	if (ivl_the_upper == priv)
+		ivl_the_upper = NULL;
+	netdev_put(priv->lower, &priv->lower_tracker);
+}
+
+static void ivl_priv_destructor(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	free_percpu(priv->stats);
+}
+
+static int ivl_open(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct ivl_shm *shm = ivl_shm_rtnl(priv);
+	struct net_device *lower = priv->lower;
+	int err;
+
+	if (dev->flags & IFF_ALLMULTI) {
+		err = dev_set_allmulti(lower, 1);
+		if (err)
+			return err;
+	}
+	if (dev->flags & IFF_PROMISC) {
+		err = dev_set_promiscuity(lower, 1);
+		if (err)
+			goto clear_allmulti;
+	}
+	if (shm)
+		ivl_shm_up(priv, shm);
+	netif_stacked_transfer_operstate(lower, dev);
+	netif_start_queue(dev);
+	return 0;
+
+clear_allmulti:
+	if (dev->flags & IFF_ALLMULTI)
+		dev_set_allmulti(lower, -1);
+	return err;
+}
+
+static int ivl_stop(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct ivl_shm *shm = ivl_shm_rtnl(priv);
+	struct net_device *lower = priv->lower;
+
+	if (shm)
+		ivl_shm_down(priv, shm);
+	ivl_tx_flow_reset(priv);
+	dev_uc_unsync(lower, dev);
+	dev_mc_unsync(lower, dev);
+	if (dev->flags & IFF_ALLMULTI)
+		dev_set_allmulti(lower, -1);
+	if (dev->flags & IFF_PROMISC)
+		dev_set_promiscuity(lower, -1);
+	return 0;
+}
+
+static int ivl_change_mtu(struct net_device *dev, int new_mtu)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	if (new_mtu > priv->lower->mtu)
+		return -EINVAL;
+	dev->mtu = new_mtu;
+	return 0;
+}
+
+/* Addresses ivl0 listens on must pass the lower NIC's filter. */
+static void ivl_set_rx_mode(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	dev_mc_sync(priv->lower, dev);
+	dev_uc_sync(priv->lower, dev);
+}
+
+static void ivl_change_rx_flags(struct net_device *dev, int change)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	if (!(dev->flags & IFF_UP))
+		return;
+	if (change & IFF_ALLMULTI)
+		dev_set_allmulti(priv->lower,
+				 dev->flags & IFF_ALLMULTI ? 1 : -1);
+	if (change & IFF_PROMISC)
+		dev_set_promiscuity(priv->lower,
+				    dev->flags & IFF_PROMISC ? 1 : -1);
+}
+
+static int ivl_get_iflink(const struct net_device *dev)
+{
+	const struct ivl_priv *priv = netdev_priv(dev);
+
+	return priv->lower->ifindex;
+}
+
+static const struct net_device_ops ivl_netdev_ops = {
+	.ndo_init		= ivl_ndo_init,
+	.ndo_uninit		= ivl_ndo_uninit,
+	.ndo_open		= ivl_open,
+	.ndo_stop		= ivl_stop,
+	.ndo_start_xmit		= ivl_start_xmit,
+	.ndo_get_stats64	= ivl_get_stats64,
+	.ndo_change_mtu		= ivl_change_mtu,
+	.ndo_set_rx_mode	= ivl_set_rx_mode,
+	.ndo_change_rx_flags	= ivl_change_rx_flags,
+	.ndo_get_iflink		= ivl_get_iflink,
+	.ndo_validate_addr	= eth_validate_addr,
+};
+
+/* ------------------------------------------------------------------ */
+/* ethtool                                                            */
+
+static void ivl_get_drvinfo(struct net_device *dev,
+			    struct ethtool_drvinfo *info)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct ivl_shm *shm = ivl_shm_rtnl(priv);
+
+	strscpy(info->driver, IVL_DRV_NAME, sizeof(info->driver));
+	strscpy(info->bus_info, shm ? pci_name(shm->pdev) : "",
+		sizeof(info->bus_info));
+	info->n_priv_flags = ARRAY_SIZE(ivl_priv_flag_names);
+}
+
+static int ivl_get_sset_count(struct net_device *dev, int sset)
+{
+	switch (sset) {
+	case ETH_SS_STATS:
+		return IVL_NR_STATS;
+	case ETH_SS_PRIV_FLAGS:
+		return ARRAY_SIZE(ivl_priv_flag_names);
+	default:
+		return -EOPNOTSUPP;
+	}
+}
+
+static void ivl_get_strings(struct net_device *dev, u32 sset, u8 *buf)
+{
+	unsigned int i;
+
+	switch (sset) {
+	case ETH_SS_STATS:
+		for (i = 0; i < IVL_NR_STATS; i++)
+			memcpy(buf + i * ETH_GSTRING_LEN,
+			       ivl_stat_descs[i].name, ETH_GSTRING_LEN);
+		break;
+	case ETH_SS_PRIV_FLAGS:
+		memcpy(buf, ivl_priv_flag_names, sizeof(ivl_priv_flag_names));
+		break;
+	}
+}
+
+static void ivl_get_ethtool_stats(struct net_device *dev,
+				  struct ethtool_stats *stats, u64 *data)
+{
+	ivl_stats_sum(netdev_priv(dev), data);
+}
+
+static u32 ivl_get_priv_flags(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	return test_bit(IVL_F_FORCE_LOWER, &priv->flags) ?
+	       BIT(IVL_F_FORCE_LOWER) : 0;
+}
+
+static int ivl_set_priv_flags(struct net_device *dev, u32 flags)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	if (flags & ~BIT(IVL_F_FORCE_LOWER))
+		return -EINVAL;
+	/* xmit reads the bit per frame; frames in rings still arrive */
+	assign_bit(IVL_F_FORCE_LOWER, &priv->flags,
+		   flags & BIT(IVL_F_FORCE_LOWER));
+	/* a queue stopped on a full ring need not wait for it any more */
+	ivl_tx_wake_check(priv);
+	return 0;
+}
+
+static int ivl_get_link_ksettings(struct net_device *dev,
+				  struct ethtool_link_ksettings *cmd)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	return __ethtool_get_link_ksettings(priv->lower, cmd);
+}
+
+static const struct ethtool_ops ivl_ethtool_ops = {
+	.get_drvinfo		= ivl_get_drvinfo,
+	.get_link		= ethtool_op_get_link,
+	.get_link_ksettings	= ivl_get_link_ksettings,
+	.get_sset_count		= ivl_get_sset_count,
+	.get_strings		= ivl_get_strings,
+	.get_ethtool_stats	= ivl_get_ethtool_stats,
+	.get_priv_flags		= ivl_get_priv_flags,
+	.set_priv_flags		= ivl_set_priv_flags,
+};
+
+/* ------------------------------------------------------------------ */
+/* rtnl_link_ops                                                      */
+
+static void ivl_setup(struct net_device *dev)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	ether_setup(dev);
+	priv->dev = dev;
+	priv->flags = ivl_param_force_lower ? BIT(IVL_F_FORCE_LOWER) : 0;
+	dev->netdev_ops = &ivl_netdev_ops;
+	dev->ethtool_ops = &ivl_ethtool_ops;
+	dev->needs_free_netdev = true;
+	dev->priv_destructor = ivl_priv_destructor;
+	dev->priv_flags &= ~IFF_TX_SKB_SHARING;
+	/* a real qdisc: the queue is stopped while a ring is full */
+	dev->hw_features = IVL_FEATURES;
+	dev->features = IVL_FEATURES | NETIF_F_NETNS_LOCAL;
+	dev->vlan_features = IVL_FEATURES;
+	dev->min_mtu = ETH_MIN_MTU;
+	/* one record carries a whole 64 KiB GSO frame */
+	netif_set_tso_max_size(dev, IVL_GSO_MAX_SIZE);
+}
+
+static int ivl_validate(struct nlattr *tb[], struct nlattr *data[],
+			struct netlink_ext_ack *extack)
+{
+	if (tb[IFLA_ADDRESS]) {
+		NL_SET_ERR_MSG(extack, "ivloop uses the lower device's MAC address");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int ivl_lower_check(struct net_device *lower,
+			   struct netlink_ext_ack *extack)
+{
+	if (lower->type != ARPHRD_ETHER || lower->flags & IFF_LOOPBACK ||
+	    lower->addr_len != ETH_ALEN) {
+		NL_SET_ERR_MSG(extack, "ivloop needs an Ethernet lower device");
+		return -EINVAL;
+	}
+	if (lower->rtnl_link_ops == &ivl_link_ops) {
+		NL_SET_ERR_MSG(extack, "ivloop cannot stack on ivloop");
+		return -ELOOP;
+	}
+	if (ivl_the_upper) {
+		NL_SET_ERR_MSG(extack, "there is already an ivloop device");
+		return -EEXIST;
+	}
+	return 0;
+}
+
+static int ivl_newlink(struct net *src_net, struct net_device *dev,
+		       struct nlattr *tb[], struct nlattr *data[],
+		       struct netlink_ext_ack *extack)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct net_device *lower;
+	int err;
+
+	if (!tb[IFLA_LINK]) {
+		NL_SET_ERR_MSG(extack, "ivloop needs a lower device (link DEV)");
+		return -EINVAL;
+	}
+	lower = __dev_get_by_index(src_net, nla_get_u32(tb[IFLA_LINK]));
+	if (!lower)
+		return -ENODEV;
+	err = ivl_lower_check(lower, extack);
+	if (err)
+		return err;
+
+	priv->lower = lower;
+	if (!tb[IFLA_MTU])
+		dev->mtu = lower->mtu;
+	else if (dev->mtu > lower->mtu)
+		return -EINVAL;
+	dev->max_mtu = lower->max_mtu;
+	eth_hw_addr_set(dev, lower->dev_addr);
+	dev->needed_headroom = lower->needed_headroom;
+	dev->needed_tailroom = lower->needed_tailroom;
+
+	err = register_netdevice(dev);
+	if (err)
+		return err;
+
+	err = netdev_upper_dev_link(lower, dev, extack);
+	if (err)
+		goto unregister_netdev;
+	priv->upper_linked = true;
+
+	err = netdev_rx_handler_register(lower, ivl_handle_frame, priv);
+	if (err) {
+		NL_SET_ERR_MSG(extack, "the lower device already has an rx_handler");
+		goto unregister_netdev;
+	}
+	priv->rx_handler_on = true;
+
+	netif_stacked_transfer_operstate(lower, dev);
+	ivl_the_upper = priv;
+	if (ivl_the_shm)
+		ivl_attach(priv, ivl_the_shm);
+	return 0;
+
+unregister_netdev:
+	/* ivl_ndo_uninit() undoes the link and the rx_handler */
+	unregister_netdevice(dev);
+	return err;
+}
+
+static void ivl_dellink(struct net_device *dev, struct list_head *head)
+{
+	unregister_netdevice_queue(dev, head);
+}
+
+static struct net *ivl_get_link_net(const struct net_device *dev)
+{
+	const struct ivl_priv *priv = netdev_priv(dev);
+
+	return dev_net(priv->lower);
+}
+
+struct rtnl_link_ops ivl_link_ops __read_mostly = {
+	.kind		= IVL_LINK_KIND,
+	.priv_size	= sizeof(struct ivl_priv),
+	.setup		= ivl_setup,
+	.validate	= ivl_validate,
+	.newlink	= ivl_newlink,
+	.dellink	= ivl_dellink,
+	.get_link_net	= ivl_get_link_net,
+};
+
+/* ------------------------------------------------------------------ */
+/* following the lower device                                         */
+
+static void ivl_follow_addr(struct ivl_priv *priv)
+{
+	struct net_device *dev = priv->dev;
+	struct ivl_shm *shm = ivl_shm_rtnl(priv);
+
+	if (ether_addr_equal(dev->dev_addr, priv->lower->dev_addr))
+		return;
+	eth_hw_addr_set(dev, priv->lower->dev_addr);
+	call_netdevice_notifiers(NETDEV_CHANGEADDR, dev);
+	if (shm && netif_running(dev)) {
+		/* through DOWN, so no peer reads a half-written MAC as UP */
+		ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
+		ivl_slot_publish(shm, IVL_STATE_UP, dev->dev_addr);
+		ivl_notify_peers(shm);
+	}
+}
+
+static int ivl_netdev_event(struct notifier_block *nb, unsigned long event,
+			    void *ptr)
+{
+	struct net_device *dev = netdev_notifier_info_to_dev(ptr);
+	struct ivl_priv *priv = ivl_the_upper;
+	LIST_HEAD(list_kill);
+
+	if (!priv || priv->lower != dev)
+		return NOTIFY_DONE;
+
+	switch (event) {
+	case NETDEV_UP:
+	case NETDEV_DOWN:
+	case NETDEV_CHANGE:
+		netif_stacked_transfer_operstate(dev, priv->dev);
+		break;
+	case NETDEV_CHANGEMTU:
+		priv->dev->max_mtu = dev->max_mtu;
+		if (priv->dev->mtu != dev->mtu)
+			dev_set_mtu(priv->dev, dev->mtu);
+		break;
+	case NETDEV_CHANGEADDR:
+		ivl_follow_addr(priv);
+		break;
+	case NETDEV_UNREGISTER:
+		/* a netns move of the lower device is not its end */
+		if (dev->reg_state != NETREG_UNREGISTERING)
+			break;
+		ivl_dellink(priv->dev, &list_kill);
+		unregister_netdevice_many(&list_kill);
+		break;
+	}
+	return NOTIFY_DONE;
+}
+
+struct notifier_block ivl_netdev_notifier = {
+	.notifier_call = ivl_netdev_event,
+};

@@ -1,0 +1,542 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ivloop peers: my directory slot, the heartbeat, and the RCU peer table
+ * rebuilt from the directory.
+ *
+ * One work item (refresh) does all the rebuilding, under shm->lock.  It is
+ * queued by the membership doorbell (vector 0), by the heartbeat timer
+ * every IVL_HEARTBEAT_MS, and by the data path when a peer misbehaves.
+ * Rebuilding every tick keeps the code to one place; when nothing changed
+ * it costs max_peers slot reads.
+ *
+ * Table updates follow one rule: rings are (re)attached only while their
+ * peer is in no published table and a grace period has passed, so xmit
+ * (under rcu_read_lock_bh) and NAPI (under rcu_read_lock) never see a ring
+ * change under them.
+ */
+#include <linux/debugfs.h>
+#include <linux/seq_file.h>
+
+#include "ivl.h"
+
+/* Everything read from one slot, once. */
+struct ivl_slot_snap {
+	u64 gen;
+	u64 joined_gen;
+	u64 heartbeat;
+	u32 present;
+	u32 state;
+	u8 mac[ETH_ALEN] __aligned(2);
+};
+
+static void ivl_slot_snap(const struct ivl_shm *shm, u32 id,
+			  struct ivl_slot_snap *s)
+{
+	const struct ivl_slot *slot = ivl_slot(shm, id);
+
+	s->present = le32_to_cpu(READ_ONCE(slot->present));
+	s->gen = le64_to_cpu(READ_ONCE(slot->generation));
+	/*
+	 * Acquire pairs with the store-release of state in the peer's
+	 * ivl_slot_publish(): its mac, joined_gen and heartbeat are read no
+	 * older than the state that announced them.
+	 */
+	s->state = le32_to_cpu(smp_load_acquire(&slot->state));
+	memcpy(s->mac, slot->mac, ETH_ALEN);
+	s->heartbeat = le64_to_cpu(READ_ONCE(slot->heartbeat));
+	s->joined_gen = le64_to_cpu(READ_ONCE(slot->joined_gen));
+}
+
+void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
+{
+	struct ivl_slot *slot = ivl_slot(shm, shm->my_id);
+	u64 gen, hb;
+
+	if (state == IVL_STATE_UP) {
+		memcpy(shm->my_mac, mac, ETH_ALEN);
+		memcpy(slot->mac, mac, ETH_ALEN);
+		gen = le64_to_cpu(READ_ONCE(slot->generation));
+		WRITE_ONCE(slot->joined_gen, cpu_to_le64(gen));
+		hb = atomic64_inc_return(&shm->heartbeat);
+		WRITE_ONCE(slot->heartbeat, cpu_to_le64(hb));
+	}
+	/*
+	 * Release: a peer that loads state == UP with acquire (ivl_slot_snap)
+	 * also sees the mac, joined_gen and heartbeat written above.
+	 */
+	smp_store_release(&slot->state, cpu_to_le32(state));
+}
+
+/* Ring the membership vector of every present peer. */
+void ivl_notify_peers(struct ivl_shm *shm)
+{
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		if (id == shm->my_id)
+			continue;
+		/* untrusted, but only picks doorbell targets below max_peers */
+		if (le32_to_cpu(READ_ONCE(ivl_slot(shm, id)->present)) != 1)
+			continue;
+		ivl_doorbell(shm, id, IVL_VEC_MEMBERSHIP);
+	}
+}
+
+void ivl_peer_broken(struct ivl_peer *peer, const char *why)
+{
+	if (test_and_set_bit(IVL_PEER_BROKEN, &peer->flags))
+		return;
+	dev_warn_ratelimited(&peer->shm->pdev->dev,
+			     "peer %u: %s; using the lower path until it rejoins\n",
+			     peer->id, why);
+	queue_work(system_wq, &peer->shm->refresh_work);
+}
+
+/* TX queue lock held. */
+void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer)
+{
+	if (test_and_set_bit(IVL_PEER_STALLED, &peer->flags))
+		return;
+	ivl_stat_inc(priv, peer_stalled);
+	dev_warn_ratelimited(&peer->shm->pdev->dev,
+			     "peer %u: ring full for %u ms; using the lower path\n",
+			     peer->id, ivl_param_stall_ms);
+	queue_work(system_wq, &peer->shm->refresh_work);
+}
+
+/* Decide from one slot snapshot what the peer may be used for. */
+static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
+			    struct ivl_peer *p, unsigned long now)
+{
+	unsigned long timeout = msecs_to_jiffies(IVL_HEARTBEAT_TIMEOUT_MS);
+	struct ivl_slot_snap s;
+	bool joined, bad, up;
+
+	ivl_slot_snap(shm, p->id, &s);
+
+	if (s.gen != p->seen_gen) {
+		/* joined or left since we last looked: a fresh record */
+		p->seen_gen = s.gen;
+		p->hb_last = s.heartbeat;
+		p->hb_stamp = now;
+		p->hb_dead = false;
+		clear_bit(IVL_PEER_BROKEN, &p->flags);
+		clear_bit(IVL_PEER_STALLED, &p->flags);
+	} else if (s.heartbeat != p->hb_last) {
+		p->hb_last = s.heartbeat;
+		p->hb_stamp = now;
+		if (p->hb_dead)
+			dev_info_ratelimited(&shm->pdev->dev,
+					     "peer %u: heartbeat resumed\n",
+					     p->id);
+		p->hb_dead = false;
+	}
+
+	joined = s.present == 1 && s.joined_gen == s.gen;
+	up = joined && s.state == IVL_STATE_UP;
+	bad = s.present > 1 || s.state > IVL_STATE_LEAVING ||
+	      (up && !is_valid_ether_addr(s.mac));
+	if (bad && !p->bad_entry) {
+		ivl_stat_inc_bh(priv, peer_bad_entry);
+		dev_warn_ratelimited(&shm->pdev->dev,
+				     "peer %u: bad directory entry (present %u state %u mac %pM)\n",
+				     p->id, s.present, s.state, s.mac);
+	}
+	p->bad_entry = bad;
+
+	if (up && !p->hb_dead && time_after(now, p->hb_stamp + timeout)) {
+		p->hb_dead = true;
+		ivl_stat_inc_bh(priv, peer_timeout);
+		dev_warn_ratelimited(&shm->pdev->dev,
+				     "peer %u: no heartbeat for %u ms\n",
+				     p->id, IVL_HEARTBEAT_TIMEOUT_MS);
+	}
+
+	/* a LEAVING peer still gets its last frames read, but none sent */
+	p->want_rx = joined && !bad && !test_bit(IVL_PEER_BROKEN, &p->flags) &&
+		     (s.state == IVL_STATE_UP || s.state == IVL_STATE_LEAVING);
+	p->want_tx = p->want_rx && s.state == IVL_STATE_UP && !p->hb_dead;
+	memcpy(p->new_mac, s.mac, ETH_ALEN);
+}
+
+/* Two senders claiming one MAC (or mine) get neither: the lower path is safe. */
+static void ivl_peers_mark_dups(struct ivl_shm *shm)
+{
+	struct ivl_peer *p, *q;
+	u32 i, j;
+
+	for (i = 0; i < shm->max_peers; i++)
+		shm->peers[i].dup_mac = false;
+	for (i = 0; i < shm->max_peers; i++) {
+		p = &shm->peers[i];
+		if (!p->want_tx)
+			continue;
+		if (ether_addr_equal(p->new_mac, shm->my_mac))
+			p->dup_mac = true;
+		for (j = i + 1; j < shm->max_peers; j++) {
+			q = &shm->peers[j];
+			if (q->want_tx && ether_addr_equal(p->new_mac, q->new_mac)) {
+				p->dup_mac = true;
+				q->dup_mac = true;
+			}
+		}
+	}
+}
+
+static bool ivl_peer_tx_wanted(const struct ivl_peer *p)
+{
+	return p->want_tx && !p->dup_mac;
+}
+
+/*
+ * Attach both rings of @p for its current slot generation.  @p is in no
+ * published table and a grace period has passed: nobody else uses them.
+ */
+static int ivl_peer_attach(struct ivl_shm *shm, struct ivl_priv *priv,
+			   struct ivl_peer *p)
+{
+	struct ivl_ring_ctrl *tx_ctrl = ivl_ring_base(shm, shm->my_id, p->id);
+	void *rx_base = ivl_ring_base(shm, p->id, shm->my_id);
+	struct netdev_queue *txq = ivl_txq(priv);
+	int err;
+
+	/* the TX flow-control timer may look at p->tx: take its lock */
+	__netif_tx_lock_bh(txq);
+	if (p->attached) {
+		/*
+		 * The peer rejoined: the server zeroed this ring, but we may
+		 * have published into it before we noticed.  The prod is
+		 * ours; restart it at the fresh consumer's cons so those
+		 * records are never parsed.
+		 */
+		WRITE_ONCE(tx_ctrl->prod, READ_ONCE(tx_ctrl->cons));
+	}
+	err = ivl_ring_attach_producer(&p->tx, tx_ctrl, shm->ring_size);
+	__netif_tx_unlock_bh(txq);
+	if (!err)
+		err = ivl_ring_attach_consumer(&p->rx, rx_base, shm->ring_size);
+	if (err) {
+		p->attached = false;
+		p->want_rx = false;
+		p->want_tx = false;
+		ivl_peer_broken(p, "cannot attach its rings");
+		return err;
+	}
+	/*
+	 * A zeroed ring has need_kick clear, so the peer would never ring
+	 * us: ask for kicks now.  NAPI is scheduled after the table is
+	 * published and picks up anything already there.
+	 */
+	ivl_ring_enable_kick(&p->rx);
+	p->rx_armed = true;
+	p->attached = true;
+	p->gen = p->seen_gen;
+	clear_bit(IVL_PEER_STALLED, &p->flags);
+	return 0;
+}
+
+static void ivl_peer_announce(struct ivl_shm *shm, struct ivl_priv *priv,
+			      struct ivl_peer *p, bool tx)
+{
+	if (tx == p->tx_on)
+		return;
+	if (tx) {
+		ivl_stat_inc_bh(priv, peer_up);
+		dev_info_ratelimited(&shm->pdev->dev,
+				     "peer %u (%pM): shared-memory path up\n",
+				     p->id, p->new_mac);
+	} else {
+		ivl_stat_inc_bh(priv, peer_down);
+		dev_info_ratelimited(&shm->pdev->dev,
+				     "peer %u (%pM): using the lower path\n",
+				     p->id, p->mac);
+	}
+}
+
+/*
+ * Publish a new table.  @final: what the directory asks for.  Otherwise
+ * the intersection of the current table and the final one, so that peers
+ * leaving or needing new rings can be taken out first.  On allocation
+ * failure publish no table at all (everything lower) and return false.
+ */
+static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
+			      bool final)
+{
+	struct ivl_peer_table *old = ivl_table_locked(shm);
+	struct ivl_peer_table *t;
+	struct ivl_peer *p;
+	bool rx, tx;
+	u32 id;
+
+	t = kzalloc(sizeof(*t), GFP_KERNEL);
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_id)
+			continue;
+		rx = p->want_rx && p->attached;
+		tx = ivl_peer_tx_wanted(p) && p->attached;
+		if (!final) {
+			rx = rx && p->rx_on && !p->reattach;
+			tx = tx && p->tx_on && !p->reattach &&
+			     ether_addr_equal(p->mac, p->new_mac);
+		}
+		if (!t) {
+			rx = false;
+			tx = false;
+		}
+		/* downs show in the intermediate table, ups in the final */
+		ivl_peer_announce(shm, priv, p, tx);
+		if (rx)
+			t->rx[t->nr_rx++] = p;
+		if (tx) {
+			memcpy(p->mac, p->new_mac, ETH_ALEN);
+			memcpy(t->tx[t->nr_tx].mac, p->mac, ETH_ALEN);
+			t->tx[t->nr_tx++].peer = p;
+		}
+		WRITE_ONCE(p->rx_on, rx);
+		WRITE_ONCE(p->tx_on, tx);
+	}
+	/* Release: the table's contents before the pointer (rcu_dereference). */
+	rcu_assign_pointer(shm->table, t);
+	if (old)
+		kfree_rcu(old, rcu);
+	return !!t;
+}
+
+/*
+ * After ivl_peer_assess(), under the TX lock: notice producer rings the
+ * peer broke, and let stalled peers back once their ring has room again.
+ */
+static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
+{
+	struct netdev_queue *txq = ivl_txq(priv);
+	struct ivl_peer *p;
+	u32 id;
+
+	__netif_tx_lock_bh(txq);
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		/* a rejoined peer's ring was zeroed: it gets new rings anyway */
+		if (!p->attached || id == shm->my_id || p->gen != p->seen_gen)
+			continue;
+		if (ivl_ring_check_producer(&p->tx)) {
+			if (!test_bit(IVL_PEER_BROKEN, &p->flags))
+				ivl_stat_inc(priv, tx_bad_ring);
+			ivl_peer_broken(p, "bad consumer index in our ring");
+			p->want_rx = false;
+			p->want_tx = false;
+		} else if (test_bit(IVL_PEER_STALLED, &p->flags) &&
+			   ivl_ring_has_room(&p->tx, IVL_MAX_FRAME)) {
+			clear_bit(IVL_PEER_STALLED, &p->flags);
+		}
+	}
+	__netif_tx_unlock_bh(txq);
+}
+
+static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
+{
+	unsigned long now = jiffies;
+	bool changed = shm->table_dirty;
+	bool drop = false;
+	struct ivl_peer *p;
+	bool tx, macs;
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++)
+		if (id != shm->my_id)
+			ivl_peer_assess(shm, priv, &shm->peers[id], now);
+	ivl_peers_tx_check(shm, priv);
+	ivl_peers_mark_dups(shm);
+
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_id)
+			continue;
+		tx = ivl_peer_tx_wanted(p);
+		p->reattach = (p->want_rx || tx) &&
+			      (!p->attached || p->gen != p->seen_gen);
+		macs = ether_addr_equal(p->mac, p->new_mac);
+		if (p->rx_on != p->want_rx || p->tx_on != tx || p->reattach ||
+		    (tx && !macs))
+			changed = true;
+		if ((p->rx_on && (!p->want_rx || p->reattach)) ||
+		    (p->tx_on && (!tx || p->reattach || !macs)))
+			drop = true;
+	}
+	if (!changed)
+		return;
+
+	if (drop) {
+		ivl_table_publish(shm, priv, false);
+		/* no xmit or NAPI still uses a ring of a peer taken out */
+		synchronize_rcu();
+	}
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id != shm->my_id && p->reattach)
+			ivl_peer_attach(shm, priv, p);
+	}
+	shm->table_dirty = !ivl_table_publish(shm, priv, true);
+
+	/* read what new rings already hold, and re-arm their kicks */
+	local_bh_disable();
+	napi_schedule(&priv->napi);
+	local_bh_enable();
+	/* the ring that stopped the queue may belong to a peer now gone */
+	ivl_tx_wake_check(priv);
+}
+
+static void ivl_refresh_work(struct work_struct *work)
+{
+	struct ivl_shm *shm = container_of(work, struct ivl_shm, refresh_work);
+
+	mutex_lock(&shm->lock);
+	if (shm->priv && !shm->stopping)
+		ivl_refresh_locked(shm, shm->priv);
+	mutex_unlock(&shm->lock);
+}
+
+static void ivl_hb_timer_fn(struct timer_list *t)
+{
+	struct ivl_shm *shm = from_timer(shm, t, hb_timer);
+	struct ivl_slot *slot = ivl_slot(shm, shm->my_id);
+	u64 hb = atomic64_inc_return(&shm->heartbeat);
+
+	WRITE_ONCE(slot->heartbeat, cpu_to_le64(hb));
+	/* the refresh also checks the peers' heartbeats */
+	queue_work(system_wq, &shm->refresh_work);
+	mod_timer(&shm->hb_timer, jiffies + msecs_to_jiffies(IVL_HEARTBEAT_MS));
+}
+
+void ivl_peers_init(struct ivl_shm *shm)
+{
+	struct ivl_peer *p;
+	u32 id;
+
+	mutex_init(&shm->lock);
+	INIT_WORK(&shm->refresh_work, ivl_refresh_work);
+	timer_setup(&shm->hb_timer, ivl_hb_timer_fn, 0);
+	atomic64_set(&shm->heartbeat, 0);
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		p->shm = shm;
+		p->id = id;
+		u64_stats_init(&p->tx_stats.syncp);
+		u64_stats_init(&p->rx_stats.syncp);
+	}
+}
+
+/* rtnl.  Start a session with @priv: forget ring state from any earlier one. */
+void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv)
+{
+	struct ivl_peer *p;
+	u32 id;
+
+	mutex_lock(&shm->lock);
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		p->flags = 0;
+		p->seen_gen = U64_MAX;	/* first look counts as a join */
+		p->attached = false;
+		p->rx_on = false;
+		p->tx_on = false;
+		eth_zero_addr(p->mac);
+	}
+	shm->table_dirty = false;
+	shm->stopping = false;
+	/* IRQ handlers read it locklessly: see ivl_detach() for the clear */
+	WRITE_ONCE(shm->priv, priv);
+	mutex_unlock(&shm->lock);
+
+	mod_timer(&shm->hb_timer, jiffies + msecs_to_jiffies(IVL_HEARTBEAT_MS));
+	queue_work(system_wq, &shm->refresh_work);
+}
+
+/*
+ * rtnl.  Stop rebuilding and publish an empty table; the caller waits for
+ * a grace period before touching rings.  Peers keep rx_on/attached so the
+ * caller can drain them.
+ */
+void ivl_peers_stop(struct ivl_shm *shm)
+{
+	struct ivl_peer_table *old;
+
+	mutex_lock(&shm->lock);
+	shm->stopping = true;
+	old = ivl_table_locked(shm);
+	RCU_INIT_POINTER(shm->table, NULL);
+	mutex_unlock(&shm->lock);
+	if (old)
+		kfree_rcu(old, rcu);
+
+	/* the timer queues the work: stop it first */
+	del_timer_sync(&shm->hb_timer);
+	cancel_work_sync(&shm->refresh_work);
+}
+
+/* --- debugfs: /sys/kernel/debug/ivloop/peers --- */
+
+static const char *ivl_peer_state(const struct ivl_peer *p)
+{
+	if (test_bit(IVL_PEER_BROKEN, &p->flags))
+		return "broken";
+	if (test_bit(IVL_PEER_STALLED, &p->flags))
+		return "stalled";
+	if (p->tx_on)
+		return "up";
+	if (p->bad_entry)
+		return "bad-entry";
+	if (p->dup_mac)
+		return "dup-mac";
+	if (p->hb_dead)
+		return "timeout";
+	if (p->rx_on)
+		return "rx-only";
+	return "down";
+}
+
+static void ivl_peer_stats_read(const struct ivl_peer_stats *ps,
+				u64 *packets, u64 *bytes)
+{
+	unsigned int start;
+
+	do {
+		start = u64_stats_fetch_begin(&ps->syncp);
+		*packets = u64_stats_read(&ps->packets);
+		*bytes = u64_stats_read(&ps->bytes);
+	} while (u64_stats_fetch_retry(&ps->syncp, start));
+}
+
+static int ivl_peers_show(struct seq_file *m, void *v)
+{
+	struct ivl_shm *shm = m->private;
+	u64 txp, txb, rxp, rxb;
+	struct ivl_peer *p;
+	u32 id;
+
+	mutex_lock(&shm->lock);
+	seq_printf(m, "# my_id %u max_peers %u ring_size %u attached %s\n",
+		   shm->my_id, shm->max_peers, shm->ring_size,
+		   shm->priv && !shm->stopping ? "yes" : "no");
+	seq_puts(m, "# id mac state gen tx_packets tx_bytes rx_packets rx_bytes\n");
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_id || (!p->attached && !p->want_rx))
+			continue;
+		ivl_peer_stats_read(&p->tx_stats, &txp, &txb);
+		ivl_peer_stats_read(&p->rx_stats, &rxp, &rxb);
+		seq_printf(m, "%u %pM %s %llu %llu %llu %llu %llu\n",
+			   id, p->tx_on ? p->mac : p->new_mac,
+			   ivl_peer_state(p), p->gen, txp, txb, rxp, rxb);
+	}
+	mutex_unlock(&shm->lock);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(ivl_peers);
+
+void ivl_peers_debugfs_add(struct ivl_shm *shm)
+{
+	/* one device per guest, so one fixed name */
+	shm->dbg_peers = debugfs_create_file("peers", 0444, ivl_debugfs_root,
+					     shm, &ivl_peers_fops);
+}

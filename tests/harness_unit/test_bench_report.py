@@ -1,0 +1,280 @@
+"""The benchmark report: right numbers from good samples, a clear refusal otherwise.
+
+Also runs the native ring benchmark (tests/ring bench-native) with a tiny
+budget and checks the shape of its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import bench, bench_report
+from harness.bench_report import BenchReportError, validate
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Per path: (iperf3 TCP Mbit/s, TCP_RR mean latency µs) for reps 0..4.
+TPUT = {"shm": [900, 1000, 1100, 950, 1050], "lower": [300, 250, 200, 350, 310],
+        "wire": [200, 180, 220, 210, 190]}
+LAT = {"shm": [100, 120, 90, 110, 105], "lower": [400, 390, 410, 380, 420],
+       "wire": [500, 510, 490, 505, 495]}
+
+
+def _sample(path: str, workload: str, rep: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    shm, lower = (10_000, 100) if path == "shm" else (0, 10_000)
+    return {"path": path, "workload": workload, "rep": rep, "client": "vm1", "valid": True,
+            "error": None, "metrics": metrics,
+            "counters": {"shm_tx_bytes": shm, "lower_tx_bytes": lower}}
+
+
+def synthetic(reps: int = 5) -> dict[str, Any]:
+    samples = []
+    for rep in range(reps):
+        for path in ("shm", "lower", "wire"):
+            samples.append(_sample(path, "iperf3_tcp_1", rep,
+                                   {"throughput_mbps": TPUT[path][rep % 5]}))
+            lat = LAT[path][rep % 5]
+            samples.append(_sample(path, "netperf_tcp_rr", rep, {
+                "transactions_per_s": 1e6 / lat, "lat_min_us": lat / 2, "lat_mean_us": lat,
+                "lat_p50_us": lat, "lat_p90_us": lat * 1.5, "lat_p99_us": lat * 3}))
+    return {"schema": 1, "reps": reps, "quick": False, "seconds": 3,
+            "environment": {"accelerator": "tcg", "cpu_model": "Test CPU", "cores": 2,
+                            "host_kernel": "6.1.0-test", "qemu_version": "QEMU 7.2",
+                            "guest_kernel": "6.1.0-guest", "guest_vcpus": 1},
+            "workloads": ["iperf3_tcp_1", "netperf_tcp_rr"], "samples": samples,
+            "native": None}
+
+
+def rejected(data: object) -> str:
+    with pytest.raises(BenchReportError) as info:
+        validate(data)
+    return str(info.value)
+
+
+def test_valid_synthetic_renders_medians_and_ratios() -> None:
+    b = validate(synthetic())
+    s = bench_report.summarise(b)
+    tput = s[("iperf3_tcp_1", "throughput_mbps")]
+    assert (tput["shm"].median, tput["shm"].lo, tput["shm"].hi) == (1000, 900, 1100)
+    assert tput["lower"].median == 300
+    assert tput["wire"].median == 200
+    lat = s[("netperf_tcp_rr", "lat_mean_us")]
+    assert (lat["shm"].median, lat["lower"].median) == (105, 400)
+    h = bench_report.headline(b)
+    assert h["tcp_throughput_x"] == pytest.approx(1000 / 300)
+    assert h["tcp_rr_latency_x"] == pytest.approx(400 / 105)  # latency: lower/shm
+    md = bench_report.markdown(b)
+    row = next(line for line in md.splitlines() if line.startswith("| iperf3 TCP, 1 stream"))
+    assert "| 1000 [900-1100] | 300 [200-350] | 200 [180-220] | 3.33x | 5.00x |" in row
+    row = next(line for line in md.splitlines()
+               if line.startswith("| netperf TCP_RR | mean latency"))
+    assert "| 105 [90-120] | 400 [380-420] |" in row and "| 3.81x | 4.76x |" in row
+    assert "Test CPU, 2 cores" in md and "accelerator tcg" in md
+    assert "3.33x** (met)" in md
+
+
+def test_write_produces_markdown_and_pngs(tmp_path: Path) -> None:
+    data = synthetic()
+    data["native"] = native_fixture()
+    js = tmp_path / "bench.json"
+    js.write_text(json.dumps(data))
+    written = bench_report.write(js)
+    assert [p.name for p in written] == ["bench.md", "throughput.png", "latency.png"]
+    for p in written[1:]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = written[0].read_text()
+    assert "### Native ring" in md and "| 65536 B | 8.00 |" in md
+    assert "67% of single-core memcpy out of cache" in md
+
+
+def native_fixture() -> dict[str, Any]:
+    sizes = [64, 256, 1024, 4096, 16384, 65536]
+    lat = {"n": 10, "mean": 50.0, "min": 10.0, "p50": 45.0, "p90": 60.0, "p99": 90.0}
+    return {"tool": "ring_bench", "ring_size": 1 << 20, "reps": 5, "cpus": 2, "pinned": True,
+            "cpu_model": "Test CPU",
+            "throughput": [{"record_bytes": s, "gbps": s / 8192, "records_per_s": 1e5,
+                            "gbps_samples": [s / 8192]} for s in sizes],
+            "memcpy": [{"bytes": s, "in_cache_gbps": 50.0, "out_of_cache_gbps": 12.0}
+                       for s in sizes],
+            "reference": {"record_bytes": 65536, "ring_gbps": 8.0, "memcpy_in_cache_gbps": 50.0,
+                          "memcpy_out_of_cache_gbps": 12.0, "ratio_in_cache": 0.16,
+                          "ratio_out_of_cache": 8 / 12},
+            "latency_us": {"message_bytes": 64, "ring": lat, "eventfd": lat,
+                           "tcp_loopback": lat}}
+
+
+def test_report_only_does_not_write_from_bad_json(tmp_path: Path) -> None:
+    js = tmp_path / "bench.json"
+    js.write_text("{not json")
+    with pytest.raises(BenchReportError, match="not readable JSON"):
+        bench_report.write(js)
+    with pytest.raises(BenchReportError, match="no such file"):
+        bench_report.write(tmp_path / "missing.json")
+    assert not (tmp_path / "bench.md").exists()
+
+
+def _drop_sample(data: dict[str, Any]) -> None:
+    del data["samples"][3]  # lower/netperf_tcp_rr rep 0
+
+
+def _set_metric(value: Any) -> Any:
+    def mutate(data: dict[str, Any]) -> None:
+        data["samples"][0]["metrics"]["throughput_mbps"] = value
+    return mutate
+
+
+def _del_key(key: str) -> Any:
+    def mutate(data: dict[str, Any]) -> None:
+        del data[key]
+    return mutate
+
+
+def _sample_key(key: str, value: Any) -> Any:
+    def mutate(data: dict[str, Any]) -> None:
+        if value is KeyError:
+            del data["samples"][0][key]
+        else:
+            data["samples"][0][key] = value
+    return mutate
+
+
+def _invalid_path(data: dict[str, Any]) -> None:
+    # shm sample whose counters say the lower NIC carried the traffic
+    data["samples"][0]["counters"] = {"shm_tx_bytes": 0, "lower_tx_bytes": 5000}
+
+
+def _marked_invalid(data: dict[str, Any]) -> None:
+    data["samples"][0]["valid"] = False
+    data["samples"][0]["error"] = "counters contradict path shm"
+
+
+def _few_reps(data: dict[str, Any]) -> None:
+    data["reps"] = 3
+
+
+def _no_metric(data: dict[str, Any]) -> None:
+    del data["samples"][1]["metrics"]["lat_p99_us"]
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (_drop_sample, "lower/netperf_tcp_rr: 4 valid sample(s), need 5"),
+    (_del_key("samples"), "benchmark: missing key 'samples'"),
+    (_del_key("environment"), "benchmark: missing key 'environment'"),
+    (_sample_key("rep", KeyError), "samples[0]: missing key 'rep'"),
+    (_sample_key("rep", "0"), "samples[0]: 'rep' must be int, got str"),
+    (_sample_key("valid", 1), "samples[0]: 'valid' must be bool, got int"),
+    (_sample_key("path", "fast"), "samples[0] (fast/iperf3_tcp_1 rep 0): unknown path 'fast'"),
+    (_set_metric("fast"), "metric 'throughput_mbps' must be a number, got str"),
+    (_set_metric(True), "metric 'throughput_mbps' must be a number, got bool"),
+    (_set_metric(math.nan), "samples[0] (shm/iperf3_tcp_1 rep 0): metric 'throughput_mbps' "
+                            "is not finite (nan)"),
+    (_set_metric(math.inf), "is not finite (inf)"),
+    (_set_metric(-1.0), "metric 'throughput_mbps' is negative (-1.0)"),
+    (_no_metric, "samples[1] (shm/netperf_tcp_rr rep 0): missing metric 'lat_p99_us'"),
+    (_few_reps, "too few repetitions: reps is 3, a full run needs >= 5"),
+    (_invalid_path, "marked valid but the sender's counters contradict path 'shm' "
+                    "(shm_tx_bytes +0, lower_tx_bytes +5000)"),
+    (_marked_invalid, "shm/iperf3_tcp_1: 4 valid sample(s), need 5"),
+])  # fmt: skip
+def test_rejects(mutate: Any, message: str) -> None:
+    data = synthetic()
+    mutate(data)
+    assert message in rejected(data)
+
+
+def test_rejects_wrong_top_level_types() -> None:
+    assert "benchmark: expected an object, got list" in rejected([])
+    data = synthetic()
+    data["samples"] = {"0": {}}
+    assert "'samples' must be list, got dict" in rejected(data)
+    data = synthetic()
+    data["workloads"].append("ping")
+    assert "workloads[2] is not a known workload: 'ping'" in rejected(data)
+
+
+def test_nan_from_json_text_is_rejected(tmp_path: Path) -> None:
+    """Python's json writes and reads NaN; the loader must still refuse it."""
+    data = synthetic()
+    data["samples"][5]["metrics"]["lat_mean_us"] = float("nan")
+    js = tmp_path / "bench.json"
+    js.write_text(json.dumps(data))
+    with pytest.raises(BenchReportError, match=r"lat_mean_us' is not finite"):
+        bench_report.load(js)
+
+
+def test_quick_run_with_one_rep_is_accepted() -> None:
+    data = synthetic(reps=1)
+    data["quick"] = True
+    assert validate(data).reps == 1
+    data["quick"] = False
+    assert "too few repetitions" in rejected(data)
+
+
+def test_path_check() -> None:
+    assert bench_report.path_matches("shm", 1_000_000, 2_000)
+    assert not bench_report.path_matches("shm", 1_000, 1_000_000)
+    assert bench_report.path_matches("lower", 0, 1_000_000)
+    assert not bench_report.path_matches("lower", 500_000, 500_000)
+    assert not bench_report.path_matches("wire", 0, 0)  # no traffic proves nothing
+
+
+def test_tool_parsers() -> None:
+    netperf_out = ("Throughput,Minimum Latency Microseconds,Mean Latency Microseconds\n"
+                   "1234.56,400,800.25\n")
+    got = bench.parse_netperf(netperf_out, ["transactions_per_s", "lat_min_us", "lat_mean_us"])
+    assert got == {"transactions_per_s": 1234.56, "lat_min_us": 400.0, "lat_mean_us": 800.25}
+    with pytest.raises(ValueError, match="no line of 2 numbers"):
+        bench.parse_netperf("netperf: send_omni: connection refused\n", ["a", "b"])
+    sockperf_out = """sockperf: == version #3.10-0 ==
+sockperf: ====> avg-latency=512.345 (std-dev=40.123, mean-ad=20.1, median-ad=15.2)
+sockperf: # dropped messages = 0; # duplicated messages = 0; # out-of-order messages = 0
+sockperf: Summary: Latency is 512.345 usec
+sockperf: Total 1800 observations; each percentile contains 18.00 observations
+sockperf: ---> <MAX> observation =  900.111
+sockperf: ---> percentile 99.999 =  900.111
+sockperf: ---> percentile 99.000 =  800.500
+sockperf: ---> percentile 90.000 =  600.250
+sockperf: ---> percentile 50.000 =  500.125
+sockperf: ---> <MIN> observation =  300.000
+"""
+    assert bench.parse_sockperf(sockperf_out) == {
+        "lat_mean_us": 512.345, "lat_p50_us": 500.125, "lat_p90_us": 600.25,
+        "lat_p99_us": 800.5, "lat_min_us": 300.0}
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
+                    reason="needs make and gcc")
+def test_native_ring_bench_json_shape(tmp_path: Path) -> None:
+    env = dict(os.environ, IVL_BENCH_SECONDS="0.02", IVL_BENCH_REPS="1", IVL_BENCH_RTTS="200")
+    res = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(REPO / "tests" / "ring"),
+         "bench-native", f"BUILD={tmp_path}"],
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)  # one JSON object, nothing else on stdout
+    assert data["tool"] == "ring_bench" and data["reps"] == 1
+    assert isinstance(data["pinned"], bool) and data["cpus"] >= 1
+    sizes = [64, 256, 1024, 4096, 16384, 65536]
+    assert [r["record_bytes"] for r in data["throughput"]] == sizes
+    assert [r["bytes"] for r in data["memcpy"]] == sizes
+    for r in data["throughput"]:
+        assert r["gbps"] > 0 and r["records_per_s"] > 0
+    for r in data["memcpy"]:
+        assert r["in_cache_gbps"] > 0 and r["out_of_cache_gbps"] > 0
+    assert data["reference"]["record_bytes"] == 65536
+    for key in ("ring", "eventfd", "tcp_loopback"):
+        lat = data["latency_us"][key]
+        assert lat["n"] == 200
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
+    # and the report renders it
+    md = bench_report.native_markdown(data)
+    assert md[0].startswith("### Native ring") and "malformed" not in "\n".join(md)
+

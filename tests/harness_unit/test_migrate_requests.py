@@ -1,0 +1,75 @@
+"""Bad migration requests are refused before anything changes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness import cli, topology
+from harness.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> StateDir:
+    """Default topology recorded as running (this test process stands in for QEMU)."""
+    sd = StateDir(tmp_path / "state")
+    topo = topology.load()
+    state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
+                  accel="tcg")
+    me = ProcRecord.of(os.getpid())
+    for host in topo.hosts:
+        state.hosts[host] = HostState(name=host, netns=sd.netns_name(host))
+    for vm in topo.vms.values():
+        state.vms[vm.name] = VMState(name=vm.name, host=vm.host, status=VMStatus.RUNNING,
+                                     proc=me, qmp=str(tmp_path / "absent.sock"))
+    with sd:
+        sd.save(state)
+    return sd
+
+
+def snapshot(sd: StateDir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sd.path.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["vm3", "--from", "A", "--to", "B"], "vm3 runs on host B, not A"),
+        (["vm2", "--from", "A", "--to", "A"], "nothing to migrate"),
+        (["vm2", "--from", "A", "--to", "Z"], "unknown host 'Z'"),
+        (["vm2", "--from", "Q", "--to", "B"], "unknown host 'Q'"),
+        (["vm7", "--from", "A", "--to", "B"], "unknown VM 'vm7'"),
+        (["--from", "B", "--to", "A"], "host B has 0 VMs marked mobile"),
+    ],
+)
+def test_bad_request_is_refused_and_changes_nothing(
+    capsys: pytest.CaptureFixture[str], running: StateDir, argv: list[str], message: str
+) -> None:
+    before = snapshot(running)
+    assert cli.main(["--state-dir", str(running.path), "migrate", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert snapshot(running) == before
+
+
+def test_migrating_a_vm_that_is_down_is_refused(
+    capsys: pytest.CaptureFixture[str], running: StateDir
+) -> None:
+    with running:
+        state = running.load()
+        state.vms["vm2"].proc = ProcRecord(pid=2**22 + 3, start_time=1)
+        running.save(state)
+    before = snapshot(running)
+    assert cli.main(["--state-dir", str(running.path), "migrate", "--from", "A", "--to", "B"]) == 1
+    assert "VM vm2 is down" in capsys.readouterr().err
+    assert snapshot(running) == before
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc"])
+def test_bad_timeout_is_an_argparse_error(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["migrate", "--from", "A", "--to", "B", "--timeout", value])
+    assert exc.value.code == 2
+    assert "--timeout" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Live migration with the path switched under a running TCP connection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import migrate, paths
+from harness.errors import MigrationError
+from harness.watch import Watch
+
+from .lab import Lab
+
+
+def shm_and_lower(lab: Lab, vm: str) -> tuple[int, int]:
+    c = paths.counters(lab.guest(vm))
+    return c["shm_tx_bytes"], c["lower_tx_bytes"]
+
+
+def moved_over(lab: Lab, src: str, dst: str, seconds: int = 2) -> tuple[int, int]:
+    """(shm, lower) bytes *src* sent while streaming to *dst*."""
+    shm0, low0 = shm_and_lower(lab, src)
+    lab.iperf3(src, dst, seconds=seconds)
+    shm1, low1 = shm_and_lower(lab, src)
+    return shm1 - shm0, low1 - low0
+
+
+def test_stream_survives_a_round_trip_migration(
+    lab: Lab, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    mac2 = lab.topo.vm("vm2").mac
+    paths.wait_peer(lab.guest("vm1"), mac2, shm=True)
+    shm, lower = moved_over(lab, "vm1", "vm2")
+    assert shm > 1_000_000 and lower < shm / 50, (shm, lower)
+
+    reports = []
+    with Watch(lab.sd, "vm1", "vm2", duration=24, out_dir=tmp_path) as watch:
+        time.sleep(3)
+        with lab.sd:
+            reports.append(migrate.migrate(lab.sd, "vm2", "A", "B", progress=watch.progress))
+        lab.drop("vm2")
+        time.sleep(6)
+        after_first = watch.timeline.samples[-1]
+        with lab.sd:
+            reports.append(migrate.migrate(lab.sd, "vm2", "B", "A", progress=watch.progress))
+        lab.drop("vm2")
+        watch.wait()
+    tl = watch.timeline
+    record_property("ping_lost", f"{tl.ping_lost}/{tl.ping_sent}")
+    record_property("downtime_ms", [r.downtime_ms for r in reports])
+    record_property("switch_s", [(r.switch_source_s, r.switch_dest_s) for r in reports])
+
+    assert tl.iperf_ok, tl.iperf_error  # same iperf3 run, no reconnect
+    assert all(r.ok for r in reports)
+    # While vm2 was on B the stream left shared memory for the wire ...
+    before_move = next(s for s in tl.samples if s.t >= 2)
+    assert after_first.lower_tx_bytes - before_move.lower_tx_bytes > 500_000
+    # ... and came back to shared memory after the return.
+    last = tl.samples[-1]
+    assert last.shm_tx_bytes - after_first.shm_tx_bytes > 1_000_000
+    # Ping loss bounded by the moves' downtime (20 ms probes) plus slack.
+    budget = sum((r.downtime_ms or 0) / 20 for r in reports) + 2 * len(reports) + 10
+    assert tl.ping_lost <= budget, (tl.ping_lost, budget, tl.lost_at)
+
+    # Back home, vm1 <-> vm2 is on shared memory again.
+    shm, lower = moved_over(lab, "vm1", "vm2")
+    assert shm > 1_000_000 and lower < shm / 50, (shm, lower)
+
+
+def test_migrated_vm_reaches_the_new_hosts_vm_over_shared_memory(lab: Lab) -> None:
+    with lab.sd:
+        migrate.migrate(lab.sd, "vm2", "A", "B")
+    lab.drop("vm2")
+    try:
+        paths.wait_peer(lab.guest("vm2"), lab.topo.vm("vm3").mac, shm=True)
+        shm, lower = moved_over(lab, "vm2", "vm3")
+        assert shm > 1_000_000 and lower < shm / 50, (shm, lower)
+        # and vm1 (left behind on A) reaches vm2 across the wire
+        shm, lower = moved_over(lab, "vm1", "vm2")
+        assert lower > 1_000_000 and shm == 0, (shm, lower)
+    finally:
+        with lab.sd:
+            migrate.migrate(lab.sd, "vm2", "B", "A")
+        lab.drop("vm2")
+
+
+def test_killing_the_destination_keeps_the_source_on_shared_memory(lab: Lab) -> None:
+    failure: list[BaseException] = []
+
+    def move() -> None:
+        try:
+            with lab.sd:
+                migrate.migrate(lab.sd, "vm2", "A", "B", max_bandwidth_mib=4)
+        except BaseException as exc:  # handed to the test thread
+            failure.append(exc)
+
+    before = lab.state.vms["vm2"]
+    mover = threading.Thread(target=move)
+    mover.start()
+    pidfile = lab.sd.file(f"qemu-vm2-g{before.generation + 1}.pid")
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pidfile.exists(), "destination never started"
+    time.sleep(1.0)  # into the (throttled) RAM transfer
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    mover.join(timeout=120)
+    assert failure and isinstance(failure[0], MigrationError), failure
+
+    after = lab.state.vms["vm2"]
+    assert after.host == "A" and after.status.value == "running" and after.ivshmem
+    assert after.proc == before.proc
+    lab.drop("vm2")
+    assert lab.guest("vm2").run("hostname").strip() == "vm2"
+    paths.wait_peer(lab.guest("vm1"), lab.topo.vm("vm2").mac, shm=True)
+    shm, lower = moved_over(lab, "vm1", "vm2")
+    assert shm > 1_000_000 and lower < shm / 50, (shm, lower)
