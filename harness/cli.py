@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from . import cluster
+from . import bench as bench_mod
+from . import bench_report, cluster
 from . import demo as demo_mod
 from . import migrate as migrate_mod
 from . import topology as topology_mod
@@ -78,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("build/demo"),
                    help="directory for the timeline (default build/demo)")
     s.add_argument("--accel", choices=["kvm", "tcg"], default=None)
+
+    s = sub.add_parser("bench", help="benchmark shm vs forced lower path vs the wire, "
+                                     "and the native ring")
+    s.add_argument("--reps", type=_positive_int, default=5,
+                   help="interleaved repetitions per path and workload (default 5)")
+    s.add_argument("--quick", action="store_true",
+                   help="1 s samples, 1 repetition, fewer workloads (a smoke run)")
+    s.add_argument("--out", type=Path, default=None,
+                   help="directory for bench.json, bench.md and the PNGs (default "
+                        "bench-results; with --report-only: the JSON's directory)")
+    s.add_argument("--report-only", type=Path, default=None, metavar="JSON",
+                   help="do not measure: validate JSON and write the report from it")
+    s.add_argument("--no-native", action="store_true", help="skip the native ring benchmark")
 
     for name, help_ in (("plug", "hot-add a VM's ivshmem device"),
                         ("unplug", "hot-remove a VM's ivshmem device")):
@@ -232,9 +246,24 @@ def cmd_demo(args: argparse.Namespace, sd: StateDir) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
+    if args.report_only:
+        json_path = args.report_only
+    else:
+        with sd:
+            json_path = bench_mod.run(
+                sd, reps=1 if args.quick else args.reps, quick=args.quick,
+                out_dir=args.out or Path("bench-results"), with_native=not args.no_native,
+                say=lambda text: out.print(text, markup=False, highlight=False))
+    written = bench_report.write(json_path, args.out)
+    out.print(written[0].read_text(), markup=False, highlight=False)
+    out.print("wrote " + ", ".join(str(p) for p in [json_path, *written]))
+    return 0
+
+
 COMMANDS = {"up": cmd_up, "status": cmd_status, "ssh": cmd_ssh, "down": cmd_down,
             "plug": cmd_plug, "unplug": cmd_plug, "migrate": cmd_migrate,
-            "watch": cmd_watch, "demo": cmd_demo}
+            "watch": cmd_watch, "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,8 +267,33 @@ async def unplug_ivshmem(mon: qemu.Monitor, timeout: float = 30) -> None:
     await mon.cmd("chardev-remove", {"id": qemu.IVSHMEM_CHARDEV})
 
 
-async def plug_ivshmem(mon: qemu.Monitor, server_socket: str) -> None:
-    """Connect a chardev to *server_socket* and hot-add ivshmem-doorbell on it."""
+# QEMU 7.2's ivshmem unrealize closes its own vector eventfds but leaves the
+# TCG fd handlers watching them (opaque: the freed msi_vectors).  When a later
+# fd reuses such a number and becomes readable, QEMU runs the stale handler
+# and crashes.  Before plugging ivshmem into a QEMU that had one, park
+# never-signalled eventfds on the lowest free fd numbers (where the stale
+# ones are, since Linux hands out the lowest free number) via QMP `getfd`.
+STALE_FD_PADDING = 24
+
+
+async def pad_stale_fds(mon: qemu.Monitor, tag: str, count: int = STALE_FD_PADDING) -> None:
+    for i in range(count):
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            mon.client.send_fd_scm(fd)
+            await mon.cmd("getfd", {"fdname": f"ivl-pad-{tag}-{i}"})
+        finally:
+            os.close(fd)
+
+
+async def plug_ivshmem(mon: qemu.Monitor, server_socket: str, *, replug: bool = False,
+                       tag: str = "0") -> None:
+    """Connect a chardev to *server_socket* and hot-add ivshmem-doorbell on it.
+
+    *replug*: this QEMU had an ivshmem device before (see pad_stale_fds).
+    """
+    if replug:
+        await pad_stale_fds(mon, tag)
     await mon.cmd("chardev-add", {
         "id": qemu.IVSHMEM_CHARDEV,
         "backend": {"type": "socket", "data": {
@@ -301,11 +326,13 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
     async def go() -> None:
         async with qemu.Monitor(Path(vs.qmp)) as mon:
             if attached:
-                await plug_ivshmem(mon, server)
+                await plug_ivshmem(mon, server, replug=vs.unplugs > 0, tag=str(vs.unplugs))
             else:
                 await unplug_ivshmem(mon)
     asyncio.run(go())
     vs.ivshmem = attached
+    if not attached:
+        vs.unplugs += 1
     sd.save(state)
 
 

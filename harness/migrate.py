@@ -195,6 +195,7 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
                 await cluster.unplug_ivshmem(src)
                 unplugged = True
                 vs.ivshmem = False
+                vs.unplugs += 1
                 report.unplug_s = time.monotonic() - t
                 mark("source left the shared region")
                 report.switch_source_s = await asyncio.to_thread(src_peers.wait, False, t)
@@ -300,7 +301,8 @@ def _roll_back(sd: StateDir, state: State, vs: VMState, dest_vs: VMState | None,
             if status.get("status") != "running":
                 await src.cmd("cont")
             if unplugged and state.hosts[vs.host].server_socket:
-                await cluster.plug_ivshmem(src, state.hosts[vs.host].server_socket)
+                await cluster.plug_ivshmem(src, state.hosts[vs.host].server_socket,
+                                           replug=True, tag=f"rb{vs.unplugs}")
                 vs.ivshmem = True
 
     try:

@@ -1,0 +1,434 @@
+"""`harness bench`: the shared path against the lower path and the wire, same run.
+
+On the running topology, for one pair of co-resident VMs, measure
+
+* ``shm``   the pair over the shared ring (normal operation),
+* ``lower`` the same pair with ``force-lower`` set on both VMs (virtio-net),
+* ``wire``  a pair across hosts (virtio-net, tap, bridge, veth wire),
+
+with iperf3, netperf and sockperf, interleaving the paths within every
+repetition (shm, lower, wire, shm, lower, wire, ...) so that host noise hits
+every path alike.  Every sample carries the sender's driver counters (before
+and after); a sample whose counters contradict its path is marked invalid
+and :mod:`harness.bench_report` refuses to use it.
+
+The native ring benchmark (``make -C tests/ring bench-native``) runs first,
+and its JSON is stored under ``native``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import cluster, paths
+from .bench_report import PATHS, SCHEMA, WORKLOADS, path_matches
+from .errors import GuestError, HarnessError
+from .guest import Guest
+from .state import StateDir
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
+FULL_WORKLOADS = tuple(WORKLOADS)
+QUICK_WORKLOADS = ("iperf3_tcp_1", "iperf3_udp", "netperf_tcp_rr", "sockperf_pp_small")
+UDP_RATE = os.environ.get("IVLOOP_BENCH_UDP_RATE", "100M")  # iperf3 -b: offered load
+SOCKPERF_PORT = 11111
+SMALL, LARGE = 64, 16384  # sockperf message sizes (bytes)
+FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
+
+
+class BenchError(HarnessError):
+    """The benchmark cannot run on this topology (driver, tools or VMs missing)."""
+
+
+# ---------------------------------------------------------------------------
+# workloads: each runs on the client guest and returns its metrics
+
+
+def _json(text: str) -> dict[str, Any]:
+    start = text.find("{")
+    data = json.loads(text[start:] if start >= 0 else text)
+    if not isinstance(data, dict):
+        raise ValueError("iperf3 printed no JSON object")
+    if data.get("error"):
+        raise ValueError(f"iperf3: {data['error']}")
+    return data
+
+
+def iperf3_tcp(g: Guest, ip: str, secs: int, streams: int) -> dict[str, float]:
+    out = _json(g.run(f"iperf3 -c {ip} -t {secs} -P {streams} -J", timeout=secs + 60))
+    return {"throughput_mbps": float(out["end"]["sum_received"]["bits_per_second"]) / 1e6}
+
+
+def iperf3_udp(g: Guest, ip: str, secs: int) -> dict[str, float]:
+    out = _json(g.run(f"iperf3 -c {ip} -u -b {UDP_RATE} -t {secs} -J", timeout=secs + 60))
+    end = out["end"]
+    s = end["sum"]
+    loss = float(s["lost_percent"])
+    if "sum_received" in end:  # iperf3 >= 3.13 reports the receiver side apart
+        bps = float(end["sum_received"]["bits_per_second"])
+    else:
+        bps = float(s["bits_per_second"]) * (1 - loss / 100)
+    return {"throughput_mbps": bps / 1e6, "loss_percent": loss, "jitter_ms": float(s["jitter_ms"])}
+
+
+def parse_netperf(text: str, names: list[str]) -> dict[str, float]:
+    """The values line of ``netperf -P 0 ... -- -o A,B,C`` (last line of numbers)."""
+    for line in reversed(text.strip().splitlines()):
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != len(names):
+            continue
+        try:
+            values = [float(f) for f in fields]
+        except ValueError:
+            continue
+        return dict(zip(names, values, strict=True))
+    raise ValueError(f"no line of {len(names)} numbers in netperf output: {text[-300:]!r}")
+
+
+def netperf_rr(g: Guest, ip: str, secs: int, test: str) -> dict[str, float]:
+    sel = "THROUGHPUT,MIN_LATENCY,MEAN_LATENCY,P50_LATENCY,P90_LATENCY,P99_LATENCY"
+    names = ["transactions_per_s", "lat_min_us", "lat_mean_us", "lat_p50_us", "lat_p90_us",
+             "lat_p99_us"]
+    text = g.run(f"netperf -P 0 -H {ip} -t {test} -l {secs} -- -o {sel}", timeout=secs + 60)
+    return parse_netperf(text, names)
+
+
+def netperf_stream(g: Guest, ip: str, secs: int) -> dict[str, float]:
+    text = g.run(f"netperf -P 0 -H {ip} -t TCP_STREAM -l {secs} -- -o THROUGHPUT",
+                 timeout=secs + 60)
+    return parse_netperf(text, ["throughput_mbps"])  # netperf's default unit: 10^6 bit/s
+
+
+_SOCKPERF_AVG = re.compile(r"avg-(?:latency|lat|rtt)\s*=\s*([\d.]+)")
+_SOCKPERF_PCT = re.compile(r"--->\s*percentile\s+([\d.]+)\s*=\s*([\d.]+)")
+_SOCKPERF_MIN = re.compile(r"--->\s*<MIN> observation\s*=\s*([\d.]+)")
+
+
+def parse_sockperf(text: str) -> dict[str, float]:
+    """sockperf ping-pong summary (microseconds, half round trip by default)."""
+    avg = _SOCKPERF_AVG.search(text)
+    pct = {float(p): float(v) for p, v in _SOCKPERF_PCT.findall(text)}
+    if avg is None or not {50.0, 90.0, 99.0} <= pct.keys():
+        raise ValueError(f"no latency summary in sockperf output: {text[-300:]!r}")
+    out = {"lat_mean_us": float(avg.group(1)), "lat_p50_us": pct[50.0],
+           "lat_p90_us": pct[90.0], "lat_p99_us": pct[99.0]}
+    low = _SOCKPERF_MIN.search(text)
+    if low:
+        out["lat_min_us"] = float(low.group(1))
+    return out
+
+
+def sockperf_pp(g: Guest, ip: str, secs: int, size: int) -> dict[str, float]:
+    text = g.run(f"sockperf ping-pong -i {ip} -p {SOCKPERF_PORT} -t {secs} -m {size} 2>&1",
+                 timeout=secs + 60)
+    return parse_sockperf(text)
+
+
+Runner = Callable[[Guest, str, int], dict[str, float]]
+RUNNERS: dict[str, Runner] = {
+    "iperf3_tcp_1": lambda g, ip, t: iperf3_tcp(g, ip, t, 1),
+    "iperf3_tcp_4": lambda g, ip, t: iperf3_tcp(g, ip, t, 4),
+    "iperf3_udp": iperf3_udp,
+    "netperf_tcp_rr": lambda g, ip, t: netperf_rr(g, ip, t, "TCP_RR"),
+    "netperf_udp_rr": lambda g, ip, t: netperf_rr(g, ip, t, "UDP_RR"),
+    "netperf_tcp_stream": netperf_stream,
+    "sockperf_pp_small": lambda g, ip, t: sockperf_pp(g, ip, t, SMALL),
+    "sockperf_pp_large": lambda g, ip, t: sockperf_pp(g, ip, t, LARGE),
+}
+
+
+# ---------------------------------------------------------------------------
+# the environment and the native ring benchmark
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = (res.stdout or res.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or "unknown"
+
+
+def host_environment() -> dict[str, Any]:
+    return {
+        "hostname": platform.node(),
+        "host_kernel": platform.release(),
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "qemu_version": _first_line(["qemu-system-x86_64", "--version"]),
+        "python": platform.python_version(),
+        "commit": _first_line(["git", "-C", str(cluster.REPO), "describe", "--always",
+                               "--dirty"]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def native(quick: bool) -> dict[str, Any]:
+    """Run tests/ring's bench-native target; its one JSON object."""
+    env = dict(os.environ)
+    if quick:
+        env.update(IVL_BENCH_SECONDS="0.2", IVL_BENCH_REPS="3", IVL_BENCH_RTTS="5000")
+    argv = ["make", "-s", "--no-print-directory", "-C", str(cluster.REPO / "tests" / "ring"),
+            "bench-native"]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"native ring benchmark: {exc}") from exc
+    if res.returncode != 0:
+        raise BenchError(f"native ring benchmark failed ({' '.join(argv)}, exit status "
+                         f"{res.returncode}): {res.stderr.strip()[-500:]}")
+    try:
+        data = json.loads(res.stdout)
+    except ValueError as exc:
+        raise BenchError(f"native ring benchmark printed no JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BenchError("native ring benchmark: JSON is not an object")
+    return data
+
+
+# ---------------------------------------------------------------------------
+# the runner
+
+
+class _Guests:
+    """One SSH session per VM, opened on first use, all closed on exit."""
+
+    def __init__(self, sd: StateDir) -> None:
+        self.sd = sd
+        self.state = sd.load()
+        self._open: dict[str, Guest] = {}
+
+    def __getitem__(self, name: str) -> Guest:
+        if name not in self._open:
+            self._open[name] = cluster.guest(self.sd, self.state, name)
+        return self._open[name]
+
+    def close(self) -> None:
+        for g in self._open.values():
+            g.close()
+
+
+def _preflight(gs: _Guests, pair: tuple[str, str], cross: tuple[str, str],
+               workloads: tuple[str, ...]) -> None:
+    state = gs.state
+    topo = cluster.topology_of(state)
+    for name in {*pair, *cross}:
+        topo.vm(name)  # unknown VM -> TopologyError
+        if name not in state.vms:
+            raise BenchError(f"VM {name} is not running; 'harness up' starts the topology")
+    a, b = (state.vms[n].host for n in pair)
+    if a != b:
+        raise BenchError(f"the pair {pair[0]}, {pair[1]} is not co-resident (hosts {a}, {b})")
+    c, d = (state.vms[n].host for n in cross)
+    if c == d:
+        raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host {c}; "
+                         "it must span two hosts")
+    if not state.driver:
+        raise BenchError("the topology was started with --no-driver: there is no ivl0")
+    tools = {"iperf3"}
+    tools |= {"netperf"} if any(w.startswith("netperf") for w in workloads) else set()
+    tools |= {"sockperf"} if any(w.startswith("sockperf") for w in workloads) else set()
+    for name in {*pair, *cross}:
+        g = gs[name]
+        code, text = g.status("ethtool -S ivl0", timeout=20)
+        counters = paths.parse_ethtool(text)
+        if code != 0 or not {"shm_tx_bytes", "lower_tx_bytes"} <= counters.keys():
+            raise BenchError(f"{name}: 'ethtool -S ivl0' gives no shm_tx_bytes/lower_tx_bytes "
+                             f"(is ivloop.ko loaded? check its console log): {text.strip()[-200:]}")
+        code, out = g.status(f"for t in {' '.join(sorted(tools))}; do command -v $t; done",
+                             timeout=20)
+        missing = [t for t in sorted(tools) if f"/{t}" not in out]
+        if missing:
+            raise BenchError(f"{name}: missing in the guest: {', '.join(missing)} "
+                             "(rebuild the image: make image)")
+    for name in pair:
+        code, text = gs[name].status("ethtool --show-priv-flags ivl0", timeout=20)
+        if code != 0 or "force-lower" not in text:
+            raise BenchError(f"{name}: ivl0 has no 'force-lower' private flag: {text.strip()}")
+    for name in pair:  # a previous run may have been interrupted
+        gs[name].run(f"{FORCE_LOWER} off", timeout=20)
+    for src, dst in (pair, pair[::-1]):
+        try:
+            paths.wait_peer(gs[src], topo.vm(dst).mac, shm=True, timeout=60)
+        except GuestError as exc:
+            raise BenchError(f"{src} does not route {dst} over shared memory: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _sockperf_servers(gs: _Guests, servers: list[str], ips: dict[str, str]) -> Iterator[None]:
+    try:
+        for name in servers:
+            g = gs[name]
+            g.status("killall -q sockperf; true", timeout=20)
+            # Detached, its output kept: a server that died tells us why.
+            g.run(f"(sockperf server -i {ips[name]} -p {SOCKPERF_PORT} "
+                  "> /tmp/sockperf-server.log 2>&1 < /dev/null &)", timeout=20)
+        for name in servers:
+            _wait_listening(gs[name], name)
+        yield
+    finally:
+        for name in servers:
+            with contextlib.suppress(HarnessError):
+                gs[name].status("killall -q sockperf; true", timeout=20)
+
+
+def _wait_listening(g: Guest, name: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code, _ = g.status("pidof sockperf >/dev/null", timeout=10)
+        if code == 0:
+            return
+        time.sleep(0.2)
+    _, log_text = g.status("cat /tmp/sockperf-server.log", timeout=10)
+    raise BenchError(f"{name}: sockperf server did not start: {log_text.strip()[-300:]}")
+
+
+@contextlib.contextmanager
+def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Iterator[None]:
+    try:
+        for name in pair:
+            gs[name].run(f"{FORCE_LOWER} on", timeout=20)
+        yield
+    finally:
+        for name in pair:
+            try:
+                gs[name].run(f"{FORCE_LOWER} off", timeout=20)
+            except HarnessError as exc:
+                log.error("%s: could not turn force-lower off: %s", name, exc)
+
+
+def _measure(gs: _Guests, client: str, ip: str, workload: str, *, secs: int,
+             path: str, rep: int) -> dict[str, Any]:
+    """One sample: counters, the workload (retried once if the tool fails), counters."""
+    g = gs[client]
+    error: str | None = None
+    metrics: dict[str, float] = {}
+    before = paths.counters(g)
+    for attempt in (1, 2):
+        try:
+            metrics = RUNNERS[workload](g, ip, secs)
+            error = None
+            break
+        except (GuestError, ValueError, KeyError, TypeError) as exc:
+            error = f"{exc.__class__.__name__}: {exc}"
+            log.warning("%s/%s rep %d attempt %d failed: %s", path, workload, rep, attempt,
+                        error)
+            time.sleep(1)
+    after = paths.counters(g)
+    shm = after.get("shm_tx_bytes", 0) - before.get("shm_tx_bytes", 0)
+    lower = after.get("lower_tx_bytes", 0) - before.get("lower_tx_bytes", 0)
+    ok_path = path_matches(path, shm, lower)
+    if error is None and not ok_path:
+        error = (f"counters contradict path {path}: shm_tx_bytes +{shm}, "
+                 f"lower_tx_bytes +{lower}")
+    return {"path": path, "workload": workload, "rep": rep, "client": client,
+            "valid": error is None, "error": error, "metrics": metrics,
+            "counters": {"shm_tx_bytes": shm, "lower_tx_bytes": lower}}
+
+
+def _summary(sample: dict[str, Any]) -> str:
+    if not sample["valid"]:
+        return f"INVALID ({sample['error']})"
+    m = sample["metrics"]
+    for key, fmt in (("throughput_mbps", "{:.0f} Mbit/s"), ("transactions_per_s", "{:.0f} tr/s"),
+                     ("lat_mean_us", "{:.0f} µs mean")):
+        if key in m:
+            return fmt.format(m[key])
+    return "ok"
+
+
+def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
+        cross: tuple[str, str] = ("vm1", "vm3"), reps: int = 5, quick: bool = False,
+        out_dir: Path, say: Say | None = None, with_native: bool = True) -> Path:
+    """Benchmark the three paths; write ``out_dir/bench.json`` and return its path."""
+    say = say or (lambda text: log.info("%s", text))
+    if reps < 1:
+        raise BenchError(f"reps must be at least 1, got {reps}")
+    workloads = QUICK_WORKLOADS if quick else FULL_WORKLOADS
+    secs = 1 if quick else int(os.environ.get("IVLOOP_BENCH_SECONDS", "3"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "bench.json"
+
+    gs = _Guests(sd)
+    try:
+        state = gs.state
+        topo = cluster.topology_of(state)
+        _preflight(gs, pair, cross, workloads)
+        env = host_environment()
+        env.update({
+            "accelerator": state.accel,
+            "guest_kernel": gs[pair[0]].run("uname -r", timeout=20).strip(),
+            "guest_vcpus": topo.vm(pair[0]).cpus,
+            "guest_memory_mib": topo.vm(pair[0]).memory,
+            "iperf3": gs[pair[0]].run("iperf3 --version 2>&1 | head -n 1", timeout=20).strip(),
+            "pair": f"{pair[0]} -> {pair[1]} (host {state.vms[pair[0]].host})",
+            "cross": (f"{cross[0]} (host {state.vms[cross[0]].host}) -> {cross[1]} "
+                      f"(host {state.vms[cross[1]].host})"),
+            "seconds": secs,
+            "udp_rate": UDP_RATE,
+            "sockperf_sizes": [SMALL, LARGE],
+        })  # fmt: skip
+        doc: dict[str, Any] = {
+            "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
+            "environment": env, "workloads": list(workloads),
+            "paths": {
+                "shm": {"client": pair[0], "server": pair[1], "force_lower": False},
+                "lower": {"client": pair[0], "server": pair[1], "force_lower": True},
+                "wire": {"client": cross[0], "server": cross[1], "force_lower": False},
+            },
+            "samples": [], "native": None,
+        }  # fmt: skip
+        if with_native:
+            say("native ring benchmark (tests/ring bench-native)...")
+            try:
+                doc["native"] = native(quick)
+                ref = doc["native"].get("reference", {})
+                say(f"native ring: {ref.get('ring_gbps')} GB/s at 64 KiB records, memcpy "
+                    f"{ref.get('memcpy_out_of_cache_gbps')} GB/s out of cache / "
+                    f"{ref.get('memcpy_in_cache_gbps')} GB/s in cache")
+            except BenchError as exc:
+                log.error("%s", exc)
+                doc["native_error"] = str(exc)
+        ips = {name: topo.vm(name).ip for name in {pair[1], cross[1]}}
+        servers = [pair[1]] + ([cross[1]] if cross[1] != pair[1] else [])
+        sockperf = any(w.startswith("sockperf") for w in workloads)
+        with _sockperf_servers(gs, servers if sockperf else [], ips):
+            for rep in range(reps):
+                for w in workloads:
+                    for path in PATHS:
+                        client, server = (cross if path == "wire" else pair)
+                        ctx = (_forced_lower(gs, pair) if path == "lower"
+                               else contextlib.nullcontext())
+                        with ctx:
+                            sample = _measure(gs, client, ips[server], w, secs=secs, path=path,
+                                              rep=rep)
+                        doc["samples"].append(sample)
+                        say(f"rep {rep + 1}/{reps} {w:<18} {path:<5} {_summary(sample)}")
+                # Partial results survive an interrupted run.
+                json_path.write_text(json.dumps(doc, indent=1))
+        json_path.write_text(json.dumps(doc, indent=1))
+    finally:
+        gs.close()
+    return json_path

@@ -1,0 +1,478 @@
+"""The benchmark's report: validate the raw samples, then summarise them.
+
+Pure functions over the JSON that :mod:`harness.bench` writes::
+
+    {"schema": 1, "reps": 5, "quick": false, "seconds": 3,
+     "environment": {...}, "paths": {"shm": {...}, "lower": {...}, "wire": {...}},
+     "workloads": ["iperf3_tcp_1", ...],
+     "samples": [{"path": "shm", "workload": "iperf3_tcp_1", "rep": 0,
+                  "valid": true, "error": null,
+                  "counters": {"shm_tx_bytes": N, "lower_tx_bytes": N},
+                  "metrics": {"throughput_mbps": 812.5}}, ...],
+     "native": {...} | null}
+
+Nothing is printed from data that fails validation: :func:`validate` raises
+:class:`BenchReportError` naming every sample and field that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import HarnessError
+
+SCHEMA = 1
+PATHS = ("shm", "lower", "wire")
+MIN_REPS = 5  # a full (not --quick) run needs at least this many per cell
+MAX_PROBLEMS = 20  # listed in one error message
+
+# Metric -> True when higher is better.
+HIGHER_BETTER = {
+    "throughput_mbps": True,
+    "transactions_per_s": True,
+    "loss_percent": False,
+    "jitter_ms": False,
+    "lat_min_us": False,
+    "lat_mean_us": False,
+    "lat_p50_us": False,
+    "lat_p90_us": False,
+    "lat_p99_us": False,
+}
+
+# Workload -> (description, required metrics).
+WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "iperf3_tcp_1": ("iperf3 TCP, 1 stream", ("throughput_mbps",)),
+    "iperf3_tcp_4": ("iperf3 TCP, 4 streams", ("throughput_mbps",)),
+    "iperf3_udp": ("iperf3 UDP, fixed offered rate",
+                   ("throughput_mbps", "loss_percent", "jitter_ms")),
+    "netperf_tcp_rr": ("netperf TCP_RR", ("transactions_per_s", "lat_mean_us", "lat_p50_us",
+                                          "lat_p90_us", "lat_p99_us")),
+    "netperf_udp_rr": ("netperf UDP_RR", ("transactions_per_s", "lat_mean_us", "lat_p50_us",
+                                          "lat_p90_us", "lat_p99_us")),
+    "netperf_tcp_stream": ("netperf TCP_STREAM", ("throughput_mbps",)),
+    "sockperf_pp_small": ("sockperf UDP ping-pong, 64 B (half RTT)",
+                          ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
+    "sockperf_pp_large": ("sockperf UDP ping-pong, 16 KiB (half RTT)",
+                          ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
+}
+
+UNITS = {"throughput_mbps": "Mbit/s", "transactions_per_s": "trans/s", "loss_percent": "%",
+         "jitter_ms": "ms"}
+
+# A sample counts for a path only if the sender's driver counters agree.
+SHM_MIN_SHARE = 0.9  # shm: at least this share of the bytes sent went through the ring
+LOWER_MAX_SHM_SHARE = 0.01  # lower/wire: at most this share went through a ring
+
+
+class BenchReportError(HarnessError):
+    """The benchmark JSON is missing, malformed or has too few valid samples."""
+
+
+def path_matches(path: str, shm_bytes: int, lower_bytes: int) -> bool:
+    """Do the sender's counter deltas show traffic on *path*?"""
+    total = shm_bytes + lower_bytes
+    if total <= 0:
+        return False
+    if path == "shm":
+        return shm_bytes >= SHM_MIN_SHARE * total
+    return shm_bytes <= LOWER_MAX_SHM_SHARE * total
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    workload: str
+    rep: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Bench:
+    reps: int
+    quick: bool
+    environment: dict[str, Any]
+    workloads: list[str]
+    samples: list[Sample]  # valid ones only
+    invalid: int
+    native: dict[str, Any] | None
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_keys(obj: object, where: str, keys: Mapping[str, type | tuple[type, ...]],
+                problems: list[str]) -> bool:
+    if not isinstance(obj, dict):
+        problems.append(f"{where}: expected an object, got {type(obj).__name__}")
+        return False
+    ok = True
+    for key, typ in keys.items():
+        if key not in obj:
+            problems.append(f"{where}: missing key '{key}'")
+            ok = False
+        elif (not isinstance(obj[key], typ)
+              or (isinstance(obj[key], bool) and bool not in _as_tuple(typ))):
+            problems.append(f"{where}: '{key}' must be {_type_name(typ)}, "
+                            f"got {type(obj[key]).__name__}")
+            ok = False
+    return ok
+
+
+def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
+    return typ if isinstance(typ, tuple) else (typ,)
+
+
+def _type_name(typ: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in _as_tuple(typ))
+
+
+def validate(data: object) -> Bench:
+    """Check *data* (parsed JSON) and return its valid samples, or raise."""
+    problems: list[str] = []
+    top = {"schema": int, "reps": int, "quick": bool, "environment": dict, "workloads": list,
+           "samples": list}
+    if not _check_keys(data, "benchmark", top, problems):
+        raise _error(problems)
+    assert isinstance(data, dict)
+    if data["schema"] != SCHEMA:
+        problems.append(f"benchmark: schema {data['schema']} is not {SCHEMA}")
+    reps: int = data["reps"]
+    quick: bool = data["quick"]
+    if reps < 1:
+        problems.append(f"benchmark: reps must be >= 1, got {reps}")
+    elif not quick and reps < MIN_REPS:
+        problems.append(f"benchmark: too few repetitions: reps is {reps}, a full run needs "
+                        f">= {MIN_REPS} (or 'quick': true)")
+    workloads: list[str] = []
+    for i, w in enumerate(data["workloads"]):
+        if not isinstance(w, str) or w not in WORKLOADS:
+            problems.append(f"benchmark: workloads[{i}] is not a known workload: {w!r}")
+        else:
+            workloads.append(w)
+    if not workloads and not problems:
+        problems.append("benchmark: no workloads")
+
+    samples: list[Sample] = []
+    invalid = 0
+    skeys = {"path": str, "workload": str, "rep": int, "valid": bool, "metrics": dict,
+             "counters": dict}
+    for i, s in enumerate(data["samples"]):
+        where = f"samples[{i}]"
+        if not _check_keys(s, where, skeys, problems):
+            continue
+        assert isinstance(s, dict)
+        where += f" ({s['path']}/{s['workload']} rep {s['rep']})"
+        if s["path"] not in PATHS:
+            problems.append(f"{where}: unknown path {s['path']!r} (paths: {', '.join(PATHS)})")
+            continue
+        if s["workload"] not in workloads:
+            problems.append(f"{where}: workload {s['workload']!r} is not in 'workloads'")
+            continue
+        if s["rep"] < 0:
+            problems.append(f"{where}: rep must be >= 0")
+            continue
+        if not s["valid"]:
+            invalid += 1
+            continue
+        counters = s["counters"]
+        bad = [k for k in ("shm_tx_bytes", "lower_tx_bytes")
+               if not _is_int(counters.get(k)) or counters[k] < 0]
+        if bad:
+            problems.append(f"{where}: counters {', '.join(bad)} missing or not a "
+                            "non-negative integer")
+            continue
+        if not path_matches(s["path"], counters["shm_tx_bytes"], counters["lower_tx_bytes"]):
+            problems.append(
+                f"{where}: marked valid but the sender's counters contradict path "
+                f"'{s['path']}' (shm_tx_bytes +{counters['shm_tx_bytes']}, "
+                f"lower_tx_bytes +{counters['lower_tx_bytes']})")
+            continue
+        metrics: dict[str, float] = {}
+        for name in WORKLOADS[s["workload"]][1]:
+            v = s["metrics"].get(name)
+            if name not in s["metrics"]:
+                problems.append(f"{where}: missing metric '{name}'")
+            elif not _is_number(v):
+                problems.append(f"{where}: metric '{name}' must be a number, "
+                                f"got {type(v).__name__}")
+            elif not math.isfinite(v):
+                problems.append(f"{where}: metric '{name}' is not finite ({v})")
+            elif v < 0:
+                problems.append(f"{where}: metric '{name}' is negative ({v})")
+            else:
+                metrics[name] = float(v)
+        if len(metrics) == len(WORKLOADS[s["workload"]][1]):
+            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics))
+
+    if not problems:
+        for w in workloads:
+            for p in PATHS:
+                n = sum(1 for s in samples if s.path == p and s.workload == w)
+                if n < reps:
+                    problems.append(f"{p}/{w}: {n} valid sample(s), need {reps}")
+    native = data.get("native")
+    if native is not None and not isinstance(native, dict):
+        problems.append(f"benchmark: 'native' must be an object or null, "
+                        f"got {type(native).__name__}")
+    if problems:
+        raise _error(problems)
+    return Bench(reps=reps, quick=quick, environment=data["environment"], workloads=workloads,
+                 samples=samples, invalid=invalid,
+                 native=native if isinstance(native, dict) else None)
+
+
+def _error(problems: list[str]) -> BenchReportError:
+    shown = problems[:MAX_PROBLEMS]
+    more = len(problems) - len(shown)
+    return BenchReportError(
+        f"benchmark results rejected ({len(problems)} problem(s)):\n"
+        + "\n".join(shown) + (f"\n... and {more} more" if more else ""))
+
+
+def load(path: Path) -> Bench:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchReportError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise BenchReportError(f"{path}: not readable JSON: {exc}") from exc
+    return validate(data)
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    lo: float  # min
+    hi: float  # max
+    n: int
+
+
+def stat(values: list[float]) -> Stat:
+    return Stat(statistics.median(values), min(values), max(values), len(values))
+
+
+def summarise(b: Bench) -> dict[tuple[str, str], dict[str, Stat]]:
+    """(workload, metric) -> path -> median and min-max spread."""
+    out: dict[tuple[str, str], dict[str, Stat]] = {}
+    for w in b.workloads:
+        for m in WORKLOADS[w][1]:
+            out[(w, m)] = {p: stat([s.metrics[m] for s in b.samples
+                                    if s.workload == w and s.path == p]) for p in PATHS}
+    return out
+
+
+def ratio(metric: str, shm: float, other: float) -> float | None:
+    """How many times better shm is than *other* (>1: shm wins); None if undefined."""
+    num, den = (shm, other) if HIGHER_BETTER[metric] else (other, shm)
+    if den <= 0:
+        return None
+    return num / den
+
+
+# ---------------------------------------------------------------------------
+# rendering
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
+def _metric_label(m: str) -> str:
+    if m in UNITS:
+        return f"{m.split('_', maxsplit=1)[0]} ({UNITS[m]})"
+    return m.removeprefix("lat_").removesuffix("_us") + " latency (µs)"
+
+
+def headline(b: Bench) -> dict[str, float | None]:
+    """The targets' numbers: shm vs lower TCP throughput and TCP_RR latency."""
+    s = summarise(b)
+    out: dict[str, float | None] = {}
+    if ("iperf3_tcp_1", "throughput_mbps") in s:
+        c = s[("iperf3_tcp_1", "throughput_mbps")]
+        out["tcp_throughput_x"] = ratio("throughput_mbps", c["shm"].median, c["lower"].median)
+    if ("netperf_tcp_rr", "lat_mean_us") in s:
+        c = s[("netperf_tcp_rr", "lat_mean_us")]
+        out["tcp_rr_latency_x"] = ratio("lat_mean_us", c["shm"].median, c["lower"].median)
+    return out
+
+
+def markdown(b: Bench) -> str:
+    env = b.environment
+    lines = [
+        "## ivloop benchmark",
+        "",
+        f"Machine: {env.get('cpu_model', '?')}, {env.get('cores', '?')} cores, "
+        f"host kernel {env.get('host_kernel', '?')}, {env.get('qemu_version', '?')}, "
+        f"accelerator {env.get('accelerator', '?')}; guests: kernel "
+        f"{env.get('guest_kernel', '?')}, {env.get('guest_vcpus', '?')} vCPU. "
+        f"Run {env.get('date', '?')}.",
+        "",
+        f"Paths: **shm** = {env.get('pair', '?')} over the shared ring; **lower** = the same "
+        f"pair with `force-lower` (virtio-net, tap, bridge); **wire** = "
+        f"{env.get('cross', '?')} across hosts (veth wire). Repetitions interleaved "
+        f"(shm, lower, wire, shm, ...); median of {b.reps} per cell, [min-max]; "
+        f"{env.get('seconds', '?')} s per sample"
+        + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "") + ".",
+        "Ratios: how many times better shm is (throughput shm/other, latency other/shm).",
+        "",
+        "| workload | metric | shm | lower | wire | shm vs lower | shm vs wire |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (w, m), cells in summarise(b).items():
+        row = [WORKLOADS[w][0], _metric_label(m)]
+        for p in PATHS:
+            c = cells[p]
+            row.append(f"{_fmt(c.median)} [{_fmt(c.lo)}-{_fmt(c.hi)}]")
+        for other in ("lower", "wire"):
+            r = ratio(m, cells["shm"].median, cells[other].median)
+            row.append("-" if r is None or m in ("loss_percent", "jitter_ms")
+                       else f"{r:.2f}x")
+        lines.append("| " + " | ".join(row) + " |")
+    h = headline(b)
+    lines.append("")
+    tx, rr = h.get("tcp_throughput_x"), h.get("tcp_rr_latency_x")
+    if tx is not None:
+        lines.append(f"Target shm ≥ 3x lower iperf3 TCP throughput: **{tx:.2f}x** "
+                     f"({'met' if tx >= 3 else 'not met'}).")
+    if rr is not None:
+        lines.append(f"Target shm TCP_RR latency ≤ 1/3 of lower: lower/shm = **{rr:.2f}x** "
+                     f"({'met' if rr >= 3 else 'not met'}).")
+    if b.native:
+        lines += ["", *native_markdown(b.native)]
+    return "\n".join(lines) + "\n"
+
+
+def native_markdown(n: dict[str, Any]) -> list[str]:
+    """The user-space ring benchmark (tests/ring/ring_bench.c), if it ran."""
+    try:
+        mc = {int(r["bytes"]): r for r in n["memcpy"]}
+        lines = [
+            "### Native ring (user space, two processes, memfd + eventfds)",
+            "",
+            f"{n.get('cpu_model', '?')}, {n.get('cpus', '?')} CPUs"
+            f"{', processes pinned to separate cores' if n.get('pinned') else ''}; "
+            f"ring {int(n['ring_size']) // 1024} KiB; medians of {n['reps']}. "
+            "Each record is copied in and out (memcpy each side, like the driver).",
+            "",
+            "| record | ring GB/s | records/s | memcpy GB/s in cache | memcpy GB/s out of cache |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in n["throughput"]:
+            size = int(r["record_bytes"])
+            m = mc.get(size, {})
+            lines.append(f"| {size} B | {float(r['gbps']):.2f} | {float(r['records_per_s']):.0f}"
+                         f" | {float(m.get('in_cache_gbps', math.nan)):.1f}"
+                         f" | {float(m.get('out_of_cache_gbps', math.nan)):.1f} |")
+        ref = n["reference"]
+        lines += [
+            "",
+            f"At {int(ref['record_bytes']) // 1024} KiB records the ring moves "
+            f"{float(ref['ring_gbps']):.2f} GB/s = "
+            f"{100 * float(ref['ratio_out_of_cache']):.0f}% of single-core memcpy out of "
+            f"cache ({float(ref['memcpy_out_of_cache_gbps']):.1f} GB/s) and "
+            f"{100 * float(ref['ratio_in_cache']):.0f}% of memcpy in cache "
+            f"({float(ref['memcpy_in_cache_gbps']):.1f} GB/s); target ≥ 50%.",
+            "",
+            f"| round trip, {int(n['latency_us']['message_bytes'])} B | p50 µs | p90 µs "
+            "| p99 µs | mean µs |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, label in (("ring", "ivloop ring + eventfd doorbells"),
+                           ("eventfd", "plain eventfd ping-pong"),
+                           ("tcp_loopback", "TCP over 127.0.0.1, TCP_NODELAY")):
+            lat = n["latency_us"][key]
+            lines.append(f"| {label} | {float(lat['p50']):.1f} | {float(lat['p90']):.1f} | "
+                         f"{float(lat['p99']):.1f} | {float(lat['mean']):.1f} |")
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"(native ring results malformed: {exc!r})"]
+    return lines
+
+
+def charts(b: Bench, out_dir: Path) -> list[Path]:
+    """throughput.png (bars with min-max) and latency.png (percentiles per path)."""
+    # Imported here: matplotlib costs a second of start-up that only plots need.
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    s = summarise(b)
+    colours = {"shm": "tab:green", "lower": "tab:orange", "wire": "tab:blue"}
+    written: list[Path] = []
+    env = b.environment
+    subtitle = (f"{env.get('accelerator', '?')} guests, {env.get('cpu_model', '?')}, "
+                f"median of {b.reps}, bars = min-max")
+
+    tput = [k for k in s if k[1] == "throughput_mbps"]
+    if tput:
+        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(tput)), 4.5))
+        width = 0.27
+        for i, p in enumerate(PATHS):
+            xs = [j + (i - 1) * width for j in range(len(tput))]
+            med = [s[k][p].median for k in tput]
+            err = [[s[k][p].median - s[k][p].lo for k in tput],
+                   [s[k][p].hi - s[k][p].median for k in tput]]
+            ax.bar(xs, med, width, yerr=err, capsize=3, color=colours[p], label=p)
+        ax.set_xticks(range(len(tput)), [WORKLOADS[w][0] for w, _ in tput], fontsize=8)
+        ax.set_ylabel("Mbit/s")
+        ax.set_title(f"Throughput by path\n{subtitle}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / "throughput.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    lat_w = [w for w in b.workloads if "lat_p50_us" in WORKLOADS[w][1]]
+    if lat_w:
+        fig, axes = plt.subplots(1, len(lat_w), figsize=(3.2 * len(lat_w), 4), squeeze=False)
+        pct = ("lat_p50_us", "lat_p90_us", "lat_p99_us")
+        for ax, w in zip(axes[0], lat_w, strict=True):
+            for p in PATHS:
+                ax.plot(["p50", "p90", "p99"], [s[(w, m)][p].median for m in pct],
+                        marker="o", color=colours[p], label=p)
+            ax.set_title(WORKLOADS[w][0], fontsize=8)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("latency (µs, log)")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"Latency percentiles by path ({subtitle})", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / "latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(json_path: Path, out_dir: Path | None = None) -> list[Path]:
+    """Validate *json_path*, then write bench.md and the charts next to it."""
+    b = load(json_path)
+    out_dir = out_dir or json_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "bench.md"
+    md.write_text(markdown(b))
+    return [md, *charts(b, out_dir)]
