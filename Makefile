@@ -83,6 +83,10 @@ lint: deps  ## ruff, mypy, checkpatch
 fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)
 	$(MAKE) -C tests/ring fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-600}
 
+bench: deps image  ## shm vs forced-lower vs wire, plus the native ring (writes bench-results/)
+	@mkdir -p bench-results
+	flock $(VM_LOCK) bash -c '$(MAKE) -s --no-print-directory -C tests/ring bench-native > bench-results/native.json && $(HARNESS) up && $(HARNESS) bench --out bench-results --native-json bench-results/native.json; rc=$$?; $(HARNESS) down; exit $$rc'
+
 clean:  ## remove build outputs (keeps the downloaded packages)
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi
 	rm -rf images/out tests/ring/build build

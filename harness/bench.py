@@ -361,8 +361,14 @@ def _summary(sample: dict[str, Any]) -> str:
 
 def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
         cross: tuple[str, str] = ("vm1", "vm3"), reps: int = 5, quick: bool = False,
-        out_dir: Path, say: Say | None = None, with_native: bool = True) -> Path:
-    """Benchmark the three paths; write ``out_dir/bench.json`` and return its path."""
+        out_dir: Path, say: Say | None = None, with_native: bool = True,
+        native_json: Path | None = None) -> Path:
+    """Benchmark the three paths; write ``out_dir/bench.json`` and return its path.
+
+    *native_json*: results of ``make -C tests/ring bench-native`` taken earlier
+    (e.g. before the VMs booted, so that idle guests do not share the cores);
+    otherwise the native benchmark runs here unless *with_native* is false.
+    """
     say = say or (lambda text: log.info("%s", text))
     if reps < 1:
         raise BenchError(f"reps must be at least 1, got {reps}")
@@ -400,7 +406,14 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             },
             "samples": [], "native": None,
         }  # fmt: skip
-        if with_native:
+        if native_json is not None:
+            try:
+                doc["native"] = json.loads(native_json.read_text())
+            except (OSError, ValueError) as exc:
+                raise BenchError(f"{native_json}: no native ring results: {exc}") from exc
+            doc["native_measured"] = f"before the run ({native_json.name})"
+        elif with_native:
+            doc["native_measured"] = "during the run, with the VMs up"
             say("native ring benchmark (tests/ring bench-native)...")
             try:
                 doc["native"] = native(quick)

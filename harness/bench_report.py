@@ -105,6 +105,7 @@ class Bench:
     samples: list[Sample]  # valid ones only
     invalid: int
     native: dict[str, Any] | None
+    native_measured: str = ""  # when the native benchmark ran (e.g. "with the VMs up")
 
 
 def _is_number(v: object) -> bool:
@@ -233,7 +234,8 @@ def validate(data: object) -> Bench:
         raise _error(problems)
     return Bench(reps=reps, quick=quick, environment=data["environment"], workloads=workloads,
                  samples=samples, invalid=invalid,
-                 native=native if isinstance(native, dict) else None)
+                 native=native if isinstance(native, dict) else None,
+                 native_measured=str(data.get("native_measured") or ""))
 
 
 def _error(problems: list[str]) -> BenchReportError:
@@ -362,6 +364,8 @@ def markdown(b: Bench) -> str:
                      f"({'met' if rr >= 3 else 'not met'}).")
     if b.native:
         lines += ["", *native_markdown(b.native)]
+        if b.native_measured:
+            lines += ["", f"Native benchmark measured {b.native_measured}."]
     return "\n".join(lines) + "\n"
 
 
@@ -424,7 +428,7 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
     written: list[Path] = []
     env = b.environment
     subtitle = (f"{env.get('accelerator', '?')} guests, {env.get('cpu_model', '?')}, "
-                f"median of {b.reps}, bars = min-max")
+                f"median of {b.reps}")
 
     tput = [k for k in s if k[1] == "throughput_mbps"]
     if tput:
@@ -438,7 +442,7 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
             ax.bar(xs, med, width, yerr=err, capsize=3, color=colours[p], label=p)
         ax.set_xticks(range(len(tput)), [WORKLOADS[w][0] for w, _ in tput], fontsize=8)
         ax.set_ylabel("Mbit/s")
-        ax.set_title(f"Throughput by path\n{subtitle}", fontsize=9)
+        ax.set_title(f"Throughput by path\n{subtitle}, bars = min-max", fontsize=9)
         ax.legend()
         fig.tight_layout()
         path = out_dir / "throughput.png"

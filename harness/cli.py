@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--report-only", type=Path, default=None, metavar="JSON",
                    help="do not measure: validate JSON and write the report from it")
     s.add_argument("--no-native", action="store_true", help="skip the native ring benchmark")
+    s.add_argument("--native-json", type=Path, default=None, metavar="JSON",
+                   help="use these bench-native results instead of running it with the VMs up")
 
     for name, help_ in (("plug", "hot-add a VM's ivshmem device"),
                         ("unplug", "hot-remove a VM's ivshmem device")):
@@ -254,6 +256,7 @@ def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
             json_path = bench_mod.run(
                 sd, reps=1 if args.quick else args.reps, quick=args.quick,
                 out_dir=args.out or Path("bench-results"), with_native=not args.no_native,
+                native_json=args.native_json,
                 say=lambda text: out.print(text, markup=False, highlight=False))
     written = bench_report.write(json_path, args.out)
     out.print(written[0].read_text(), markup=False, highlight=False)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness import bench, bench_report
+from harness import bench, bench_report, cli
 from harness.bench_report import BenchReportError, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,3 +278,23 @@ def test_native_ring_bench_json_shape(tmp_path: Path) -> None:
     md = bench_report.native_markdown(data)
     assert md[0].startswith("### Native ring") and "malformed" not in "\n".join(md)
 
+
+
+def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    js = tmp_path / "bench.json"
+    js.write_text(json.dumps(synthetic()))
+    out = tmp_path / "report"
+    assert cli.main(["--state-dir", str(tmp_path / "state"), "bench", "--report-only", str(js),
+                     "--out", str(out)]) == 0
+    assert "| iperf3 TCP, 1 stream |" in (out / "bench.md").read_text()
+    capsys.readouterr()
+    bad = synthetic()
+    bad["samples"][0]["metrics"]["throughput_mbps"] = -5
+    js.write_text(json.dumps(bad))
+    (out / "bench.md").unlink()
+    assert cli.main(["--state-dir", str(tmp_path / "state"), "bench", "--report-only", str(js),
+                     "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "harness: error: benchmark results rejected (1 problem(s)):" in err
+    assert "samples[0] (shm/iperf3_tcp_1 rep 0): metric 'throughput_mbps' is negative" in err
+    assert not (out / "bench.md").exists()
