@@ -19,7 +19,7 @@ VM_LOCK ?= /tmp/ivloop-vm.lock
 # fuzzer, and the guest's tools (so dpkg can name the packages owning their
 # libraries when the image is assembled).
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod cpio gzip xz-utils zstd \
-	binutils gcc make clang libclang-rt-14-dev python3-venv util-linux \
+	binutils gcc libc6-dev make clang libclang-rt-14-dev python3-venv util-linux \
 	busybox-static iperf3 sockperf dropbear-bin ethtool pciutils dash \
 	linux-source-6.1
 
@@ -86,6 +86,10 @@ fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)
 bench: deps image  ## shm vs forced-lower vs wire, plus the native ring (writes bench-results/)
 	@mkdir -p bench-results
 	flock $(VM_LOCK) bash -c '$(MAKE) -s --no-print-directory -C tests/ring bench-native > bench-results/native.json && $(HARNESS) up && $(HARNESS) bench --out bench-results --native-json bench-results/native.json; rc=$$?; $(HARNESS) down; exit $$rc'
+
+soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traffic; not in `make test`
+	@mkdir -p build
+	flock $(VM_LOCK) bash -c '$(HARNESS) up && $(HARNESS) soak vm2 --from A --to B --count $${SOAK_COUNT:-20} --json build/soak.json; rc=$$?; $(HARNESS) down; exit $$rc'
 
 clean:  ## remove build outputs (keeps the downloaded packages)
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi

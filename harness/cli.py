@@ -17,6 +17,7 @@ from . import bench as bench_mod
 from . import bench_report, cluster
 from . import demo as demo_mod
 from . import migrate as migrate_mod
+from . import soak as soak_mod
 from . import topology as topology_mod
 from . import watch as watch_mod
 from .errors import HarnessError
@@ -94,6 +95,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-native", action="store_true", help="skip the native ring benchmark")
     s.add_argument("--native-json", type=Path, default=None, metavar="JSON",
                    help="use these bench-native results instead of running it with the VMs up")
+
+    s = sub.add_parser("soak", help="migrate a VM back and forth N times with traffic "
+                                    "running; count lost connections and kernel warnings")
+    s.add_argument("vm", nargs="?", default=None,
+                   help="VM to move (default: the one VM marked mobile on --from)")
+    s.add_argument("--from", dest="source", required=True, metavar="HOST")
+    s.add_argument("--to", dest="dest", required=True, metavar="HOST")
+    s.add_argument("--count", type=_positive_int, default=20, help="moves (default 20)")
+    s.add_argument("--peer", default=None,
+                   help="VM on --from that sends the traffic (default: the first one)")
+    s.add_argument("--window", type=_positive, default=25.0,
+                   help="seconds of traffic around each move (default 25)")
+    s.add_argument("--json", type=Path, default=None, help="also write the report here")
+
+    s = sub.add_parser("server-restart",
+                       help="start a new ivloop-server for a host and re-plug its VMs")
+    s.add_argument("host")
+
+    s = sub.add_parser("restart", help="boot a VM again (e.g. after its QEMU died)")
+    s.add_argument("vm")
 
     for name, help_ in (("plug", "hot-add a VM's ivshmem device"),
                         ("unplug", "hot-remove a VM's ivshmem device")):
@@ -264,9 +285,52 @@ def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
+    vm = args.vm or migrate_mod.pick_vm(sd.load(), args.source)
+    report = soak_mod.run(sd, vm, args.source, args.dest, args.count, peer=args.peer,
+                          window=args.window,
+                          say=lambda text: out.print(text, markup=False, highlight=False))
+    table = Table(title=f"soak: {report.vm} {args.source} <-> {args.dest} "
+                        f"(traffic from {report.peer})")
+    for col in ("move", "ok", "downtime s", "switch src s", "switch dst s", "stream",
+                "pings lost"):
+        table.add_column(col)
+    for m in report.moves:
+        table.add_row(f"{m.index} {m.source}->{m.destination}", "yes" if m.ok else "NO",
+                      soak_mod._s(m.downtime_ms, 1e-3), soak_mod._s(m.switch_source_s),
+                      soak_mod._s(m.switch_dest_s), "ok" if m.stream_ok else "LOST",
+                      f"{m.ping_lost}/{m.ping_sent}")
+    out.print(table)
+    warned = {vm: lines for vm, lines in report.kernel_warnings.items() if lines}
+    out.print(f"lost connections: {report.lost_connections}, failed moves: "
+              f"{report.failed_moves}, kernel warnings: "
+              f"{sum(len(v) for v in warned.values())}")
+    for vm_name, lines in warned.items():
+        for line in lines[:5]:
+            out.print(f"  {vm_name}: {line}", markup=False, highlight=False)
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.ok else 1
+
+
+def cmd_server_restart(args: argparse.Namespace, sd: StateDir) -> int:
+    with sd:
+        moved = cluster.restart_server(sd, args.host)
+    out.print(f"{args.host}: new ivloop-server; re-plugged " + (", ".join(moved) or "no VM"))
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace, sd: StateDir) -> int:
+    with sd:
+        cluster.restart_vm(sd, args.vm)
+    out.print(f"{args.vm}: running again")
+    return 0
+
+
 COMMANDS = {"up": cmd_up, "status": cmd_status, "ssh": cmd_ssh, "down": cmd_down,
             "plug": cmd_plug, "unplug": cmd_plug, "migrate": cmd_migrate,
-            "watch": cmd_watch, "demo": cmd_demo, "bench": cmd_bench}
+            "watch": cmd_watch, "demo": cmd_demo, "bench": cmd_bench, "soak": cmd_soak,
+            "server-restart": cmd_server_restart, "restart": cmd_restart}
 
 
 def main(argv: list[str] | None = None) -> int:

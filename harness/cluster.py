@@ -135,7 +135,7 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
         console=Path(vs.console), qmp=Path(vs.qmp), pidfile=pidfile, tap=vs.tap,
         ssh_port=vs.ssh_port, ssh_key=pubkey,
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None, incoming=incoming,
-        lower_only=not state.driver,
+        lower_only=not driver_for(state, vm),
     )  # fmt: skip
     for stale in (Path(vs.qmp), pidfile):
         stale.unlink(missing_ok=True)
@@ -146,6 +146,11 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
         sd.save(state)
     log.info("%s: QEMU pid %d on host %s", vm.name, pid, host)
     return vs
+
+
+def driver_for(state: State, vm: VMSpec) -> bool:
+    """Whether *vm* loads ivloop.ko: its own `driver` key wins over the global flag."""
+    return state.driver if vm.driver is None else vm.driver
 
 
 def wait_ssh(sd: StateDir, state: State, name: str, timeout: float = BOOT_TIMEOUT) -> None:
@@ -340,3 +345,78 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
 def locked(sd: StateDir) -> Iterator[StateDir]:
     with sd:
         yield sd
+
+
+# ---------------------------------------------------------------------------
+# recovery: a VM or a server that died
+
+
+def restart_vm(sd: StateDir, name: str, timeout: float = BOOT_TIMEOUT) -> VMState:
+    """Boot *name* again on the host it was last on (after a crash, or to reboot it).
+
+    A QEMU still running is stopped first.  The new incarnation gets its own
+    files (a new generation, as a migration destination does) and a fresh
+    ivshmem device when its host runs a server: the server gives it a free
+    directory slot and a new peer ID.
+    """
+    state = sd.load()
+    spec = topology_of(state).vm(name)
+    old = state.vms.get(name)
+    host = old.host if old else spec.host
+    if old is not None:
+        if old.proc is not None:
+            qemu.terminate(old.proc)
+        with contextlib.suppress(HarnessError):
+            hostnet.remove_link(state.hosts[host].netns, old.tap)  # start_vm adds it again
+    vs = start_vm(sd, state, spec, host=host,
+                  generation=(old.generation + 1) if old is not None else 0)
+    wait_ssh(sd, state, name, timeout=timeout)
+    return vs
+
+
+def restart_server(sd: StateDir, host: str) -> list[str]:
+    """Start a new ivloop-server for *host* and move its VMs onto it.
+
+    QEMU does not reconnect an ivshmem chardev whose server went away, and a
+    new server has a new region, so every VM of the host that had a device
+    gets it unplugged and a new one plugged (with the stale-fd padding).
+    A server that still runs is stopped first.  Returns the VMs re-plugged.
+    """
+    state = sd.load()
+    topology_of(state).host(host)
+    hs = state.hosts[host]
+    if hs.server is not None and qemu.terminate(hs.server):
+        log.info("stopped the running ivloop-server of %s", host)
+    if hs.server_socket:
+        # A killed server leaves its socket behind, and start_server takes
+        # the socket's presence as "listening": remove it first.
+        Path(hs.server_socket).unlink(missing_ok=True)
+    start_server(sd, state, host)
+    server = hs.server_socket
+    moved: list[str] = []
+    for vs in state.vms.values():
+        if vs.host != host or not vs.ivshmem or vs.proc is None or not vs.proc.alive():
+            continue
+
+        async def replug(vs: VMState = vs) -> None:
+            async with qemu.Monitor(Path(vs.qmp)) as mon:
+                await unplug_ivshmem(mon)
+                vs.unplugs += 1
+                await plug_ivshmem(mon, server, replug=True, tag=f"srv{vs.unplugs}")
+        try:
+            asyncio.run(replug())
+        except (HarnessError, OSError, EOFError) as exc:
+            vs.ivshmem = False  # unplugged but not plugged: say so, then report
+            sd.save(state)
+            if vs.proc.alive():
+                raise
+            vs.status = VMStatus.DOWN
+            sd.save(state)
+            raise StateError(
+                f"{vs.name}'s QEMU died while its ivshmem device was re-plugged "
+                f"({exc.__class__.__name__}); see {vs.console} and the QEMU log; "
+                f"'harness restart {vs.name}' boots it again") from exc
+        sd.save(state)
+        moved.append(vs.name)
+        log.info("%s: ivshmem re-plugged to the new server of %s", vs.name, host)
+    return moved

@@ -136,7 +136,10 @@ class _SwitchObserver:
         self.guests: list[Guest] = []
         if not state.driver:
             return
+        topo = cluster.topology_of(state)
         for name, other in state.vms.items():
+            if not cluster.driver_for(state, topo.vm(name)):
+                continue  # no ivloop.ko there: nobody to ask
             if name != vm and other.host == host and other.status == VMStatus.RUNNING:
                 with contextlib.suppress(HarnessError):
                     self.guests.append(cluster.guest(sd, state, name, timeout=10))

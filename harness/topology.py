@@ -19,7 +19,7 @@ from .errors import TopologyError
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$", re.IGNORECASE)
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _HOST_KEYS = {"max_peers", "region_size"}
-_VM_KEYS = {"host", "mac", "ip", "ip6", "mobile", "memory", "cpus", "group"}
+_VM_KEYS = {"host", "mac", "ip", "ip6", "mobile", "memory", "cpus", "group", "driver"}
 _NET_KEYS = {"subnet", "subnet6"}
 
 
@@ -48,6 +48,10 @@ class VMSpec:
     mobile: bool = False
     memory: int = 256
     cpus: int = 1
+    # Load ivloop.ko in this guest; None: follow the topology-wide choice
+    # (`harness up --no-driver`).  False leaves the ivshmem device unbound,
+    # e.g. for ivl-dir or the hostile peer of the reliability tests.
+    driver: bool | None = None
 
     @property
     def mgmt_mac(self) -> str:
@@ -96,6 +100,23 @@ def _check_keys(got: dict[str, Any], allowed: set[str], where: str) -> None:
         )
 
 
+def _is_int(value: Any) -> bool:
+    """TOML integers only: `true` is an int to Python but not a count."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_SIZE_RE = re.compile(r"^([1-9][0-9]*)([KMG]?)(?:i?B)?$", re.IGNORECASE)  # as the server
+
+
+def _region_size_ok(text: str) -> bool:
+    """The server's own check (power of two) made early, before anything starts."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        return False
+    n = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+    return n & (n - 1) == 0
+
+
 def _check_name(name: str, what: str, where: str) -> None:
     if not _NAME_RE.match(name):
         raise TopologyError(
@@ -125,9 +146,14 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
             raise TopologyError(f"{where}: must be a table")
         _check_keys(spec, _HOST_KEYS, where)
         max_peers = spec.get("max_peers", 8)
-        if not isinstance(max_peers, int) or not 2 <= max_peers <= 64:
+        if not _is_int(max_peers) or not 2 <= max_peers <= 64:
             raise TopologyError(f"{where}: max_peers must be an integer in 2..64")
         region_size = str(spec.get("region_size", "32M"))
+        if not _region_size_ok(region_size):
+            raise TopologyError(
+                f"{where}: region_size '{region_size}' must be a power of two in bytes, "
+                "optionally with a K, M or G suffix (e.g. \"32M\")"
+            )
         hosts[name] = HostSpec(name=name, index=i, max_peers=max_peers, region_size=region_size)
         seen_lower[name.lower()] = name
     if not hosts:
@@ -172,19 +198,22 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
             raise TopologyError(f"{where}: address {ip} is already used by {ips[str(ip)]}")
         memory = spec.get("memory", 256)
         cpus = spec.get("cpus", 1)
-        if not isinstance(memory, int) or not 128 <= memory <= 16384:
+        if not _is_int(memory) or not 128 <= memory <= 16384:
             raise TopologyError(f"{where}: memory must be an integer number of MiB in 128..16384")
-        if not isinstance(cpus, int) or not 1 <= cpus <= 8:
+        if not _is_int(cpus) or not 1 <= cpus <= 8:
             raise TopologyError(f"{where}: cpus must be an integer in 1..8")
         mobile = spec.get("mobile", False)
         if not isinstance(mobile, bool):
             raise TopologyError(f"{where}: mobile must be true or false")
+        driver = spec.get("driver")
+        if driver is not None and not isinstance(driver, bool):
+            raise TopologyError(f"{where}: driver must be true or false")
         macs[mac] = name
         ips[str(ip)] = name
         vms[name] = VMSpec(
             name=name, index=i, host=host, mac=mac, ip=str(ip), ip6=str(ip6),
             prefixlen=subnet.prefixlen, prefixlen6=subnet6.prefixlen,
-            mobile=mobile, memory=memory, cpus=cpus,
+            mobile=mobile, memory=memory, cpus=cpus, driver=driver,
         )
     for host in hosts.values():
         count = sum(1 for vm in vms.values() if vm.host == host.name)

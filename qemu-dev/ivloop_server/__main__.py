@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="data bytes per ring (default: the largest that fits, at most "
         f"{format_size(abi.IVL_RING_MAX_SIZE)})",
     )
+    parser.add_argument(
+        "--leave-notices",
+        action="store_true",
+        help="tell clients when a peer leaves (the protocol's ID-without-fd message); off by "
+        "default because QEMU's ivshmem double-frees on it when its device is later unplugged",
+    )
     parser.add_argument("-p", "--pidfile", type=Path, metavar="PATH", help="write the PID here")
     parser.add_argument(
         "--ready-fd",
@@ -260,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         max_peers=args.max_peers,
         vectors=args.vectors,
         ring_size=args.ring_size,
+        leave_notices=args.leave_notices,
     )
     try:
         config.validate()

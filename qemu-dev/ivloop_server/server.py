@@ -111,6 +111,14 @@ class ServerConfig:
     #: QEMU peer ID given to the first client (IDs then count up).  0 except
     #: in tests, which use it to reach the end of the ID space quickly.
     first_peer_id: int = 0
+    #: Send QEMU's "peer N left" message (an ID without an fd) on a leave.
+    #: Off by default: QEMU's ivshmem (7.2 and later alike) frees the departed
+    #: peer's eventfd array on that message and frees it again when its own
+    #: device is unplugged -- a double free that kills the QEMU.  Guests learn
+    #: of leaves from the directory and the vector-0 doorbell instead; the
+    #: price is that each QEMU keeps two stale eventfds per departed peer
+    #: (IDs are never reused, so they are never confused with a new peer).
+    leave_notices: bool = False
 
     def validate(self) -> Layout:
         """Check every value; return the region layout or raise ConfigError."""
@@ -600,7 +608,8 @@ class IvshmemServer:
         if self._loop is not None and peer.sock.fileno() >= 0:
             self._loop.remove_reader(peer.sock.fileno())
         generation = self.region.mark_absent(peer.slot)
-        notified = self._announce_leave(peer.id, self._live_peers())
+        notified = (self._announce_leave(peer.id, self._live_peers())
+                    if self.config.leave_notices else 0)
         self._ring_membership(exclude=peer)
         peer.close()
         peer.transition(PeerState.GONE)

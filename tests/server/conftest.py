@@ -93,6 +93,9 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
         kwargs.setdefault("socket_path", tmp_path / f"ivl{len(servers)}.sock")
         kwargs.setdefault("size", 8 << 20)
         kwargs.setdefault("max_peers", 4)
+        # Most tests check the documented protocol, leave notices included;
+        # test_leave_without_notices.py checks the (QEMU-safe) default.
+        kwargs.setdefault("leave_notices", True)
         st = ServerThread(ServerConfig(**kwargs))
         servers.append(st)
         return st
@@ -158,8 +161,11 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start ``python -m ivloop_server``; by default wait until it is READY."""
     procs: list[ServerProcess] = []
 
-    def factory(*args: str, socket_path: Path | None = None, ready: bool = True) -> ServerProcess:
+    def factory(*args: str, socket_path: Path | None = None, ready: bool = True,
+                notices: bool = True) -> ServerProcess:
         path = socket_path or tmp_path / "ivl.sock"
+        if notices:  # the documented protocol; the default is tested on its own
+            args = ("--leave-notices", *args)
         err = tmp_path / f"server{len(procs)}.stderr"
         rfd, wfd = os.pipe()
         try:

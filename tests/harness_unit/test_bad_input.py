@@ -1,0 +1,195 @@
+"""Bad input not covered elsewhere: per-VM driver option, sizes, new commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from harness import cli, cluster, qemu, topology
+from harness.accel import Choice
+from harness.errors import TopologyError
+from harness.state import ProcRecord, State, StateDir, VMState, VMStatus
+
+
+def parse(text: str) -> topology.Topology:
+    return topology.parse(tomllib.loads(text), "test")
+
+
+BASE = '[hosts.A]\n[vms.v1]\nhost = "A"\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('driver = "no"\n', "driver must be true or false"),
+        ("driver = 0\n", "driver must be true or false"),
+        ("cpus = true\n", "cpus must be an integer"),
+        ("memory = true\n", "memory must be an integer"),
+        ("memory = 256.0\n", "memory must be an integer"),
+        ('mobile = "yes"\n', "mobile must be true or false"),
+        ('ip6 = "fd99::1"\n', "is not in fd77::/64"),
+        ('ip = "10.77.0.0"\n', "not a host address"),
+        ('ip = "banana"\n', "bad address"),
+        ('mac = "52:54:00:ff:00:01"\n', "reserved for management"),
+    ],
+)
+def test_bad_vm_fields_are_refused(extra: str, message: str) -> None:
+    with pytest.raises(TopologyError, match=message):
+        parse(BASE + extra)
+
+
+@pytest.mark.parametrize("size", ["lots", "3M", "0", "-32M", "32X", "1.5G", ""])
+def test_bad_region_size_is_refused_before_anything_starts(size: str) -> None:
+    with pytest.raises(TopologyError, match="region_size"):
+        parse(f'[hosts.A]\nregion_size = "{size}"\n')
+
+
+@pytest.mark.parametrize("size", ["32M", "64m", "1G", "33554432", "32MiB"])
+def test_good_region_sizes_pass(size: str) -> None:
+    assert parse(f'[hosts.A]\nregion_size = "{size}"\n').host("A").region_size == size
+
+
+def test_max_peers_true_is_not_a_number() -> None:
+    with pytest.raises(TopologyError, match="max_peers"):
+        parse("[hosts.A]\nmax_peers = true\n")
+
+
+def test_vms_must_be_tables() -> None:
+    with pytest.raises(TopologyError, match="must be a table"):
+        parse('[hosts.A]\n[vms]\nv1 = "A"\n')
+    with pytest.raises(TopologyError, match="must be a table"):
+        parse('hosts = "A"\n')
+
+
+def state_for(topo: topology.Topology, driver: bool) -> State:
+    return State(instance="x", topology=topo.raw, topology_source=topo.source, driver=driver)
+
+
+def test_per_vm_driver_wins_over_the_global_flag() -> None:
+    topo = parse('[hosts.A]\n[vms.v1]\nhost = "A"\ndriver = false\n'
+                 '[vms.v2]\nhost = "A"\n[vms.v3]\nhost = "A"\ndriver = true\n')
+    assert topo.vm("v2").driver is None
+    on, off = state_for(topo, True), state_for(topo, False)
+    assert [cluster.driver_for(on, topo.vm(v)) for v in ("v1", "v2", "v3")] == [
+        False, True, True]
+    assert [cluster.driver_for(off, topo.vm(v)) for v in ("v1", "v2", "v3")] == [
+        False, False, True]
+
+
+def test_driverless_vm_gets_ivl_lower_on_its_command_line(tmp_path: Path) -> None:
+    topo = parse(BASE + "driver = false\n")
+
+    def append(lower_only: bool) -> str:
+        argv = qemu.render(qemu.LaunchSpec(
+            vm=topo.vm("v1"), kernel=tmp_path / "k", initrd=tmp_path / "i",
+            accel_args=Choice("tcg", "test").qemu_args, console=tmp_path / "c",
+            qmp=tmp_path / "q", pidfile=tmp_path / "p", tap="tap-v1", ssh_port=2201,
+            ssh_key="ssh-ed25519 AAAA", lower_only=lower_only))  # fmt: skip
+        return argv[argv.index("-append") + 1]
+
+    state = state_for(topo, True)
+    assert "ivl.lower=1" in append(not cluster.driver_for(state, topo.vm("v1")))
+    assert "ivl.lower=1" not in append(False)
+
+
+# --- the new commands -------------------------------------------------------
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> StateDir:
+    sd = StateDir(tmp_path / "state")
+    topo = topology.load()
+    state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
+                  accel="tcg")
+    for vm in topo.vms.values():
+        state.vms[vm.name] = VMState(name=vm.name, host=vm.host, status=VMStatus.RUNNING,
+                                     proc=ProcRecord(pid=2**22 + 1, start_time=1))
+    with sd:
+        sd.save(state)
+    return sd
+
+
+def run(capsys: pytest.CaptureFixture[str], sd: StateDir, *argv: str) -> tuple[int, str]:
+    code = cli.main(["--state-dir", str(sd.path), *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["soak", "--from", "A", "--to", "B", "--count", "0"], "must be positive"),
+        (["soak", "--from", "A", "--to", "B", "--count", "2.5"], "whole number"),
+        (["soak", "--from", "A", "--to", "B", "--window", "-1"], "must be positive"),
+        (["soak", "--to", "B"], "--from"),
+        (["server-restart"], "host"),
+        (["restart"], "vm"),
+    ],
+)
+def test_bad_arguments_of_new_commands_are_argparse_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_server_restart_of_unknown_host(capsys: pytest.CaptureFixture[str],
+                                        state_dir: StateDir) -> None:
+    before = state_dir.file("state.json").read_text()
+    code, err = run(capsys, state_dir, "server-restart", "Z")
+    assert code == 1 and "unknown host 'Z'" in err and len(err.strip().splitlines()) == 1
+    assert state_dir.file("state.json").read_text() == before
+
+
+def test_restart_of_unknown_vm(capsys: pytest.CaptureFixture[str], state_dir: StateDir) -> None:
+    code, err = run(capsys, state_dir, "restart", "vm9")
+    assert code == 1 and "unknown VM 'vm9'" in err
+
+
+def test_soak_of_a_vm_that_is_down(capsys: pytest.CaptureFixture[str],
+                                   state_dir: StateDir) -> None:
+    code, err = run(capsys, state_dir, "soak", "vm2", "--from", "A", "--to", "B",
+                    "--count", "1")
+    assert code == 1 and "error" in err
+
+
+def test_soak_needs_a_traffic_peer(capsys: pytest.CaptureFixture[str],
+                                   state_dir: StateDir) -> None:
+    code, err = run(capsys, state_dir, "soak", "vm3", "--from", "B", "--to", "A",
+                    "--count", "1")
+    assert code == 1 and "second VM on host B" in err
+
+
+# --- server options not covered in tests/server -----------------------------
+
+
+def server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ivloop_server", *args], capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["--max-peers", "abc"], 2, "is not an integer"),
+        (["--size", "0"], 2, "ivloop-server: error:"),
+        (["--vectors", "65"], 2, "outside 2..64"),
+        (["--ring-size", "3K"], 2, "not a power of two"),
+        (["--dump", "999999999"], 1, "ivloop-server: error:"),
+        (["--dump", "/nonexistent/region"], 1, "ivloop-server: error:"),
+    ],
+)
+def test_more_bad_server_options(tmp_path: Path, args: list[str], status: int,
+                                 message: str) -> None:
+    sock = tmp_path / "s.sock"
+    result = server("--socket", str(sock), *args)
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not sock.exists()
