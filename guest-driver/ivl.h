@@ -15,6 +15,7 @@
 #define IVL_H
 
 #include <linux/bitmap.h>
+#include <linux/completion.h>
 #include <linux/etherdevice.h>
 #include <linux/hrtimer.h>
 #include <linux/mutex.h>
@@ -38,6 +39,8 @@
 #define IVL_RX_LINEAR_MAX	2048U
 /* Larger frames: this many bytes linear (headers), the rest in pages. */
 #define IVL_RX_HEAD		256U
+/* ... in compound pages of up to this order (the per-CPU lists' limit). */
+#define IVL_RX_ORDER		3U
 /* Records delivered per peer when the device goes away. */
 #define IVL_DRAIN_BUDGET	1024U
 /* TX flow control: ring-full poll interval, doubling up to the max. */
@@ -95,12 +98,14 @@ enum {
 struct ivl_shm;
 
 /*
- * One other guest (directory slot).  Lives as long as the ivl_shm, so the
- * TX flow-control state may point at it without RCU.
+ * One other directory slot, whoever occupies it.  Lives as long as the
+ * ivl_shm, so the TX flow-control state may point at it without RCU.  A
+ * slot is reused by the server; a new occupant (new slot generation or
+ * new QEMU peer ID) gets new rings.
  */
 struct ivl_peer {
 	struct ivl_shm *shm;
-	u32 id;
+	u32 id;				/* slot index: rings and tables */
 	unsigned long flags;		/* IVL_PEER_*, atomic bitops */
 
 	/* protected by shm->lock (refresh work) */
@@ -108,6 +113,7 @@ struct ivl_peer {
 	u8 new_mac[ETH_ALEN] __aligned(2);
 	u64 gen;			/* slot generation the rings are attached for */
 	u64 seen_gen;			/* last slot generation read */
+	u32 seen_peer_id;		/* last QEMU peer ID read (checked) */
 	u64 hb_last;
 	unsigned long hb_stamp;		/* jiffies when hb_last changed */
 	bool attached;			/* rings attached (for @gen) */
@@ -116,6 +122,14 @@ struct ivl_peer {
 	/* written under shm->lock, read locklessly (TX flow control) */
 	bool rx_on;			/* in table->rx: NAPI polls it */
 	bool tx_on;			/* in table->tx: xmit may use it */
+
+	/*
+	 * QEMU peer ID of the occupant the rings are attached for: the
+	 * doorbell target.  Set with the rings (ivl_peer_attach()), so the
+	 * data path, which only sees peers in a published table, reads a
+	 * value that does not change under it.
+	 */
+	u32 peer_id;
 
 	/* producer side, protected by the upper device's TX queue lock */
 	struct ivl_ring tx;
@@ -156,7 +170,9 @@ struct ivl_shm {
 	u64 ring_stride;
 	u32 max_peers;
 	u32 ring_size;
-	u32 my_id;			/* IVPosition */
+	u32 my_slot;			/* directory slot, ring index */
+	u32 my_peer_id;			/* IVPosition: QEMU peer ID */
+	struct completion dir_changed;	/* membership doorbell (probe) */
 
 	struct ivl_peer *peers;		/* [max_peers] */
 	struct ivl_peer_table __rcu *table;	/* NULL: everything lower */
@@ -265,9 +281,14 @@ static inline void *ivl_ring_base(const struct ivl_shm *shm, u32 prod, u32 cons)
 	return shm->region + shm->rings_offset + idx * shm->ring_stride;
 }
 
-static inline void ivl_doorbell(const struct ivl_shm *shm, u32 peer, u32 vec)
+/* QEMU peer IDs are 16 bits wide in the doorbell register. */
+#define IVL_PEER_ID_MAX		0xffffU
+
+/* @peer_id: a QEMU peer ID (not a slot), checked <= IVL_PEER_ID_MAX. */
+static inline void ivl_doorbell(const struct ivl_shm *shm, u32 peer_id,
+				u32 vec)
 {
-	writel((peer << 16) | vec, shm->regs + IVL_REG_DOORBELL);
+	writel((peer_id << 16) | vec, shm->regs + IVL_REG_DOORBELL);
 }
 
 static inline bool ivl_peer_usable_tx(const struct ivl_peer *peer)

@@ -30,6 +30,8 @@
  * from rings through NAPI, scheduled by the data vector.
  */
 #include <linux/ethtool.h>
+#include <linux/highmem.h>
+#include <asm/unaligned.h>
 #include <linux/if_arp.h>
 #include <linux/ip.h>
 #include <linux/skbuff.h>
@@ -141,6 +143,72 @@ static void ivl_get_stats64(struct net_device *dev,
 }
 
 /* ------------------------------------------------------------------ */
+/* copies                                                             */
+
+/*
+ * Copy with 8-byte loads and stores.  Under TCG, the guest's memcpy() is
+ * "rep movsb" (the CPU model has ERMS), which is emulated one byte per
+ * iteration: about 0.25-0.4 GB/s, against 2.5-4 GB/s for this loop.  On
+ * hardware it is about as fast as the kernel's unrolled memcpy_orig.
+ * Both copies of the shared path (skb to ring, ring to skb) use it.
+ */
+static void ivl_copy(void *dst, const void *src, size_t len)
+{
+	u64 *d = dst;
+	const u64 *s = src;
+	u64 a, b, c, e;
+
+	while (len >= 32) {
+		a = get_unaligned(s);
+		b = get_unaligned(s + 1);
+		c = get_unaligned(s + 2);
+		e = get_unaligned(s + 3);
+		put_unaligned(a, d);
+		put_unaligned(b, d + 1);
+		put_unaligned(c, d + 2);
+		put_unaligned(e, d + 3);
+		d += 4;
+		s += 4;
+		len -= 32;
+		/* keeps the compiler from turning the loop into memcpy() */
+		barrier();
+	}
+	while (len >= 8) {
+		put_unaligned(get_unaligned(s), d);
+		d++;
+		s++;
+		len -= 8;
+		barrier();
+	}
+	if (len)
+		memcpy(d, s, len);
+}
+
+/* Copy @skb (no frag_list) to @dst. */
+static void ivl_copy_from_skb(u8 *dst, const struct sk_buff *skb)
+{
+	const struct skb_shared_info *si = skb_shinfo(skb);
+	u32 p_off, p_len, copied;
+	const skb_frag_t *f;
+	struct page *p;
+	void *va;
+	int i;
+
+	ivl_copy(dst, skb->data, skb_headlen(skb));
+	dst += skb_headlen(skb);
+	for (i = 0; i < si->nr_frags; i++) {
+		f = &si->frags[i];
+		skb_frag_foreach_page(f, skb_frag_off(f), skb_frag_size(f),
+				      p, p_off, p_len, copied) {
+			va = kmap_local_page(p);
+			ivl_copy(dst, va + p_off, p_len);
+			kunmap_local(va);
+			dst += p_len;
+		}
+	}
+}
+
+/* ------------------------------------------------------------------ */
 /* transmit                                                           */
 
 /* Offload metadata for @skb, or false when a record cannot carry it. */
@@ -222,7 +290,8 @@ static void ivl_tx_kick_flush(struct ivl_priv *priv, struct ivl_shm *shm)
 
 	for_each_set_bit(id, priv->kick_pending, IVL_MAX_PEERS) {
 		if (ivl_ring_need_kick(&shm->peers[id].tx)) {
-			ivl_doorbell(shm, id, IVL_VEC_DATA);
+			/* @id is the slot; QEMU rings by peer ID */
+			ivl_doorbell(shm, shm->peers[id].peer_id, IVL_VEC_DATA);
 			ivl_stat_inc(priv, doorbells_sent);
 		} else {
 			ivl_stat_inc(priv, doorbells_suppressed);
@@ -333,8 +402,12 @@ static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
 		return false;
 	}
 	/* the one copy on this side; an abandoned reservation is harmless */
-	if (WARN_ON_ONCE(skb_copy_bits(skb, 0, buf, len)))
-		return false;
+	if (unlikely(skb_has_frag_list(skb))) {
+		if (WARN_ON_ONCE(skb_copy_bits(skb, 0, buf, len)))
+			return false;
+	} else {
+		ivl_copy_from_skb(buf, skb);
+	}
 	ivl_ring_commit(r, len, meta);
 	skb_tx_timestamp(skb);
 
@@ -386,7 +459,10 @@ static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
 /* ------------------------------------------------------------------ */
 /* receive from rings                                                 */
 
-/* One copy out of the ring: linear for small frames, head + pages else. */
+/*
+ * One copy out of the ring: linear for small frames, else the headers
+ * linear and the rest in compound pages (order-0 pages when those fail).
+ */
 static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
 					struct napi_struct *napi,
 					const u8 *data, u32 len)
@@ -394,7 +470,7 @@ static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
 	u32 head = len <= IVL_RX_LINEAR_MAX ? len : IVL_RX_HEAD;
 	struct sk_buff *skb;
 	struct page *page;
-	u32 off, chunk;
+	u32 off, chunk, order;
 	int i;
 
 	BUILD_BUG_ON(DIV_ROUND_UP(IVL_MAX_FRAME - IVL_RX_HEAD, PAGE_SIZE) >
@@ -405,17 +481,27 @@ static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
 		skb = netdev_alloc_skb_ip_align(priv->dev, head);
 	if (!skb)
 		return NULL;
-	skb_put_data(skb, data, head);
+	ivl_copy(skb_put(skb, head), data, head);
 
 	for (off = head, i = 0; off < len; off += chunk, i++) {
-		chunk = min_t(u32, len - off, PAGE_SIZE);
-		page = dev_alloc_page();
+		/* a 64 KiB frame in 2-3 allocations rather than 16 */
+		order = min_t(u32, get_order(len - off), IVL_RX_ORDER);
+		page = NULL;
+		if (order)
+			page = __dev_alloc_pages(GFP_ATOMIC | __GFP_NOWARN |
+						 __GFP_NORETRY |
+						 __GFP_NOMEMALLOC, order);
+		if (!page) {
+			order = 0;
+			page = dev_alloc_page();
+		}
 		if (!page) {
 			kfree_skb(skb);
 			return NULL;
 		}
-		memcpy(page_address(page), data + off, chunk);
-		skb_add_rx_frag(skb, i, page, 0, chunk, PAGE_SIZE);
+		chunk = min_t(u32, len - off, PAGE_SIZE << order);
+		ivl_copy(page_address(page), data + off, chunk);
+		skb_add_rx_frag(skb, i, page, 0, chunk, PAGE_SIZE << order);
 	}
 	return skb;
 }
@@ -554,7 +640,7 @@ int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
 		n++;
 	}
 	if (space_kick) {
-		ivl_doorbell(peer->shm, peer->id, IVL_VEC_DATA);
+		ivl_doorbell(peer->shm, peer->peer_id, IVL_VEC_DATA);
 		ivl_stat_inc(priv, space_kicks_sent);
 	}
 	return n;
@@ -620,7 +706,7 @@ static void ivl_rx_drain(struct ivl_priv *priv, struct ivl_shm *shm)
 
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
-		if (id == shm->my_id || !p->attached || !p->rx_on)
+		if (id == shm->my_slot || !p->attached || !p->rx_on)
 			continue;
 		for (left = IVL_DRAIN_BUDGET; left > 0; left -= n) {
 			local_bh_disable();
@@ -710,8 +796,9 @@ void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm)
 	ivl_peers_start(shm, priv);
 	if (netif_running(priv->dev))
 		ivl_shm_up(priv, shm);
-	netdev_info(priv->dev, "shared memory %s attached: id %u of %u, rings of %u KiB\n",
-		    pci_name(shm->pdev), shm->my_id, shm->max_peers,
+	netdev_info(priv->dev, "shared memory %s attached: slot %u of %u, peer id %u, rings of %u KiB\n",
+		    pci_name(shm->pdev), shm->my_slot, shm->max_peers,
+		    shm->my_peer_id,
 		    shm->ring_size / 1024);
 }
 

@@ -20,11 +20,16 @@
 #define IVL_BAR_REGS		0
 #define IVL_BAR_REGION		2
 #define IVL_REGS_SIZE		0x100
+/* Looking for my slot at probe: this many rereads, this far apart at most. */
+#define IVL_SLOT_TRIES		10U
+#define IVL_SLOT_WAIT_MS	100U
 
 static irqreturn_t ivl_membership_irq(int irq, void *data)
 {
 	struct ivl_shm *shm = data;
 
+	/* a probe looking for its slot waits for this */
+	complete(&shm->dir_changed);
 	/* the work rereads the directory; it does nothing while unpaired */
 	queue_work(system_wq, &shm->refresh_work);
 	return IRQ_HANDLED;
@@ -51,7 +56,7 @@ static int ivl_region_validate(struct ivl_shm *shm, u64 bar_len)
 	struct device *dev = &shm->pdev->dev;
 	u32 magic, version, max_peers, ring_size, dir_offset, slot_size;
 	u64 region_size, rings_offset, ring_stride, rings_end;
-	s32 my_id;
+	u32 my_peer_id;
 
 	magic = le32_to_cpu(READ_ONCE(hdr->magic));
 	version = le32_to_cpu(READ_ONCE(hdr->version));
@@ -62,7 +67,7 @@ static int ivl_region_validate(struct ivl_shm *shm, u64 bar_len)
 	slot_size = le32_to_cpu(READ_ONCE(hdr->slot_size));
 	rings_offset = le64_to_cpu(READ_ONCE(hdr->rings_offset));
 	ring_stride = le64_to_cpu(READ_ONCE(hdr->ring_stride));
-	my_id = (s32)readl(shm->regs + IVL_REG_IVPOSITION);
+	my_peer_id = readl(shm->regs + IVL_REG_IVPOSITION);
 
 	if (magic != IVL_MAGIC) {
 		dev_err(dev, "region magic %#x, expected %#x: no ivloop-server behind this device?\n",
@@ -106,8 +111,10 @@ static int ivl_region_validate(struct ivl_shm *shm, u64 bar_len)
 			rings_offset, rings_end, region_size);
 		return -EINVAL;
 	}
-	if (my_id < 0 || my_id >= max_peers) {
-		dev_err(dev, "IVPosition %d outside 0..%u\n", my_id, max_peers - 1);
+	/* QEMU's peer ID, not a slot: any value the doorbell can address */
+	if (my_peer_id > IVL_PEER_ID_MAX) {
+		dev_err(dev, "IVPosition %d outside 0..%u: no server connection?\n",
+			(s32)my_peer_id, IVL_PEER_ID_MAX);
 		return -EINVAL;
 	}
 
@@ -116,8 +123,61 @@ static int ivl_region_validate(struct ivl_shm *shm, u64 bar_len)
 	shm->ring_size = ring_size;
 	shm->rings_offset = rings_offset;
 	shm->ring_stride = ring_stride;
-	shm->my_id = my_id;
+	shm->my_peer_id = my_peer_id;
 	return 0;
+}
+
+/*
+ * My slot: the one present slot whose peer_id is my IVPosition.  Each
+ * field is read once; stale peer_ids of absent slots do not count.
+ * Returns the slot, -ENOENT when there is none, -EEXIST when several
+ * claim my ID.
+ */
+static int ivl_find_my_slot(struct ivl_shm *shm)
+{
+	const struct ivl_slot *slot;
+	int found = -ENOENT;
+	u32 id, present, peer_id;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		slot = ivl_slot(shm, id);
+		present = le32_to_cpu(READ_ONCE(slot->present));
+		peer_id = le32_to_cpu(READ_ONCE(slot->peer_id));
+		if (present != 1 || peer_id != shm->my_peer_id)
+			continue;
+		if (found >= 0)
+			return -EEXIST;
+		found = id;
+	}
+	return found;
+}
+
+/*
+ * The server writes our slot before QEMU learns its peer ID, so it is
+ * normally there at once.  Otherwise look again after each membership
+ * doorbell (or a short timeout), a few times, and then give up.
+ */
+static int ivl_claim_slot(struct ivl_shm *shm)
+{
+	unsigned int tries;
+	int slot;
+
+	for (tries = 0; ; tries++) {
+		reinit_completion(&shm->dir_changed);
+		slot = ivl_find_my_slot(shm);
+		if (slot >= 0) {
+			shm->my_slot = slot;
+			return 0;
+		}
+		if (tries == IVL_SLOT_TRIES)
+			break;
+		wait_for_completion_timeout(&shm->dir_changed,
+					    msecs_to_jiffies(IVL_SLOT_WAIT_MS));
+	}
+	dev_err(&shm->pdev->dev, "%s directory slot holds my IVPosition %u (of %u slots): refusing the device\n",
+		slot == -EEXIST ? "more than one" : "no",
+		shm->my_peer_id, shm->max_peers);
+	return slot == -EEXIST ? -EEXIST : -ENODEV;
 }
 
 static int ivl_pci_map(struct ivl_shm *shm)
@@ -186,8 +246,7 @@ static int ivl_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		goto unmap;
 	}
 	ivl_peers_init(shm);
-	/* a previous guest at this IVPosition may have left UP behind */
-	ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
+	init_completion(&shm->dir_changed);
 
 	/* MSI-X messages are memory writes by the device: needs bus master */
 	pci_set_master(pdev);
@@ -207,6 +266,12 @@ static int ivl_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (err)
 		goto free_membership_irq;
 
+	err = ivl_claim_slot(shm);
+	if (err)
+		goto free_data_irq;
+	/* a previous guest in this slot may have left UP behind */
+	ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
+
 	rtnl_lock();
 	if (ivl_the_shm) {
 		rtnl_unlock();
@@ -221,8 +286,9 @@ static int ivl_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		ivl_attach(ivl_the_upper, shm);
 	rtnl_unlock();
 
-	dev_info(&pdev->dev, "ivloop region %llu MiB, id %u of %u, rings %u KiB%s\n",
-		 shm->region_size >> 20, shm->my_id, shm->max_peers,
+	dev_info(&pdev->dev, "ivloop region %llu MiB, slot %u of %u, peer id %u, rings %u KiB%s\n",
+		 shm->region_size >> 20, shm->my_slot, shm->max_peers,
+		 shm->my_peer_id,
 		 shm->ring_size >> 10,
 		 ivl_the_upper ? "" : "; waiting for an ivloop link");
 	return 0;

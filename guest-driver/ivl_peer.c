@@ -9,6 +9,11 @@
  * Rebuilding every tick keeps the code to one place; when nothing changed
  * it costs max_peers slot reads.
  *
+ * Peers are keyed by directory slot (the ring index).  The doorbell goes
+ * to the occupant's QEMU peer ID, read from its slot: the server never
+ * reuses an ID but does reuse slots, so a slot whose generation or peer ID
+ * changed holds a new peer and gets fresh rings.
+ *
  * Table updates follow one rule: rings are (re)attached only while their
  * peer is in no published table and a grace period has passed, so xmit
  * (under rcu_read_lock_bh) and NAPI (under rcu_read_lock) never see a ring
@@ -25,6 +30,7 @@ struct ivl_slot_snap {
 	u64 joined_gen;
 	u64 heartbeat;
 	u32 present;
+	u32 peer_id;
 	u32 state;
 	u8 mac[ETH_ALEN] __aligned(2);
 };
@@ -35,6 +41,7 @@ static void ivl_slot_snap(const struct ivl_shm *shm, u32 id,
 	const struct ivl_slot *slot = ivl_slot(shm, id);
 
 	s->present = le32_to_cpu(READ_ONCE(slot->present));
+	s->peer_id = le32_to_cpu(READ_ONCE(slot->peer_id));
 	s->gen = le64_to_cpu(READ_ONCE(slot->generation));
 	/*
 	 * Acquire pairs with the store-release of state in the peer's
@@ -49,7 +56,7 @@ static void ivl_slot_snap(const struct ivl_shm *shm, u32 id,
 
 void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 {
-	struct ivl_slot *slot = ivl_slot(shm, shm->my_id);
+	struct ivl_slot *slot = ivl_slot(shm, shm->my_slot);
 	u64 gen, hb;
 
 	if (state == IVL_STATE_UP) {
@@ -67,18 +74,23 @@ void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 	smp_store_release(&slot->state, cpu_to_le32(state));
 }
 
-/* Ring the membership vector of every present peer. */
+/* Ring the membership vector of every present peer, at its QEMU peer ID. */
 void ivl_notify_peers(struct ivl_shm *shm)
 {
-	u32 id;
+	const struct ivl_slot *slot;
+	u32 id, present, peer_id;
 
 	for (id = 0; id < shm->max_peers; id++) {
-		if (id == shm->my_id)
+		if (id == shm->my_slot)
 			continue;
-		/* untrusted, but only picks doorbell targets below max_peers */
-		if (le32_to_cpu(READ_ONCE(ivl_slot(shm, id)->present)) != 1)
+		/* untrusted: at worst we ring an ID that holds no guest */
+		slot = ivl_slot(shm, id);
+		present = le32_to_cpu(READ_ONCE(slot->present));
+		peer_id = le32_to_cpu(READ_ONCE(slot->peer_id));
+		if (present != 1 || peer_id > IVL_PEER_ID_MAX ||
+		    peer_id == shm->my_peer_id)
 			continue;
-		ivl_doorbell(shm, id, IVL_VEC_MEMBERSHIP);
+		ivl_doorbell(shm, peer_id, IVL_VEC_MEMBERSHIP);
 	}
 }
 
@@ -114,9 +126,10 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 
 	ivl_slot_snap(shm, p->id, &s);
 
-	if (s.gen != p->seen_gen) {
+	if (s.gen != p->seen_gen || s.peer_id != p->seen_peer_id) {
 		/* joined or left since we last looked: a fresh record */
 		p->seen_gen = s.gen;
+		p->seen_peer_id = s.peer_id;
 		p->hb_last = s.heartbeat;
 		p->hb_stamp = now;
 		p->hb_dead = false;
@@ -134,13 +147,16 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 
 	joined = s.present == 1 && s.joined_gen == s.gen;
 	up = joined && s.state == IVL_STATE_UP;
+	/* an ID the doorbell cannot address, or mine, is a broken entry */
 	bad = s.present > 1 || s.state > IVL_STATE_LEAVING ||
-	      (up && !is_valid_ether_addr(s.mac));
+	      (up && !is_valid_ether_addr(s.mac)) ||
+	      (joined && (s.peer_id > IVL_PEER_ID_MAX ||
+			  s.peer_id == shm->my_peer_id));
 	if (bad && !p->bad_entry) {
 		ivl_stat_inc_bh(priv, peer_bad_entry);
 		dev_warn_ratelimited(&shm->pdev->dev,
-				     "peer %u: bad directory entry (present %u state %u mac %pM)\n",
-				     p->id, s.present, s.state, s.mac);
+				     "peer %u: bad directory entry (present %u peer_id %u state %u mac %pM)\n",
+				     p->id, s.present, s.peer_id, s.state, s.mac);
 	}
 	p->bad_entry = bad;
 
@@ -195,8 +211,8 @@ static bool ivl_peer_tx_wanted(const struct ivl_peer *p)
 static int ivl_peer_attach(struct ivl_shm *shm, struct ivl_priv *priv,
 			   struct ivl_peer *p)
 {
-	struct ivl_ring_ctrl *tx_ctrl = ivl_ring_base(shm, shm->my_id, p->id);
-	void *rx_base = ivl_ring_base(shm, p->id, shm->my_id);
+	struct ivl_ring_ctrl *tx_ctrl = ivl_ring_base(shm, shm->my_slot, p->id);
+	void *rx_base = ivl_ring_base(shm, p->id, shm->my_slot);
 	struct netdev_queue *txq = ivl_txq(priv);
 	int err;
 
@@ -212,6 +228,8 @@ static int ivl_peer_attach(struct ivl_shm *shm, struct ivl_priv *priv,
 		WRITE_ONCE(tx_ctrl->prod, READ_ONCE(tx_ctrl->cons));
 	}
 	err = ivl_ring_attach_producer(&p->tx, tx_ctrl, shm->ring_size);
+	/* checked <= IVL_PEER_ID_MAX by ivl_peer_assess() (want_rx) */
+	p->peer_id = p->seen_peer_id;
 	__netif_tx_unlock_bh(txq);
 	if (!err)
 		err = ivl_ring_attach_consumer(&p->rx, rx_base, shm->ring_size);
@@ -271,7 +289,7 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 	t = kzalloc(sizeof(*t), GFP_KERNEL);
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
-		if (id == shm->my_id)
+		if (id == shm->my_slot)
 			continue;
 		rx = p->want_rx && p->attached;
 		tx = ivl_peer_tx_wanted(p) && p->attached;
@@ -303,6 +321,12 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 	return !!t;
 }
 
+/* The slot holds another occupant than the one the rings are attached for. */
+static bool ivl_peer_moved(const struct ivl_peer *p)
+{
+	return p->gen != p->seen_gen || p->peer_id != p->seen_peer_id;
+}
+
 /*
  * After ivl_peer_assess(), under the TX lock: notice producer rings the
  * peer broke, and let stalled peers back once their ring has room again.
@@ -317,7 +341,7 @@ static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
 		/* a rejoined peer's ring was zeroed: it gets new rings anyway */
-		if (!p->attached || id == shm->my_id || p->gen != p->seen_gen)
+		if (!p->attached || id == shm->my_slot || ivl_peer_moved(p))
 			continue;
 		if (ivl_ring_check_producer(&p->tx)) {
 			if (!test_bit(IVL_PEER_BROKEN, &p->flags))
@@ -343,18 +367,18 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 	u32 id;
 
 	for (id = 0; id < shm->max_peers; id++)
-		if (id != shm->my_id)
+		if (id != shm->my_slot)
 			ivl_peer_assess(shm, priv, &shm->peers[id], now);
 	ivl_peers_tx_check(shm, priv);
 	ivl_peers_mark_dups(shm);
 
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
-		if (id == shm->my_id)
+		if (id == shm->my_slot)
 			continue;
 		tx = ivl_peer_tx_wanted(p);
 		p->reattach = (p->want_rx || tx) &&
-			      (!p->attached || p->gen != p->seen_gen);
+			      (!p->attached || ivl_peer_moved(p));
 		macs = ether_addr_equal(p->mac, p->new_mac);
 		if (p->rx_on != p->want_rx || p->tx_on != tx || p->reattach ||
 		    (tx && !macs))
@@ -373,7 +397,7 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 	}
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
-		if (id != shm->my_id && p->reattach)
+		if (id != shm->my_slot && p->reattach)
 			ivl_peer_attach(shm, priv, p);
 	}
 	shm->table_dirty = !ivl_table_publish(shm, priv, true);
@@ -399,7 +423,7 @@ static void ivl_refresh_work(struct work_struct *work)
 static void ivl_hb_timer_fn(struct timer_list *t)
 {
 	struct ivl_shm *shm = from_timer(shm, t, hb_timer);
-	struct ivl_slot *slot = ivl_slot(shm, shm->my_id);
+	struct ivl_slot *slot = ivl_slot(shm, shm->my_slot);
 	u64 hb = atomic64_inc_return(&shm->heartbeat);
 
 	WRITE_ONCE(slot->heartbeat, cpu_to_le64(hb));
@@ -437,6 +461,7 @@ void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv)
 		p = &shm->peers[id];
 		p->flags = 0;
 		p->seen_gen = U64_MAX;	/* first look counts as a join */
+		p->seen_peer_id = U32_MAX;
 		p->attached = false;
 		p->rx_on = false;
 		p->tx_on = false;
@@ -515,19 +540,21 @@ static int ivl_peers_show(struct seq_file *m, void *v)
 	u32 id;
 
 	mutex_lock(&shm->lock);
-	seq_printf(m, "# my_id %u max_peers %u ring_size %u attached %s\n",
-		   shm->my_id, shm->max_peers, shm->ring_size,
+	seq_printf(m, "# my_slot %u my_peer_id %u max_peers %u ring_size %u attached %s\n",
+		   shm->my_slot, shm->my_peer_id, shm->max_peers, shm->ring_size,
 		   shm->priv && !shm->stopping ? "yes" : "no");
-	seq_puts(m, "# id mac state gen tx_packets tx_bytes rx_packets rx_bytes\n");
+	/* id is the slot; the harness parses the first three columns */
+	seq_puts(m, "# id mac state gen tx_packets tx_bytes rx_packets rx_bytes peer_id\n");
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
-		if (id == shm->my_id || (!p->attached && !p->want_rx))
+		if (id == shm->my_slot || (!p->attached && !p->want_rx))
 			continue;
 		ivl_peer_stats_read(&p->tx_stats, &txp, &txb);
 		ivl_peer_stats_read(&p->rx_stats, &rxp, &rxb);
-		seq_printf(m, "%u %pM %s %llu %llu %llu %llu %llu\n",
+		seq_printf(m, "%u %pM %s %llu %llu %llu %llu %llu %u\n",
 			   id, p->tx_on ? p->mac : p->new_mac,
-			   ivl_peer_state(p), p->gen, txp, txb, rxp, rxb);
+			   ivl_peer_state(p), p->gen, txp, txb, rxp, rxb,
+			   p->attached ? p->peer_id : p->seen_peer_id);
 	}
 	mutex_unlock(&shm->lock);
 	return 0;
