@@ -259,7 +259,7 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
                   vm, source, dest, report.error)
         _roll_back(sd, state, vs, dest_vs, unplugged)
         mig_sock.unlink(missing_ok=True)
-        if isinstance(exc, HarnessError | OSError):
+        if isinstance(exc, HarnessError | OSError | EOFError):
             raise MigrationError(f"{vm} stays on {source}: {report.error}") from exc
         raise
 

@@ -8,6 +8,7 @@ call that booted them) and talks QMP through ``qemu.qmp``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -142,7 +143,10 @@ class Monitor:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.client.disconnect()
+        # A QEMU that died under us makes disconnect() re-raise the reader's
+        # EOFError; the caller's own error (if any) is the one that matters.
+        with contextlib.suppress(EOFError, OSError, _QMPLibError):
+            await self.client.disconnect()
 
     async def cmd(self, name: str, args: Mapping[str, object] | None = None,
                   timeout: float = 30) -> Any:
@@ -150,8 +154,8 @@ class Monitor:
             return await asyncio.wait_for(self.client.execute(name, args), timeout)
         except TimeoutError:
             raise QMPError(f"QMP {name} got no answer in {timeout:.0f} s") from None
-        except _QMPLibError as exc:
-            raise QMPError(f"QMP {name} failed: {exc}") from exc
+        except (_QMPLibError, EOFError, ConnectionError) as exc:
+            raise QMPError(f"QMP {name} failed: {exc or 'QEMU closed the monitor'}") from exc
 
     def listener(self, *names: str) -> AbstractContextManager[EventListener]:
         """Register for events *before* triggering them; use as a context manager."""
