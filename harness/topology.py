@@ -30,7 +30,7 @@ class HostSpec:
     name: str
     index: int
     max_peers: int = 8
-    region_size: str = "32M"
+    region_size: str = "128M"
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
         max_peers = spec.get("max_peers", 8)
         if not _is_int(max_peers) or not 2 <= max_peers <= 64:
             raise TopologyError(f"{where}: max_peers must be an integer in 2..64")
-        region_size = str(spec.get("region_size", "32M"))
+        region_size = str(spec.get("region_size", "128M"))
         if not _region_size_ok(region_size):
             raise TopologyError(
                 f"{where}: region_size '{region_size}' must be a power of two in bytes, "

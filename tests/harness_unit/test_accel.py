@@ -26,7 +26,7 @@ def test_kvm_when_a_probe_guest_booted() -> None:
 def test_tcg_unless_kvm_is_proven(facts: Facts, reason: str) -> None:
     choice = decide(facts)
     assert choice.accel == "tcg" and reason in choice.reason
-    assert choice.qemu_args == ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    assert choice.qemu_args == ["-accel", "tcg,thread=multi", "-cpu", "max,erms=off"]
 
 
 def test_forcing_overrides_detection() -> None:

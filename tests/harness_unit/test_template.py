@@ -51,7 +51,7 @@ def test_render_passes_guest_config_on_the_kernel_command_line(tmp_path: Path) -
 
 def test_render_accel_and_management_network(tmp_path: Path) -> None:
     argv = qemu.render(spec(tmp_path))
-    assert opt(argv, "-accel") == ["tcg,thread=multi"] and opt(argv, "-cpu") == ["max"]
+    assert opt(argv, "-accel") == ["tcg,thread=multi"] and opt(argv, "-cpu") == ["max,erms=off"]
     (mgmt,) = [n for n in opt(argv, "-netdev") if n.startswith("user,")]
     assert "hostfwd=tcp:127.0.0.1:2202-:22" in mgmt and "restrict=on" in mgmt
     assert "tap,id=data,ifname=tap-vm2,script=no,downscript=no" in opt(argv, "-netdev")
