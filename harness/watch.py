@@ -246,12 +246,23 @@ def plot(tl: Timeline, path: Path) -> None:
         ax2.plot(tl.lost_at, [0] * len(tl.lost_at), "x", color="red", label="lost ping")
     ax2.set_ylabel("RTT ms")
     ax2.set_xlabel("seconds")
+    # Shade each migration (its first phase to "source stopped") and name it
+    # once; the phases in between are thin lines, too close to label.
+    start: tuple[float, str] | None = None
     for t, label in tl.events:
-        for a in (ax, ax2):
-            a.axvline(t, color="grey", ls="--", lw=0.8)
-        ax.annotate(label, (t, ax.get_ylim()[1]), rotation=90, fontsize=7, va="top",
-                    ha="right", color="dimgrey")
-    ax.legend(loc="lower left", fontsize=8)
+        if label.startswith("migrate "):
+            start = (t, label.removeprefix("migrate "))
+        elif label == "source stopped" and start is not None:
+            for a in (ax, ax2):
+                a.axvspan(start[0], t, color="grey", alpha=0.15, lw=0)
+            ax.annotate(f"migration {start[1]}\n{t - start[0]:.1f} s", (start[0], 0),
+                        xytext=(2, 4), textcoords="offset points", fontsize=8,
+                        color="dimgrey", rotation=90, va="bottom")
+            start = None
+        elif label not in ("traffic started", "traffic stopped"):
+            for a in (ax, ax2):
+                a.axvline(t, color="grey", ls=":", lw=0.6)
+    ax.legend(loc="lower right", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
