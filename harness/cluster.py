@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,11 +339,6 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
         vs.unplugs += 1
     sd.save(state)
 
-
-@contextlib.contextmanager
-def locked(sd: StateDir) -> Iterator[StateDir]:
-    with sd:
-        yield sd
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import pytest
 from harness import cli, cluster, qemu, topology
 from harness.accel import Choice
 from harness.errors import TopologyError
-from harness.state import ProcRecord, State, StateDir, VMState, VMStatus
+from harness.state import State, StateDir
+
+from .support import run
 
 
 def parse(text: str) -> topology.Topology:
@@ -99,23 +101,8 @@ def test_driverless_vm_gets_ivl_lower_on_its_command_line(tmp_path: Path) -> Non
 # --- the new commands -------------------------------------------------------
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> StateDir:
-    sd = StateDir(tmp_path / "state")
-    topo = topology.load()
-    state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
-                  accel="tcg")
-    for vm in topo.vms.values():
-        state.vms[vm.name] = VMState(name=vm.name, host=vm.host, status=VMStatus.RUNNING,
-                                     proc=ProcRecord(pid=2**22 + 1, start_time=1))
-    with sd:
-        sd.save(state)
-    return sd
 
 
-def run(capsys: pytest.CaptureFixture[str], sd: StateDir, *argv: str) -> tuple[int, str]:
-    code = cli.main(["--state-dir", str(sd.path), *argv])
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -6,32 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, topology
-from harness.state import ProcRecord, State, StateDir, VMState, VMStatus
+from harness import cli
+from harness.state import StateDir
 
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> StateDir:
-    """A state directory that records the default topology with every VM dead."""
-    sd = StateDir(tmp_path / "state")
-    topo = topology.load()
-    state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
-                  accel="tcg")
-    for vm in topo.vms.values():
-        state.vms[vm.name] = VMState(name=vm.name, host=vm.host, status=VMStatus.RUNNING,
-                                     proc=ProcRecord(pid=2**22 + 1, start_time=1))
-    with sd:
-        sd.save(state)
-    return sd
-
-
-def run(capsys: pytest.CaptureFixture[str], sd: StateDir, *argv: str) -> tuple[int, str]:
-    code = cli.main(["--state-dir", str(sd.path), *argv])
-    return code, capsys.readouterr().err
-
-
-def snapshot(sd: StateDir) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sd.path.iterdir() if p.is_file()}
+from .support import run, snapshot
 
 
 def test_ssh_to_unknown_vm(capsys: pytest.CaptureFixture[str], state_dir: StateDir) -> None:

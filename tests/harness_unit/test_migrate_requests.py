@@ -7,30 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, topology
-from harness.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
+from harness import cli
+from harness.state import ProcRecord, StateDir
+
+from .support import record_default_topology, snapshot
 
 
 @pytest.fixture
 def running(tmp_path: Path) -> StateDir:
     """Default topology recorded as running (this test process stands in for QEMU)."""
-    sd = StateDir(tmp_path / "state")
-    topo = topology.load()
-    state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
-                  accel="tcg")
-    me = ProcRecord.of(os.getpid())
-    for host in topo.hosts:
-        state.hosts[host] = HostState(name=host, netns=sd.netns_name(host))
-    for vm in topo.vms.values():
-        state.vms[vm.name] = VMState(name=vm.name, host=vm.host, status=VMStatus.RUNNING,
-                                     proc=me, qmp=str(tmp_path / "absent.sock"))
-    with sd:
-        sd.save(state)
-    return sd
+    return record_default_topology(tmp_path / "state", ProcRecord.of(os.getpid()))
 
 
-def snapshot(sd: StateDir) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sd.path.iterdir() if p.is_file()}
 
 
 @pytest.mark.parametrize(
