@@ -1257,6 +1257,14 @@ static int ivl_netdev_event(struct notifier_block *nb, unsigned long event,
 	case NETDEV_CHANGEADDR:
 		ivl_follow_addr(priv);
 		break;
+	case NETDEV_NOTIFY_PEERS:
+	case NETDEV_RESEND_IGMP:
+		/* The lower NIC was asked to announce itself (virtio-net does
+		 * after a migration), but the addresses live on ivl0: it is
+		 * ivl0 that must send the gratuitous ARP/NA and IGMP reports.
+		 */
+		call_netdevice_notifiers(event, priv->dev);
+		break;
 	case NETDEV_UNREGISTER:
 		/* a netns move of the lower device is not its end */
 		if (dev->reg_state != NETREG_UNREGISTERING)
