@@ -23,6 +23,9 @@ APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod cpio gzip xz-utils zstd
 	busybox-static iperf3 sockperf dropbear-bin ethtool pciutils dash \
 	linux-source-6.1
 
+# checkpatch.pl and the data files it reads, from the linux-source tarball
+CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl
+
 KABI = $(shell images/resolve-kernel 2>/dev/null)
 KDIR = /usr/src/linux-headers-$(KABI)
 
@@ -31,22 +34,34 @@ KDIR = /usr/src/linux-headers-$(KABI)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
 
-deps: apt venv  ## install system packages and the Python environment (idempotent)
+deps: apt venv $(CHECKPATCH)  ## install system packages and the Python environment (idempotent)
 
 # Always checked (a dpkg query, well under a second): a kernel update in the
 # archive means new headers to install.
 apt:
 	@set -e; \
-	if ! images/resolve-kernel >/dev/null 2>&1; then apt-get update -q; fi; \
-	abi=$$(images/resolve-kernel); \
-	want="$(APT_PACKAGES) linux-headers-$$abi"; \
-	missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $$want 2>/dev/null | \
-		awk '$$NF == "installed" { print $$1 }' | sort | comm -13 - <(tr ' ' '\n' <<<"$$want" | sort -u)); \
-	if [ -n "$$missing" ]; then \
-		echo "[deps] installing:" $$missing; \
+	missing() { \
+		abi=$$(images/resolve-kernel) || return 1; \
+		want="$(APT_PACKAGES) linux-headers-$$abi"; \
+		dpkg-query -W -f='$${Package} $${Status}\n' $$want 2>/dev/null | \
+			awk '$$NF == "installed" { print $$1 }' | sort | \
+			comm -13 - <(tr ' ' '\n' <<<"$$want" | sort -u); \
+	}; \
+	if ! todo=$$(missing 2>/dev/null) || [ -n "$$todo" ]; then \
 		apt-get update -q >/dev/null; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+		todo=$$(missing); \
+	fi; \
+	if [ -n "$$todo" ]; then \
+		echo "[deps] installing:" $$todo; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$todo >/dev/null; \
 	fi
+
+$(CHECKPATCH): | apt
+	@mkdir -p build
+	tar -xJf /usr/src/linux-source-6.1.tar.xz -C build \
+		linux-source-6.1/scripts/checkpatch.pl linux-source-6.1/scripts/spelling.txt \
+		linux-source-6.1/scripts/const_structs.checkpatch
+	@touch $@
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml
@@ -78,7 +93,7 @@ demo: deps image  ## boot the topology, show the shared path, migrate, report
 lint: deps  ## ruff, mypy, checkpatch
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver checkpatch; fi
+	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver checkpatch CHECKPATCH=$(CURDIR)/$(CHECKPATCH); fi
 
 fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)
 	$(MAKE) -C tests/ring fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-600}
