@@ -143,3 +143,19 @@ def connect(
             raise ConnectionRefusedError(exc.errno, f"{host}:{port} in {ns_name}: {exc.strerror}")
         raise HostNetError(f"cannot connect to {host}:{port} in {ns_name}: {exc}") from exc
     return result[0]
+
+
+def bridge_fdb(ns_name: str) -> str:
+    """The learned MAC -> port entries of *ns_name*'s bridge, one per line."""
+    try:
+        with NetNS(ns_name) as ns:
+            names = {link["index"]: link.get("ifname") for link in ns.get_links()}
+            lines = []
+            for entry in ns.fdb("dump"):
+                if entry.get("NDA_MASTER") is None:
+                    continue
+                port = names.get(entry["ifindex"], entry["ifindex"])
+                lines.append(f"{entry.get('NDA_LLADDR')} {port} state {entry['state']}")
+            return "\n".join(sorted(lines))
+    except (OSError, NetlinkError) as exc:
+        raise HostNetError(f"cannot read the bridge FDB of {ns_name}: {exc}") from exc

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cluster, migrate, watch
+from . import cluster, hostnet, migrate, watch
 from .errors import HarnessError, StateError
 from .state import StateDir
 
@@ -145,16 +145,23 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
 
 
 def _diagnose(sd: StateDir, vms: tuple[str, ...]) -> dict[str, str]:
+    """What a lost stream leaves behind: guest logs and tables, host FDBs."""
     state = sd.load()
     found: dict[str, str] = {}
     for name in vms:
         try:
             with cluster.guest(sd, state, name, timeout=30) as g:
-                found[name] = g.run("dmesg | tail -n 25; ethtool -S ivl0; "
-                                    "cat /sys/kernel/debug/ivloop/peers; tc -s qdisc show dev ivl0",
+                found[name] = g.run("dmesg | grep -iE 'ivloop|ivl0|warn|bug' | tail -n 60; "
+                                    "ethtool -S ivl0; cat /sys/kernel/debug/ivloop/peers; "
+                                    "ip neigh show dev ivl0; tc -s qdisc show dev ivl0",
                                     timeout=30, check=False)
         except HarnessError as exc:
             found[name] = f"unreachable: {exc}"
+    for host, hs in state.hosts.items():
+        try:
+            found[f"host {host} fdb"] = hostnet.bridge_fdb(hs.netns)
+        except HarnessError as exc:
+            found[f"host {host} fdb"] = f"unreadable: {exc}"
     return found
 
 

@@ -19,7 +19,10 @@ from .errors import TopologyError
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$", re.IGNORECASE)
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _HOST_KEYS = {"max_peers", "region_size"}
-_VM_KEYS = {"host", "mac", "ip", "ip6", "mobile", "memory", "cpus", "group", "driver"}
+# Words for the guest command line; ivl.* is the harness's own namespace.
+_KERNEL_ARGS = re.compile(r"(?=.{0,256}$)\s*(?:(?!ivl\.)[A-Za-z0-9._,:=+/-]+(?:\s+|$))*")
+_VM_KEYS = {"host", "mac", "ip", "ip6", "mobile", "memory", "cpus", "group", "driver",
+            "kernel_args"}
 _NET_KEYS = {"subnet", "subnet6"}
 
 
@@ -52,6 +55,8 @@ class VMSpec:
     # (`harness up --no-driver`).  False leaves the ivshmem device unbound,
     # e.g. for ivl-dir or the hostile peer of the reliability tests.
     driver: bool | None = None
+    # Extra guest kernel command-line words, e.g. "profile=2" (debugging).
+    kernel_args: str = ""
 
     @property
     def mgmt_mac(self) -> str:
@@ -208,12 +213,19 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
         driver = spec.get("driver")
         if driver is not None and not isinstance(driver, bool):
             raise TopologyError(f"{where}: driver must be true or false")
+        kernel_args = spec.get("kernel_args", "")
+        if not isinstance(kernel_args, str) or not _KERNEL_ARGS.fullmatch(kernel_args):
+            raise TopologyError(
+                f"{where}: kernel_args must be a string of at most 256 characters: "
+                "space-separated words of letters, digits and ._,:=+/- (no quotes, "
+                "and no ivl.* words, which the harness sets)")
         macs[mac] = name
         ips[str(ip)] = name
         vms[name] = VMSpec(
             name=name, index=i, host=host, mac=mac, ip=str(ip), ip6=str(ip6),
             prefixlen=subnet.prefixlen, prefixlen6=subnet6.prefixlen,
             mobile=mobile, memory=memory, cpus=cpus, driver=driver,
+            kernel_args=" ".join(kernel_args.split()),
         )
     for host in hosts.values():
         count = sum(1 for vm in vms.values() if vm.host == host.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from harness import qemu, topology
@@ -47,6 +48,13 @@ def test_render_passes_guest_config_on_the_kernel_command_line(tmp_path: Path) -
     assert "ivl.name=vm2" in words and "ivl.ip=10.77.0.2/24" in words
     assert "ivl.ip6=fd77::2/64" in words and "ivl.mac=52:54:00:77:00:02" in words
     assert "ivl.key=ssh-ed25519:AAAAkey" in words and "ivl.lower=1" in words
+
+
+def test_render_appends_the_vms_extra_kernel_args(tmp_path: Path) -> None:
+    vm = dataclasses.replace(topology.load().vm("vm2"), kernel_args="profile=2 nokaslr")
+    append = opt(qemu.render(spec(tmp_path, vm=vm)), "-append")[0]
+    assert append.endswith(" profile=2 nokaslr")
+    assert "profile" not in opt(qemu.render(spec(tmp_path)), "-append")[0]
 
 
 def test_render_accel_and_management_network(tmp_path: Path) -> None:

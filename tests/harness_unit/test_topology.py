@@ -63,6 +63,9 @@ memory = 512
         ('[network]\nsubnet = "8.8.8.0/24"\n[hosts.A]\n', "private"),
         ('[hosts.A]\n[vms.v1]\nhost = "A"\ncolour = "red"\n', "unknown key"),
         ('[hosts.A]\nmax_peers = 1\n', "max_peers"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nkernel_args = "ivl.ip=10.0.0.1"\n', "kernel_args"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nkernel_args = "a \\"b\\""\n', "kernel_args"),
+        ('[hosts.A]\n[vms.v1]\nhost = "A"\nkernel_args = 3\n', "kernel_args"),
         ('[hosts."bad name"]\n', "letters or digits"),
         ("", "at least one"),
         ('[hosts.A]\nmax_peers = 2\n[vms.v1]\nhost="A"\n[vms.v2]\nhost="A"\n[vms.v3]\nhost="A"\n',
@@ -74,6 +77,23 @@ def test_bad_topology_is_refused_with_a_clear_message(
 ) -> None:
     with pytest.raises(TopologyError, match=message):
         topology.load(write(tmp_path, text))
+
+
+def test_kernel_args_are_normalised_words(tmp_path: Path) -> None:
+    topo = topology.load(write(tmp_path, '''
+[hosts.A]
+[vms.v1]
+host = "A"
+kernel_args = "  profile=2   nokaslr "
+'''))
+    assert topo.vm("v1").kernel_args == "profile=2 nokaslr"
+
+
+def test_overlong_kernel_args_are_refused_quickly(tmp_path: Path) -> None:
+    # a backtracking pattern would take minutes on this
+    words = "a b " * 60 + '\\"'
+    with pytest.raises(TopologyError, match="kernel_args"):
+        topology.load(write(tmp_path, f'[hosts.A]\n[vms.v1]\nhost = "A"\nkernel_args = "{words}"\n'))
 
 
 def test_missing_file_is_a_topology_error(tmp_path: Path) -> None:
