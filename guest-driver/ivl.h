@@ -134,6 +134,8 @@ struct ivl_peer {
 	/* producer side, protected by the upper device's TX queue lock */
 	struct ivl_ring tx;
 	struct ivl_peer_stats tx_stats;
+	u32 tx_cons_seen;		/* the peer's cons at @tx_cons_stamp */
+	unsigned long tx_cons_stamp;	/* jiffies: last sign the peer consumes */
 
 	/* consumer side, owned by NAPI (or by detach with NAPI disabled) */
 	struct ivl_ring rx;
@@ -350,7 +352,8 @@ void ivl_peers_stop(struct ivl_shm *shm);
 void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac);
 void ivl_notify_peers(struct ivl_shm *shm);
 void ivl_peer_broken(struct ivl_peer *peer, const char *why);
-void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer);
+void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
+		      const char *why);
 void ivl_peers_debugfs_add(struct ivl_shm *shm);
 
 #endif /* IVL_H */

@@ -313,7 +313,7 @@ void ivl_tx_wake_check_locked(struct ivl_priv *priv)
 	    !ivl_ring_has_room(&peer->tx, IVL_MAX_FRAME)) {
 		if (!time_after(jiffies, priv->stop_since + stall))
 			return;
-		ivl_peer_stalled(priv, peer);
+		ivl_peer_stalled(priv, peer, "ring full");
 	}
 	WRITE_ONCE(priv->stop_peer, NULL);
 	ivl_stat_inc(priv, tx_wakeups);
@@ -672,6 +672,10 @@ static int ivl_napi_poll(struct napi_struct *napi, int budget)
 	unsigned int i, n;
 	int done = 0;
 
+	/* the data vector also means "room again" in our rings */
+	if (READ_ONCE(priv->stop_peer))
+		ivl_tx_wake_check(priv);
+
 	rcu_read_lock();
 	shm = ivl_shm_rcu(priv);
 	if (shm)
@@ -683,17 +687,17 @@ static int ivl_napi_poll(struct napi_struct *napi, int budget)
 			done += ivl_rx_ring(priv, t->rx[(priv->rx_next + i) % n],
 					    napi, budget - done);
 		priv->rx_next++;
-		if (done < budget && ivl_rx_rearm(t))
-			done = budget;	/* stay scheduled and poll again */
 	}
+	/*
+	 * Re-arm the kicks only when NAPI really stops: with
+	 * napi_defer_hard_irqs and gro_flush_timeout set, a timer polls
+	 * again instead and the producers need not ring.  Records that raced
+	 * with the re-arm are polled at once.
+	 */
+	if (done < budget && napi_complete_done(napi, done) && t &&
+	    ivl_rx_rearm(t))
+		napi_schedule(napi);
 	rcu_read_unlock();
-
-	/* the data vector also means "room again" in our rings */
-	if (READ_ONCE(priv->stop_peer))
-		ivl_tx_wake_check(priv);
-
-	if (done < budget)
-		napi_complete_done(napi, done);
 	return done;
 }
 

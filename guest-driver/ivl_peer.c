@@ -105,14 +105,15 @@ void ivl_peer_broken(struct ivl_peer *peer, const char *why)
 }
 
 /* TX queue lock held. */
-void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer)
+void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
+		      const char *why)
 {
 	if (test_and_set_bit(IVL_PEER_STALLED, &peer->flags))
 		return;
 	ivl_stat_inc(priv, peer_stalled);
 	dev_warn_ratelimited(&peer->shm->pdev->dev,
-			     "peer %u: ring full for %u ms; using the lower path\n",
-			     peer->id, ivl_param_stall_ms);
+			     "peer %u: %s for %u ms; using the lower path\n",
+			     peer->id, why, ivl_param_stall_ms);
 	queue_work(system_wq, &peer->shm->refresh_work);
 }
 
@@ -228,6 +229,8 @@ static int ivl_peer_attach(struct ivl_shm *shm, struct ivl_priv *priv,
 		WRITE_ONCE(tx_ctrl->prod, READ_ONCE(tx_ctrl->cons));
 	}
 	err = ivl_ring_attach_producer(&p->tx, tx_ctrl, shm->ring_size);
+	p->tx_cons_seen = p->tx.prod;
+	p->tx_cons_stamp = jiffies;
 	/* checked <= IVL_PEER_ID_MAX by ivl_peer_assess() (want_rx) */
 	p->peer_id = p->seen_peer_id;
 	__netif_tx_unlock_bh(txq);
@@ -328,13 +331,37 @@ static bool ivl_peer_moved(const struct ivl_peer *p)
 }
 
 /*
+ * TX lock held, ring sane.  Is the peer consuming what we publish?  A peer
+ * that is UP with a live heartbeat may still not read our ring (it has not
+ * noticed us yet, or its NAPI is wedged): frames would vanish into the ring
+ * while the ring has room, so waiting for a full ring is not enough.  It
+ * consumes when its cons moves or our ring is empty.
+ */
+static bool ivl_peer_consuming(struct ivl_peer *p, unsigned long now)
+{
+	u32 cons = p->tx.other;		/* read by ivl_ring_check_producer() */
+
+	/* judged only while we send to it: the clock starts with tx_on */
+	if (!p->tx_on || cons != p->tx_cons_seen || cons == p->tx.prod) {
+		p->tx_cons_seen = cons;
+		p->tx_cons_stamp = now;
+		return true;
+	}
+	return !time_after(now, p->tx_cons_stamp +
+			   msecs_to_jiffies(ivl_param_stall_ms));
+}
+
+/*
  * After ivl_peer_assess(), under the TX lock: notice producer rings the
- * peer broke, and let stalled peers back once their ring has room again.
+ * peer broke or stopped reading, and let stalled peers back once they
+ * consume and their ring has room again.
  */
 static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 {
 	struct netdev_queue *txq = ivl_txq(priv);
+	unsigned long now = jiffies;
 	struct ivl_peer *p;
+	bool consuming;
 	u32 id;
 
 	__netif_tx_lock_bh(txq);
@@ -349,7 +376,13 @@ static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 			ivl_peer_broken(p, "bad consumer index in our ring");
 			p->want_rx = false;
 			p->want_tx = false;
-		} else if (test_bit(IVL_PEER_STALLED, &p->flags) &&
+			continue;
+		}
+		consuming = ivl_peer_consuming(p, now);
+		if (!test_bit(IVL_PEER_STALLED, &p->flags)) {
+			if (!consuming)
+				ivl_peer_stalled(priv, p, "does not read its ring");
+		} else if (consuming && p->tx_cons_stamp == now &&
 			   ivl_ring_has_room(&p->tx, IVL_MAX_FRAME)) {
 			clear_bit(IVL_PEER_STALLED, &p->flags);
 		}

@@ -232,6 +232,34 @@ def test_hostile_peer_cannot_hurt_its_neighbours(rel: Lab) -> None:
     paths.wait_peer(lab.guest("vm1"), evil_mac, shm=False, timeout=10)
 
 
+def test_peer_that_stops_reading_its_ring_is_bypassed(rel: Lab) -> None:
+    """UP with a live heartbeat but deaf: frames must not vanish into its ring."""
+    lab = rel
+    evil_mac, evil_ip = mac(lab, "evil"), lab.ip("evil")
+    g1 = lab.guest("vm1")
+    before = paths.counters(g1)
+    # `up` publishes UP and a heartbeat and never consumes: a wedged peer.
+    lab.guest("evil").run("(ivl-hostile -t 20 up > /tmp/up.log 2>&1 &)")
+    try:
+        lab.guest("evil").run("sleep 1")  # a few refresh ticks: vm1 sends it shm
+        lost = lab.ping("vm1", evil_ip, count=50, interval=0.1)
+        table = {p.mac: p.state for p in paths.peers(g1) or []}
+        after = paths.counters(g1)
+    finally:
+        lab.guest("evil").run("killall -q ivl-hostile; ivl-hostile sane", timeout=60)
+    REPORT["deaf_peer_pings_lost"] = f"{lost}/50"
+    # stall_ms (1 s) plus a refresh tick of pings go into the ring; the rest
+    # reach the deaf guest over the lower NIC and are answered
+    assert lost <= 20, lost
+    assert table.get(evil_mac) == "stalled", table
+    assert after["peer_stalled"] > before["peer_stalled"]
+    assert after["shm_tx_packets"] > before["shm_tx_packets"]  # it was tried first
+    assert after["lower_tx_packets"] - before["lower_tx_packets"] >= 30
+    assert not trouble(lab, "vm1")
+    paths.wait_peer(g1, evil_mac, shm=False, timeout=10)
+    wait_pair(lab, timeout=15)
+
+
 def test_bad_module_parameters_are_refused(rel: Lab) -> None:
     """In the driverless guest, so a load that wrongly succeeds harms nothing."""
     g = rel.guest("evil")
