@@ -46,6 +46,10 @@ UDP_RATE = os.environ.get("IVLOOP_BENCH_UDP_RATE", "100M")  # iperf3 -b: offered
 SOCKPERF_PORT = 11111
 SMALL, LARGE = 64, 16384  # sockperf message sizes (bytes)
 FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
+# Workloads named *_bp run with socket busy polling (net.core.busy_read and
+# busy_poll, in µs) on both guests of the pair, whatever the path.
+BUSY_POLL_US = int(os.environ.get("IVLOOP_BENCH_BUSY_POLL_US", "200"))
+BUSY_POLL_SUFFIX = "_bp"
 
 
 class BenchError(HarnessError):
@@ -147,6 +151,8 @@ RUNNERS: dict[str, Runner] = {
     "sockperf_pp_small": lambda g, ip, t: sockperf_pp(g, ip, t, SMALL),
     "sockperf_pp_large": lambda g, ip, t: sockperf_pp(g, ip, t, LARGE),
 }
+RUNNERS.update({w + BUSY_POLL_SUFFIX: RUNNERS[w]
+                for w in ("iperf3_tcp_1", "netperf_tcp_rr", "sockperf_pp_small")})
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +311,25 @@ def _wait_listening(g: Guest, name: str, timeout: float = 20) -> None:
     raise BenchError(f"{name}: sockperf server did not start: {log_text.strip()[-300:]}")
 
 
+def _set_busy_poll(g: Guest, us: int) -> None:
+    g.run(f"sysctl -qw net.core.busy_read={us} net.core.busy_poll={us}", timeout=20)
+
+
+@contextlib.contextmanager
+def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Iterator[None]:
+    """Socket busy polling on both ends: the same sysctls for every path."""
+    try:
+        for name in names:
+            _set_busy_poll(gs[name], us)
+        yield
+    finally:
+        for name in names:
+            try:
+                _set_busy_poll(gs[name], 0)
+            except HarnessError as exc:
+                log.error("%s: could not turn busy polling off: %s", name, exc)
+
+
 @contextlib.contextmanager
 def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Iterator[None]:
     try:
@@ -395,6 +420,7 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             "seconds": secs,
             "udp_rate": UDP_RATE,
             "sockperf_sizes": [SMALL, LARGE],
+            "busy_poll_us": BUSY_POLL_US,
         })  # fmt: skip
         doc: dict[str, Any] = {
             "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
@@ -432,9 +458,11 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
                 for w in workloads:
                     for path in PATHS:
                         client, server = (cross if path == "wire" else pair)
-                        ctx = (_forced_lower(gs, pair) if path == "lower"
-                               else contextlib.nullcontext())
-                        with ctx:
+                        lower = (_forced_lower(gs, pair) if path == "lower"
+                                 else contextlib.nullcontext())
+                        busy = (_busy_poll(gs, (client, server), BUSY_POLL_US)
+                                if w.endswith(BUSY_POLL_SUFFIX) else contextlib.nullcontext())
+                        with lower, busy:
                             sample = _measure(gs, client, ips[server], w, secs=secs, path=path,
                                               rep=rep)
                         doc["samples"].append(sample)

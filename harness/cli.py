@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, sd)
     except HarnessError as exc:
         lines = str(exc).splitlines() or [exc.__class__.__name__]
-        err.print(f"harness: error: {lines[0]}", markup=False, highlight=False)
+        err.print(f"harness: error: {lines[0]}", markup=False, highlight=False, soft_wrap=True)
         for line in lines[1:]:
-            err.print(f"  {line}", markup=False, highlight=False)
+            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("harness: interrupted")

@@ -81,6 +81,26 @@ def test_valid_synthetic_renders_medians_and_ratios() -> None:
     assert "3.33x** (met)" in md
 
 
+def test_busy_poll_workloads_get_their_own_target_lines() -> None:
+    data = synthetic()
+    for s in list(data["samples"]):
+        if s["workload"] == "netperf_tcp_rr":
+            bp = {**s, "workload": "netperf_tcp_rr_bp", "metrics": dict(s["metrics"])}
+            if s["path"] == "shm":
+                bp["metrics"]["lat_mean_us"] /= 10
+            data["samples"].append(bp)
+    data["workloads"].append("netperf_tcp_rr_bp")
+    data["environment"]["busy_poll_us"] = 200
+    b = validate(data)
+    h = bench_report.headline(b)
+    assert h["tcp_rr_latency_busy_poll_x"] == pytest.approx(400 / 10.5)
+    assert "tcp_throughput_busy_poll_x" not in h
+    md = bench_report.markdown(b)
+    assert "| netperf TCP_RR, busy poll | mean latency" in md
+    assert "busy polling (200 µs) on both guests: lower/shm = **38.10x** (met)" in md
+    assert "default settings: lower/shm = **3.81x** (met)" in md
+
+
 def test_write_produces_markdown_and_pngs(tmp_path: Path) -> None:
     data = synthetic()
     data["native"] = native_fixture()
