@@ -331,24 +331,23 @@ static bool ivl_peer_moved(const struct ivl_peer *p)
 }
 
 /*
- * TX lock held, ring sane.  Is the peer consuming what we publish?  A peer
- * that is UP with a live heartbeat may still not read our ring (it has not
- * noticed us yet, or its NAPI is wedged): frames would vanish into the ring
- * while the ring has room, so waiting for a full ring is not enough.  It
- * consumes when its cons moves or our ring is empty.
+ * TX lock held, ring sane.  Did the peer show it reads our ring since the
+ * last look?  A peer that is UP with a live heartbeat may still not read it
+ * (it has not noticed us yet, or its NAPI is wedged): frames would vanish
+ * into the ring while the ring has room, so waiting for a full ring is not
+ * enough.  It reads when its cons moved or our ring is empty; while we do
+ * not send to it there is nothing to judge.  @tx_cons_stamp is the last
+ * time it did.
  */
-static bool ivl_peer_consuming(struct ivl_peer *p, unsigned long now)
+static bool ivl_peer_progressed(struct ivl_peer *p, unsigned long now)
 {
 	u32 cons = p->tx.other;		/* read by ivl_ring_check_producer() */
 
-	/* judged only while we send to it: the clock starts with tx_on */
-	if (!p->tx_on || cons != p->tx_cons_seen || cons == p->tx.prod) {
-		p->tx_cons_seen = cons;
-		p->tx_cons_stamp = now;
-		return true;
-	}
-	return !time_after(now, p->tx_cons_stamp +
-			   msecs_to_jiffies(ivl_param_stall_ms));
+	if (p->tx_on && cons == p->tx_cons_seen && cons != p->tx.prod)
+		return false;
+	p->tx_cons_seen = cons;
+	p->tx_cons_stamp = now;
+	return true;
 }
 
 /*
@@ -359,9 +358,10 @@ static bool ivl_peer_consuming(struct ivl_peer *p, unsigned long now)
 static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 {
 	struct netdev_queue *txq = ivl_txq(priv);
+	unsigned long stall = msecs_to_jiffies(ivl_param_stall_ms);
 	unsigned long now = jiffies;
 	struct ivl_peer *p;
-	bool consuming;
+	bool progressed;
 	u32 id;
 
 	__netif_tx_lock_bh(txq);
@@ -378,11 +378,11 @@ static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 			p->want_tx = false;
 			continue;
 		}
-		consuming = ivl_peer_consuming(p, now);
+		progressed = ivl_peer_progressed(p, now);
 		if (!test_bit(IVL_PEER_STALLED, &p->flags)) {
-			if (!consuming)
+			if (time_after(now, p->tx_cons_stamp + stall))
 				ivl_peer_stalled(priv, p, "does not read its ring");
-		} else if (consuming && p->tx_cons_stamp == now &&
+		} else if (progressed &&
 			   ivl_ring_has_room(&p->tx, IVL_MAX_FRAME)) {
 			clear_bit(IVL_PEER_STALLED, &p->flags);
 		}
