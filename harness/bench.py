@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cluster, paths
-from .bench_report import PATHS, SCHEMA, WORKLOADS, path_matches
+from .bench_report import BUSY_POLL_SUFFIX, PATHS, SCHEMA, WORKLOADS, path_matches
 from .errors import GuestError, HarnessError
 from .guest import Guest
 from .state import StateDir
@@ -49,7 +49,6 @@ FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
 # Workloads named *_bp run with socket busy polling (net.core.busy_read and
 # busy_poll, in µs) on both guests of the pair, whatever the path.
 BUSY_POLL_US = int(os.environ.get("IVLOOP_BENCH_BUSY_POLL_US", "200"))
-BUSY_POLL_SUFFIX = "_bp"
 
 
 class BenchError(HarnessError):
@@ -151,8 +150,9 @@ RUNNERS: dict[str, Runner] = {
     "sockperf_pp_small": lambda g, ip, t: sockperf_pp(g, ip, t, SMALL),
     "sockperf_pp_large": lambda g, ip, t: sockperf_pp(g, ip, t, LARGE),
 }
-RUNNERS.update({w + BUSY_POLL_SUFFIX: RUNNERS[w]
-                for w in ("iperf3_tcp_1", "netperf_tcp_rr", "sockperf_pp_small")})
+# the busy-poll variants the report knows run the plain workload's runner
+RUNNERS.update({w: RUNNERS[w.removesuffix(BUSY_POLL_SUFFIX)]
+                for w in WORKLOADS if w.endswith(BUSY_POLL_SUFFIX)})
 
 
 # ---------------------------------------------------------------------------
@@ -311,37 +311,33 @@ def _wait_listening(g: Guest, name: str, timeout: float = 20) -> None:
     raise BenchError(f"{name}: sockperf server did not start: {log_text.strip()[-300:]}")
 
 
-def _set_busy_poll(g: Guest, us: int) -> None:
-    g.run(f"sysctl -qw net.core.busy_read={us} net.core.busy_poll={us}", timeout=20)
-
-
 @contextlib.contextmanager
-def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Iterator[None]:
+def _set_on(gs: _Guests, names: tuple[str, str], on: str, off: str,
+            what: str) -> Iterator[None]:
+    """Run *on* in each guest of *names*; *off* afterwards, whatever happened."""
+    try:
+        for name in names:
+            gs[name].run(on, timeout=20)
+        yield
+    finally:
+        for name in names:
+            try:
+                gs[name].run(off, timeout=20)
+            except HarnessError as exc:
+                log.error("%s: could not turn %s off: %s", name, what, exc)
+
+
+Setting = contextlib.AbstractContextManager[None]
+
+
+def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Setting:
     """Socket busy polling on both ends: the same sysctls for every path."""
-    try:
-        for name in names:
-            _set_busy_poll(gs[name], us)
-        yield
-    finally:
-        for name in names:
-            try:
-                _set_busy_poll(gs[name], 0)
-            except HarnessError as exc:
-                log.error("%s: could not turn busy polling off: %s", name, exc)
+    sysctl = "sysctl -qw net.core.busy_read={0} net.core.busy_poll={0}"
+    return _set_on(gs, names, sysctl.format(us), sysctl.format(0), "busy polling")
 
 
-@contextlib.contextmanager
-def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Iterator[None]:
-    try:
-        for name in pair:
-            gs[name].run(f"{FORCE_LOWER} on", timeout=20)
-        yield
-    finally:
-        for name in pair:
-            try:
-                gs[name].run(f"{FORCE_LOWER} off", timeout=20)
-            except HarnessError as exc:
-                log.error("%s: could not turn force-lower off: %s", name, exc)
+def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Setting:
+    return _set_on(gs, pair, f"{FORCE_LOWER} on", f"{FORCE_LOWER} off", "force-lower")
 
 
 def _measure(gs: _Guests, client: str, ip: str, workload: str, *, secs: int,

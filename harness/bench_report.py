@@ -60,7 +60,8 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
                           ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
     "sockperf_pp_large": ("sockperf UDP ping-pong, 16 KiB (half RTT)",
                           ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
-    # the same with socket busy polling on both guests (bench.BUSY_POLL_US)
+    # the same with socket busy polling on both guests (bench.BUSY_POLL_US);
+    # the name is the plain workload's plus BUSY_POLL_SUFFIX
     "iperf3_tcp_1_bp": ("iperf3 TCP, 1 stream, busy poll", ("throughput_mbps",)),
     "netperf_tcp_rr_bp": ("netperf TCP_RR, busy poll", ("transactions_per_s", "lat_mean_us",
                                                         "lat_p50_us", "lat_p90_us",
@@ -68,6 +69,11 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sockperf_pp_small_bp": ("sockperf UDP ping-pong, 64 B, busy poll",
                              ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
 }
+
+BUSY_POLL_SUFFIX = "_bp"
+# (workload-name suffix, headline-key suffix, how the targets' lines say it)
+TARGET_VARIANTS = (("", "", "default settings"),
+                   (BUSY_POLL_SUFFIX, "_busy_poll", "busy polling ({} µs) on both guests"))
 
 UNITS = {"throughput_mbps": "Mbit/s", "transactions_per_s": "trans/s", "loss_percent": "%",
          "jitter_ms": "ms"}
@@ -319,7 +325,7 @@ def headline(b: Bench) -> dict[str, float | None]:
     """The targets' numbers: shm vs lower TCP throughput and TCP_RR latency."""
     s = summarise(b)
     out: dict[str, float | None] = {}
-    for suffix, key in (("", ""), ("_bp", "_busy_poll")):
+    for suffix, key, _ in TARGET_VARIANTS:
         if (f"iperf3_tcp_1{suffix}", "throughput_mbps") in s:
             c = s[(f"iperf3_tcp_1{suffix}", "throughput_mbps")]
             out[f"tcp_throughput{key}_x"] = ratio("throughput_mbps", c["shm"].median,
@@ -366,8 +372,8 @@ def markdown(b: Bench) -> str:
     h = headline(b)
     lines.append("")
     busy = b.environment.get("busy_poll_us", "?")
-    for key, how in (("", "default settings"),
-                     ("_busy_poll", f"busy polling ({busy} µs) on both guests")):
+    for _, key, how_fmt in TARGET_VARIANTS:
+        how = how_fmt.format(busy)
         tx, rr = h.get(f"tcp_throughput{key}_x"), h.get(f"tcp_rr_latency{key}_x")
         if tx is not None:
             lines.append(f"- Target shm ≥ 3x lower iperf3 TCP throughput, {how}: **{tx:.2f}x** "

@@ -93,7 +93,8 @@ def test_overlong_kernel_args_are_refused_quickly(tmp_path: Path) -> None:
     # a backtracking pattern would take minutes on this
     words = "a b " * 60 + '\\"'
     with pytest.raises(TopologyError, match="kernel_args"):
-        topology.load(write(tmp_path, f'[hosts.A]\n[vms.v1]\nhost = "A"\nkernel_args = "{words}"\n'))
+        topology.load(write(
+            tmp_path, f'[hosts.A]\n[vms.v1]\nhost = "A"\nkernel_args = "{words}"\n'))
 
 
 def test_missing_file_is_a_topology_error(tmp_path: Path) -> None:
