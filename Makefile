@@ -78,12 +78,16 @@ image: apt driver  ## build (or reuse) the guest image in images/out
 	images/build $$module
 
 unit-test: deps  ## fast tests, no VM
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PYTEST) -m "not vm" -n 2 -q
 
 vm-test: deps image  ## tests that boot real guests (serialised on $(VM_LOCK))
 	flock $(VM_LOCK) $(PYTEST) -m vm -q
 
 test: deps image  ## every test: unit tests, then VM tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PYTEST) -m "not vm" -n 2 -q
 	flock $(VM_LOCK) $(PYTEST) -m vm -q
 

@@ -340,13 +340,58 @@ def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Setting:
     return _set_on(gs, pair, f"{FORCE_LOWER} on", f"{FORCE_LOWER} off", "force-lower")
 
 
-def _measure(gs: _Guests, client: str, ip: str, workload: str, *, secs: int,
+def cpu_jiffies(g: Guest) -> tuple[int, int]:
+    """(all, idle) jiffies of the guest's CPUs, from the first line of /proc/stat."""
+    fields = g.run("head -n 1 /proc/stat", timeout=20).split()
+    try:
+        ticks = [int(f) for f in fields[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+    except (ValueError, IndexError):
+        raise BenchError(f"{g.vm}: /proc/stat does not start with a cpu line: "
+                         f"{' '.join(fields)[:100]!r}") from None
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return 100.0 * (total - idle) / total if total > 0 else 0.0
+
+
+# Reading a tmpfs file copies the page cache to user space: one copy per byte,
+# done by the guest's own (emulated, under TCG) copy routine.
+COPY_FILE_MIB, COPY_PASSES = 64, 16
+_COPY_SCRIPT = (
+    "t() {{ cut -d' ' -f1 /proc/uptime | tr -d .; }}; "
+    "dd if=/dev/zero of=/tmp/ivl-copy bs=1M count={mib} 2>/dev/null "
+    "|| {{ rm -f /tmp/ivl-copy; exit 1; }}; s=$(t); for i in $(seq {passes}); do "
+    "dd if=/tmp/ivl-copy of=/dev/null bs=1M 2>/dev/null; done; e=$(t); "
+    "rm -f /tmp/ivl-copy; echo $((e - s))")
+
+
+def guest_copy_rate(g: Guest) -> float:
+    """MB/s of the guest's copy_to_user (uptime has 10 ms resolution: >= 1 s runs)."""
+    out = g.run(_COPY_SCRIPT.format(mib=COPY_FILE_MIB, passes=COPY_PASSES), timeout=120)
+    try:
+        centis = int(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"{g.vm}: guest copy measurement printed {out.strip()[-100:]!r}") \
+            from None
+    if centis <= 0:
+        raise BenchError(f"{g.vm}: guest copy measurement took no time ({centis} cs)")
+    return COPY_FILE_MIB * COPY_PASSES * 1.048576 / (centis / 100)
+
+
+def _measure(gs: _Guests, client: str, server: str, ip: str, workload: str, *, secs: int,
              path: str, rep: int) -> dict[str, Any]:
-    """One sample: counters, the workload (retried once if the tool fails), counters."""
+    """One sample: counters, the workload (retried once if the tool fails), counters.
+
+    Also how busy both guests' CPUs were: the shared path trades QEMU's native
+    work for the guests' emulated copies, so CPU is part of the result.
+    """
     g = gs[client]
     error: str | None = None
     metrics: dict[str, float] = {}
     before = paths.counters(g)
+    cpu_before = cpu_jiffies(g), cpu_jiffies(gs[server])
     for attempt in (1, 2):
         try:
             metrics = RUNNERS[workload](g, ip, secs)
@@ -357,6 +402,7 @@ def _measure(gs: _Guests, client: str, ip: str, workload: str, *, secs: int,
             log.warning("%s/%s rep %d attempt %d failed: %s", path, workload, rep, attempt,
                         error)
             time.sleep(1)
+    cpu_after = cpu_jiffies(g), cpu_jiffies(gs[server])
     after = paths.counters(g)
     shm = after.get("shm_tx_bytes", 0) - before.get("shm_tx_bytes", 0)
     lower = after.get("lower_tx_bytes", 0) - before.get("lower_tx_bytes", 0)
@@ -366,7 +412,9 @@ def _measure(gs: _Guests, client: str, ip: str, workload: str, *, secs: int,
                  f"lower_tx_bytes +{lower}")
     return {"path": path, "workload": workload, "rep": rep, "client": client,
             "valid": error is None, "error": error, "metrics": metrics,
-            "counters": {"shm_tx_bytes": shm, "lower_tx_bytes": lower}}
+            "counters": {"shm_tx_bytes": shm, "lower_tx_bytes": lower},
+            "cpu": {"client_busy_pct": round(busy_percent(cpu_before[0], cpu_after[0]), 1),
+                    "server_busy_pct": round(busy_percent(cpu_before[1], cpu_after[1]), 1)}}
 
 
 def _summary(sample: dict[str, Any]) -> str:
@@ -418,6 +466,9 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             "sockperf_sizes": [SMALL, LARGE],
             "busy_poll_us": BUSY_POLL_US,
         })  # fmt: skip
+        say(f"{pair[0]}: measuring the guest's memory copy rate...")
+        env["guest_copy_mbs"] = round(guest_copy_rate(gs[pair[0]]), 1)
+        say(f"{pair[0]}: copy_to_user {env['guest_copy_mbs']:.0f} MB/s")
         doc: dict[str, Any] = {
             "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
             "environment": env, "workloads": list(workloads),
@@ -459,8 +510,8 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
                         busy = (_busy_poll(gs, (client, server), BUSY_POLL_US)
                                 if w.endswith(BUSY_POLL_SUFFIX) else contextlib.nullcontext())
                         with lower, busy:
-                            sample = _measure(gs, client, ips[server], w, secs=secs, path=path,
-                                              rep=rep)
+                            sample = _measure(gs, client, server, ips[server], w, secs=secs,
+                                              path=path, rep=rep)
                         doc["samples"].append(sample)
                         say(f"rep {rep + 1}/{reps} {w:<18} {path:<5} {_summary(sample)}")
                 # Partial results survive an interrupted run.

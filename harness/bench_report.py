@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import HarnessError
 
@@ -75,6 +75,12 @@ BUSY_POLL_SUFFIX = "_bp"
 TARGET_VARIANTS = (("", "", "default settings"),
                    (BUSY_POLL_SUFFIX, "_busy_poll", "busy polling ({} µs) on both guests"))
 
+CPU_KEYS = ("client_busy_pct", "server_busy_pct")
+# Copies per byte in the guests' emulated code on the shared path's sender:
+# copy_from_user into the socket buffer, then the copy into the ring.  The
+# lower path's sender makes only the first; QEMU copies the frame natively.
+SHM_SENDER_COPIES = 2
+
 UNITS = {"throughput_mbps": "Mbit/s", "transactions_per_s": "trans/s", "loss_percent": "%",
          "jitter_ms": "ms"}
 
@@ -107,6 +113,7 @@ class Sample:
     workload: str
     rep: int
     metrics: dict[str, float]
+    cpu: dict[str, float] | None = None  # guest CPU busy %, client and server
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class Bench:
     native_measured: str = ""  # when the native benchmark ran (e.g. "with the VMs up")
 
 
-def _is_number(v: object) -> bool:
+def _is_number(v: object) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -230,8 +237,9 @@ def validate(data: object) -> Bench:
                 problems.append(f"{where}: metric '{name}' is negative ({v})")
             else:
                 metrics[name] = float(v)
+        cpu = _check_cpu(s.get("cpu"), where, problems)
         if len(metrics) == len(WORKLOADS[s["workload"]][1]):
-            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics))
+            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
 
     if not problems:
         for w in workloads:
@@ -249,6 +257,23 @@ def validate(data: object) -> Bench:
                  samples=samples, invalid=invalid,
                  native=native if isinstance(native, dict) else None,
                  native_measured=str(data.get("native_measured") or ""))
+
+
+def _check_cpu(cpu: object, where: str, problems: list[str]) -> dict[str, float] | None:
+    """A sample's optional guest CPU load: busy percentages of client and server."""
+    if cpu is None:  # runs before the load was recorded
+        return None
+    if not isinstance(cpu, dict):
+        problems.append(f"{where}: 'cpu' must be an object, got {type(cpu).__name__}")
+        return None
+    out: dict[str, float] = {}
+    for key in CPU_KEYS:
+        v = cpu.get(key)
+        if not _is_number(v) or not 0 <= v <= 100:
+            problems.append(f"{where}: cpu '{key}' must be a percentage (0-100), got {v!r}")
+        else:
+            out[key] = float(v)
+    return out if len(out) == len(CPU_KEYS) else None
 
 
 def _error(problems: list[str]) -> BenchReportError:
@@ -381,6 +406,7 @@ def markdown(b: Bench) -> str:
         if rr is not None:
             lines.append(f"- Target shm TCP_RR latency ≤ 1/3 of lower, {how}: lower/shm = "
                          f"**{rr:.2f}x** ({'met' if rr >= 3 else 'not met'}).")
+    lines += cpu_markdown(b)
     if b.native:
         lines += ["", *native_markdown(b.native)]
         if b.native_measured:
@@ -388,36 +414,101 @@ def markdown(b: Bench) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_busy(b: Bench) -> dict[tuple[str, str], tuple[float, float]]:
+    """(workload, path) -> median busy % of the client and the server guest."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for w in b.workloads:
+        for p in PATHS:
+            loads = [s.cpu for s in b.samples if s.workload == w and s.path == p and s.cpu]
+            if loads:
+                out[(w, p)] = (statistics.median(c["client_busy_pct"] for c in loads),
+                               statistics.median(c["server_busy_pct"] for c in loads))
+    return out
+
+
+def copy_bound_mbps(copy_mbs: float) -> float:
+    """The most the shared path's sender can send if copying were all it did."""
+    return copy_mbs / SHM_SENDER_COPIES * 8
+
+
+def cpu_markdown(b: Bench) -> list[str]:
+    """Where the guests' CPU went, and the ceiling the emulated copies put on shm."""
+    busy = cpu_busy(b)
+    lines: list[str] = []
+    if busy:
+        lines += ["", "### Guest CPU", "",
+                  "Busy % of the client / server guest's vCPU during each sample "
+                  "(/proc/stat), median.", "",
+                  "| workload | shm | lower | wire |", "|---|---:|---:|---:|"]
+        for w in b.workloads:
+            cells = [f"{busy[(w, p)][0]:.0f} / {busy[(w, p)][1]:.0f}" if (w, p) in busy
+                     else "-" for p in PATHS]
+            lines.append(f"| {WORKLOADS[w][0]} | " + " | ".join(cells) + " |")
+    copy = b.environment.get("guest_copy_mbs")
+    cell = summarise(b).get(("iperf3_tcp_1", "throughput_mbps"))
+    if _is_number(copy) and copy > 0 and cell:
+        bound = copy_bound_mbps(float(copy))
+        lower = cell["lower"].median
+        lines += ["", f"Copy ceiling: the client guest copies memory at {copy:.0f} MB/s "
+                  "(copy_to_user from tmpfs). On the shared path its sender copies every "
+                  f"byte {SHM_SENDER_COPIES} times in emulated code (into the socket "
+                  "buffer, then into the ring); on the lower path once, because QEMU "
+                  "copies the frame natively. With nothing else to do the shm sender "
+                  f"would top out at {bound:.0f} Mbit/s = {bound / lower:.2f}x lower's "
+                  f"median ({lower:.0f} Mbit/s); 3x needs {3 * lower:.0f} Mbit/s."]
+    return lines
+
+
 def native_markdown(n: dict[str, Any]) -> list[str]:
     """The user-space ring benchmark (tests/ring/ring_bench.c), if it ran."""
     try:
         mc = {int(r["bytes"]): r for r in n["memcpy"]}
+        ring_kib = int(n["ring_size"]) // 1024
         lines = [
             "### Native ring (user space, two processes, memfd + eventfds)",
             "",
             f"{n.get('cpu_model', '?')}, {n.get('cpus', '?')} CPUs"
             f"{', processes pinned to separate cores' if n.get('pinned') else ''}; "
-            f"ring {int(n['ring_size']) // 1024} KiB; medians of {n['reps']}. "
-            "Each record is copied in and out (memcpy each side, like the driver).",
+            f"ring {ring_kib} KiB; medians of {n['reps']}. "
+            "Each record is copied in and out (memcpy each side, like the driver). "
+            "memcpy columns: one core copying records of that size, source and "
+            "destination each reused (in cache), walked over as many bytes as the ring "
+            "(ring's footprint) or over far more than the last-level cache (out of cache).",
             "",
-            "| record | ring GB/s | records/s | memcpy GB/s in cache | memcpy GB/s out of cache |",
-            "|---:|---:|---:|---:|---:|",
+            "| record | ring GB/s | records/s | memcpy GB/s in cache "
+            f"| memcpy GB/s, ring's footprint ({ring_kib} KiB) | memcpy GB/s out of cache |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for r in n["throughput"]:
             size = int(r["record_bytes"])
             m = mc.get(size, {})
+            foot = m.get("ring_footprint_gbps")
             lines.append(f"| {size} B | {float(r['gbps']):.2f} | {float(r['records_per_s']):.0f}"
                          f" | {float(m.get('in_cache_gbps', math.nan)):.1f}"
+                         f" | {'n/a' if foot is None else f'{float(foot):.1f}'}"
                          f" | {float(m.get('out_of_cache_gbps', math.nan)):.1f} |")
         ref = n["reference"]
+        at = (f"At {int(ref['record_bytes']) // 1024} KiB records the ring moves "
+              f"{float(ref['ring_gbps']):.2f} GB/s = ")
+        if "ratio_ring_footprint" in ref and "memcpy_ring_footprint_gbps" in ref:
+            # the reference: memcpy streaming through as many bytes as the ring
+            pct = 100 * float(ref["ratio_ring_footprint"])
+            sentence = (
+                f"{at}**{pct:.0f}%** of single-core memcpy streaming through the ring's "
+                f"footprint ({ring_kib} KiB: "
+                f"{float(ref['memcpy_ring_footprint_gbps']):.1f} GB/s); target ≥ 50% "
+                f"({'met' if pct >= 50 else 'not met'}). For scale, memcpy of one "
+                f"record in cache: {float(ref['memcpy_in_cache_gbps']):.1f} GB/s; "
+                f"out of cache: {float(ref['memcpy_out_of_cache_gbps']):.1f} GB/s.")
+        else:  # JSON from before the ring-footprint reference
+            sentence = (
+                f"{at}{100 * float(ref['ratio_out_of_cache']):.0f}% of single-core memcpy "
+                f"out of cache ({float(ref['memcpy_out_of_cache_gbps']):.1f} GB/s) and "
+                f"{100 * float(ref['ratio_in_cache']):.0f}% of memcpy in cache "
+                f"({float(ref['memcpy_in_cache_gbps']):.1f} GB/s); target ≥ 50%.")
         lines += [
             "",
-            f"At {int(ref['record_bytes']) // 1024} KiB records the ring moves "
-            f"{float(ref['ring_gbps']):.2f} GB/s = "
-            f"{100 * float(ref['ratio_out_of_cache']):.0f}% of single-core memcpy out of "
-            f"cache ({float(ref['memcpy_out_of_cache_gbps']):.1f} GB/s) and "
-            f"{100 * float(ref['ratio_in_cache']):.0f}% of memcpy in cache "
-            f"({float(ref['memcpy_in_cache_gbps']):.1f} GB/s); target ≥ 50%.",
+            sentence,
             "",
             f"| round trip, {int(n['latency_us']['message_bytes'])} B | p50 µs | p90 µs "
             "| p99 µs | mean µs |",

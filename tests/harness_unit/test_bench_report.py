@@ -101,6 +101,53 @@ def test_busy_poll_workloads_get_their_own_target_lines() -> None:
     assert "default settings: lower/shm = **3.81x** (met)" in md
 
 
+def test_guest_cpu_table_and_copy_ceiling() -> None:
+    data = synthetic()
+    for s in data["samples"]:
+        busy = {"shm": 90.0, "lower": 70.0, "wire": 60.0}[s["path"]] + s["rep"]
+        s["cpu"] = {"client_busy_pct": busy, "server_busy_pct": busy - 10}
+    data["environment"]["guest_copy_mbs"] = 1200.0
+    b = validate(data)
+    assert bench_report.cpu_busy(b)[("iperf3_tcp_1", "shm")] == (92.0, 82.0)
+    md = bench_report.markdown(b)
+    assert "| iperf3 TCP, 1 stream | 92 / 82 | 72 / 62 | 62 / 52 |" in md
+    # 1200 MB/s copied twice per byte: 600 MB/s = 4800 Mbit/s; lower's median is 300
+    assert "top out at 4800 Mbit/s = 16.00x lower's median (300 Mbit/s); 3x needs 900" in md
+
+
+def test_report_without_cpu_data_has_no_cpu_section() -> None:
+    md = bench_report.markdown(validate(synthetic()))
+    assert "### Guest CPU" not in md and "Copy ceiling" not in md
+
+
+class _FakeGuest:
+    vm = "vm1"
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.commands: list[str] = []
+
+    def run(self, command: str, timeout: float = 0) -> str:
+        self.commands.append(command)
+        return self.out
+
+
+def test_guest_cpu_and_copy_rate_parsing() -> None:
+    g: Any = _FakeGuest("cpu  100 0 50 800 50 0 0 0 0 0\n")
+    assert bench.cpu_jiffies(g) == (1000, 850)
+    assert bench.busy_percent((1000, 850), (2000, 1100)) == pytest.approx(75.0)
+    assert bench.busy_percent((1000, 850), (1000, 850)) == 0.0
+    with pytest.raises(bench.BenchError, match="does not start with a cpu line"):
+        bench.cpu_jiffies(_FakeGuest("intr 12 13\n"))  # type: ignore[arg-type]
+    # 64 MiB read 16 times in 150 centiseconds
+    g = _FakeGuest("150\n")
+    assert bench.guest_copy_rate(g) == pytest.approx(64 * 16 * 1.048576 / 1.5)
+    assert "rm -f /tmp/ivl-copy" in g.commands[0]
+    for out in ("dd: /tmp/ivl-copy: No space left on device\n", "0\n"):
+        with pytest.raises(bench.BenchError, match="guest copy measurement"):
+            bench.guest_copy_rate(_FakeGuest(out))  # type: ignore[arg-type]
+
+
 def test_write_produces_markdown_and_pngs(tmp_path: Path) -> None:
     data = synthetic()
     data["native"] = native_fixture()
@@ -129,6 +176,40 @@ def native_fixture() -> dict[str, Any]:
                           "ratio_out_of_cache": 8 / 12},
             "latency_us": {"message_bytes": 64, "ring": lat, "eventfd": lat,
                            "tcp_loopback": lat}}
+
+
+def with_ring_footprint(n: dict[str, Any], gbps: float) -> dict[str, Any]:
+    """native_fixture() as ring_bench prints it now: memcpy through the ring's footprint."""
+    for m in n["memcpy"]:
+        m["ring_footprint_gbps"] = gbps
+    n["reference"].update(memcpy_ring_footprint_gbps=gbps,
+                          ratio_ring_footprint=n["reference"]["ring_gbps"] / gbps)
+    return n
+
+
+FOOTPRINT_HEADER = ("| record | ring GB/s | records/s | memcpy GB/s in cache | memcpy GB/s, "
+                    "ring's footprint (1024 KiB) | memcpy GB/s out of cache |")
+
+
+def test_native_reference_is_memcpy_through_the_ring_footprint() -> None:
+    md = "\n".join(bench_report.native_markdown(with_ring_footprint(native_fixture(), 20.0)))
+    assert FOOTPRINT_HEADER in md
+    assert "| 65536 B | 8.00 | 100000 | 50.0 | 20.0 | 12.0 |" in md
+    assert ("At 64 KiB records the ring moves 8.00 GB/s = **40%** of single-core memcpy "
+            "streaming through the ring's footprint (1024 KiB: 20.0 GB/s); target ≥ 50% "
+            "(not met). For scale, memcpy of one record in cache: 50.0 GB/s; out of cache: "
+            "12.0 GB/s.") in md
+    assert "% of single-core memcpy out of cache" not in md  # not the flattering one
+    md = "\n".join(bench_report.native_markdown(with_ring_footprint(native_fixture(), 12.5)))
+    assert "= **64%** of single-core memcpy streaming" in md and "≥ 50% (met)" in md
+
+
+def test_native_report_of_json_without_ring_footprint() -> None:
+    md = "\n".join(bench_report.native_markdown(native_fixture()))  # older ring_bench
+    assert "malformed" not in md and FOOTPRINT_HEADER in md
+    assert "| 65536 B | 8.00 | 100000 | 50.0 | n/a | 12.0 |" in md
+    assert ("At 64 KiB records the ring moves 8.00 GB/s = 67% of single-core memcpy out of "
+            "cache (12.0 GB/s) and 16% of memcpy in cache (50.0 GB/s); target ≥ 50%.") in md
 
 
 def test_report_only_does_not_write_from_bad_json(tmp_path: Path) -> None:
@@ -203,6 +284,12 @@ def _no_metric(data: dict[str, Any]) -> None:
     (_invalid_path, "marked valid but the sender's counters contradict path 'shm' "
                     "(shm_tx_bytes +0, lower_tx_bytes +5000)"),
     (_marked_invalid, "shm/iperf3_tcp_1: 4 valid sample(s), need 5"),
+    (_sample_key("cpu", [50, 50]), "samples[0] (shm/iperf3_tcp_1 rep 0): 'cpu' must be an "
+                                   "object, got list"),
+    (_sample_key("cpu", {"client_busy_pct": 101, "server_busy_pct": 5}),
+     "cpu 'client_busy_pct' must be a percentage (0-100), got 101"),
+    (_sample_key("cpu", {"client_busy_pct": 50}),
+     "cpu 'server_busy_pct' must be a percentage (0-100), got None"),
 ])  # fmt: skip
 def test_rejects(mutate: Any, message: str) -> None:
     data = synthetic()
@@ -289,7 +376,12 @@ def test_native_ring_bench_json_shape(tmp_path: Path) -> None:
         assert r["gbps"] > 0 and r["records_per_s"] > 0
     for r in data["memcpy"]:
         assert r["in_cache_gbps"] > 0 and r["out_of_cache_gbps"] > 0
-    assert data["reference"]["record_bytes"] == 65536
+        assert r["ring_footprint_gbps"] > 0
+    ref = data["reference"]
+    assert ref["record_bytes"] == 65536
+    for name in ("in_cache", "ring_footprint", "out_of_cache"):  # ratio = ring / memcpy
+        assert ref[f"ratio_{name}"] == pytest.approx(
+            ref["ring_gbps"] / ref[f"memcpy_{name}_gbps"], rel=1e-2, abs=1e-3)
     for key in ("ring", "eventfd", "tcp_loopback"):
         lat = data["latency_us"][key]
         assert lat["n"] == 200
@@ -297,6 +389,7 @@ def test_native_ring_bench_json_shape(tmp_path: Path) -> None:
     # and the report renders it
     md = bench_report.native_markdown(data)
     assert md[0].startswith("### Native ring") and "malformed" not in "\n".join(md)
+    assert "of single-core memcpy streaming through the ring's footprint" in "\n".join(md)
 
 
 

@@ -15,7 +15,9 @@
  * Measures, medians over repetitions:
  *   - ring throughput for records of 64 B .. 64 KiB (GB/s, records/s);
  *   - single-core memcpy bandwidth for the same sizes, in cache (one
- *     buffer pair reused) and out of cache (walking 2 x 128 MiB);
+ *     buffer pair reused), through the ring's footprint (walking 2 x 1 MiB,
+ *     the reference for the ring: its records stream through 1 MiB) and
+ *     out of cache (walking 2 x 128 MiB);
  *   - round-trip latency of a 64 B record through both rings, next to a
  *     plain eventfd ping-pong and TCP over loopback (TCP_NODELAY).
  *
@@ -26,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <assert.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -48,6 +51,9 @@
 #define MAX_SAMPLES	64
 #define OOC_BYTES	(128U << 20)	/* out-of-cache walk, >> L3 */
 #define MSG		64U
+
+/* the memcpy buffers are OOC_BYTES; the ring-footprint walk must fit */
+static_assert(RING_SIZE <= OOC_BYTES, "memcpy buffers too small");
 
 /* Marker records (length 1; data records are never that short). */
 #define MARK_END	'E'	/* end of a throughput phase: ack it */
@@ -386,11 +392,15 @@ static void tcp_pingpong(int ncpu, double *rtt, long n)
 	close(lfd);
 }
 
-/* Single-core memcpy bandwidth (GB/s of bytes copied). */
-static double memcpy_bw(u32 len, bool in_cache, u8 *src, u8 *dst)
+/*
+ * Single-core memcpy bandwidth (GB/s of bytes copied), @len bytes at a time,
+ * @src and @dst each walked over @span bytes before wrapping: @len (in
+ * cache), RING_SIZE (the ring's footprint) or OOC_BYTES (out of cache).
+ */
+static double memcpy_bw(u32 len, size_t span, u8 *src, u8 *dst)
 {
-	size_t off = 0, span = in_cache ? len : OOC_BYTES;
 	double t0 = now(), t;
+	size_t off = 0;
 	long n = 0;
 
 	do {
@@ -408,6 +418,13 @@ static double memcpy_bw(u32 len, bool in_cache, u8 *src, u8 *dst)
 		t = now() - t0;
 	} while (t < bench_seconds / 2);
 	return (double)n * len / t / 1e9;
+}
+
+/* "memcpy_@name_gbps" and "ratio_@name" (ring / memcpy) of "reference" */
+static void print_ref(const char *name, double ring, double mc, bool last)
+{
+	printf("\"memcpy_%s_gbps\": %.4f, \"ratio_%s\": %.4f%s", name, mc,
+	       name, ring / mc, last ? "},\n" : ", ");
 }
 
 static void cpu_model(char *buf, size_t len)
@@ -433,8 +450,9 @@ static void cpu_model(char *buf, size_t len)
 int main(void)
 {
 	double gbps[NR_SIZES][MAX_SAMPLES], rps[NR_SIZES][MAX_SAMPLES];
-	double mc_in[NR_SIZES][MAX_SAMPLES], mc_out[NR_SIZES][MAX_SAMPLES];
-	double *rtt_ring, *rtt_efd, *rtt_tcp;
+	double mc_in[NR_SIZES][MAX_SAMPLES], mc_ring[NR_SIZES][MAX_SAMPLES];
+	double mc_out[NR_SIZES][MAX_SAMPLES];
+	double *rtt_ring, *rtt_efd, *rtt_tcp, ring;
 	struct ivl_ring a, b;
 	cpu_set_t avail;
 	char model[128];
@@ -486,8 +504,11 @@ int main(void)
 	memset(dst, 0, OOC_BYTES);
 	for (r = 0; r < reps; r++)
 		for (s = 0; s < NR_SIZES; s++) {
-			mc_in[s][r] = memcpy_bw(sizes[s], true, src, dst);
-			mc_out[s][r] = memcpy_bw(sizes[s], false, src, dst);
+			u32 len = sizes[s];
+
+			mc_in[s][r] = memcpy_bw(len, len, src, dst);
+			mc_ring[s][r] = memcpy_bw(len, RING_SIZE, src, dst);
+			mc_out[s][r] = memcpy_bw(len, OOC_BYTES, src, dst);
 		}
 
 	rtt_ring = calloc((size_t)rtts, sizeof(double));
@@ -537,20 +558,21 @@ int main(void)
 		       s + 1 < NR_SIZES ? "," : "");
 	}
 	printf("  ],\n  \"memcpy\": [\n");
-	for (s = 0; s < NR_SIZES; s++)
-		printf("    {\"bytes\": %u, \"in_cache_gbps\": %.4f, "
-		       "\"out_of_cache_gbps\": %.4f}%s\n", sizes[s],
-		       median(mc_in[s], reps), median(mc_out[s], reps),
-		       s + 1 < NR_SIZES ? "," : "");
+	for (s = 0; s < NR_SIZES; s++) {
+		printf("    {\"bytes\": %u, ", sizes[s]);
+		printf("\"in_cache_gbps\": %.4f, ", median(mc_in[s], reps));
+		printf("\"ring_footprint_gbps\": %.4f, ",
+		       median(mc_ring[s], reps));
+		printf("\"out_of_cache_gbps\": %.4f}%s\n",
+		       median(mc_out[s], reps), s + 1 < NR_SIZES ? "," : "");
+	}
 	s = NR_SIZES - 1;
-	printf("  ],\n  \"reference\": {\"record_bytes\": %u, "
-	       "\"ring_gbps\": %.4f, \"memcpy_in_cache_gbps\": %.4f, "
-	       "\"memcpy_out_of_cache_gbps\": %.4f, "
-	       "\"ratio_in_cache\": %.4f, \"ratio_out_of_cache\": %.4f},\n",
-	       sizes[s], median(gbps[s], reps), median(mc_in[s], reps),
-	       median(mc_out[s], reps),
-	       median(gbps[s], reps) / median(mc_in[s], reps),
-	       median(gbps[s], reps) / median(mc_out[s], reps));
+	ring = median(gbps[s], reps);
+	printf("  ],\n  \"reference\": {\"record_bytes\": %u, ", sizes[s]);
+	printf("\"ring_gbps\": %.4f, ", ring);
+	print_ref("in_cache", ring, median(mc_in[s], reps), false);
+	print_ref("ring_footprint", ring, median(mc_ring[s], reps), false);
+	print_ref("out_of_cache", ring, median(mc_out[s], reps), true);
 	printf("  \"latency_us\": {\n    \"message_bytes\": %u,\n", MSG);
 	print_lat("ring", rtt_ring, rtts, false);
 	print_lat("eventfd", rtt_efd, rtts, false);
