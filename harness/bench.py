@@ -356,36 +356,12 @@ def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (total - idle) / total if total > 0 else 0.0
 
 
-# Reading a tmpfs file copies the page cache to user space: one copy per byte,
-# done by the guest's own (emulated, under TCG) copy routine.
-COPY_FILE_MIB, COPY_PASSES = 64, 16
-_COPY_SCRIPT = (
-    "t() {{ cut -d' ' -f1 /proc/uptime | tr -d .; }}; "
-    "dd if=/dev/zero of=/tmp/ivl-copy bs=1M count={mib} 2>/dev/null "
-    "|| {{ rm -f /tmp/ivl-copy; exit 1; }}; s=$(t); for i in $(seq {passes}); do "
-    "dd if=/tmp/ivl-copy of=/dev/null bs=1M 2>/dev/null; done; e=$(t); "
-    "rm -f /tmp/ivl-copy; echo $((e - s))")
-
-
-def guest_copy_rate(g: Guest) -> float:
-    """MB/s of the guest's copy_to_user (uptime has 10 ms resolution: >= 1 s runs)."""
-    out = g.run(_COPY_SCRIPT.format(mib=COPY_FILE_MIB, passes=COPY_PASSES), timeout=120)
-    try:
-        centis = int(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise BenchError(f"{g.vm}: guest copy measurement printed {out.strip()[-100:]!r}") \
-            from None
-    if centis <= 0:
-        raise BenchError(f"{g.vm}: guest copy measurement took no time ({centis} cs)")
-    return COPY_FILE_MIB * COPY_PASSES * 1.048576 / (centis / 100)
-
-
 def _measure(gs: _Guests, client: str, server: str, ip: str, workload: str, *, secs: int,
              path: str, rep: int) -> dict[str, Any]:
     """One sample: counters, the workload (retried once if the tool fails), counters.
 
-    Also how busy both guests' CPUs were: the shared path trades QEMU's native
-    work for the guests' emulated copies, so CPU is part of the result.
+    Also how busy both guests' CPUs were: the shared path moves work from QEMU
+    (native) into the guests (emulated under TCG), so CPU is part of the result.
     """
     g = gs[client]
     error: str | None = None
@@ -466,9 +442,6 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             "sockperf_sizes": [SMALL, LARGE],
             "busy_poll_us": BUSY_POLL_US,
         })  # fmt: skip
-        say(f"{pair[0]}: measuring the guest's memory copy rate...")
-        env["guest_copy_mbs"] = round(guest_copy_rate(gs[pair[0]]), 1)
-        say(f"{pair[0]}: copy_to_user {env['guest_copy_mbs']:.0f} MB/s")
         doc: dict[str, Any] = {
             "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
             "environment": env, "workloads": list(workloads),

@@ -76,10 +76,6 @@ TARGET_VARIANTS = (("", "", "default settings"),
                    (BUSY_POLL_SUFFIX, "_busy_poll", "busy polling ({} µs) on both guests"))
 
 CPU_KEYS = ("client_busy_pct", "server_busy_pct")
-# Copies per byte in the guests' emulated code on the shared path's sender:
-# copy_from_user into the socket buffer, then the copy into the ring.  The
-# lower path's sender makes only the first; QEMU copies the frame natively.
-SHM_SENDER_COPIES = 2
 
 UNITS = {"throughput_mbps": "Mbit/s", "transactions_per_s": "trans/s", "loss_percent": "%",
          "jitter_ms": "ms"}
@@ -426,13 +422,8 @@ def cpu_busy(b: Bench) -> dict[tuple[str, str], tuple[float, float]]:
     return out
 
 
-def copy_bound_mbps(copy_mbs: float) -> float:
-    """The most the shared path's sender can send if copying were all it did."""
-    return copy_mbs / SHM_SENDER_COPIES * 8
-
-
 def cpu_markdown(b: Bench) -> list[str]:
-    """Where the guests' CPU went, and the ceiling the emulated copies put on shm."""
+    """How busy the guests' vCPUs were on each path."""
     busy = cpu_busy(b)
     lines: list[str] = []
     if busy:
@@ -444,18 +435,6 @@ def cpu_markdown(b: Bench) -> list[str]:
             cells = [f"{busy[(w, p)][0]:.0f} / {busy[(w, p)][1]:.0f}" if (w, p) in busy
                      else "-" for p in PATHS]
             lines.append(f"| {WORKLOADS[w][0]} | " + " | ".join(cells) + " |")
-    copy = b.environment.get("guest_copy_mbs")
-    cell = summarise(b).get(("iperf3_tcp_1", "throughput_mbps"))
-    if _is_number(copy) and copy > 0 and cell:
-        bound = copy_bound_mbps(float(copy))
-        lower = cell["lower"].median
-        lines += ["", f"Copy ceiling: the client guest copies memory at {copy:.0f} MB/s "
-                  "(copy_to_user from tmpfs). On the shared path its sender copies every "
-                  f"byte {SHM_SENDER_COPIES} times in emulated code (into the socket "
-                  "buffer, then into the ring); on the lower path once, because QEMU "
-                  "copies the frame natively. With nothing else to do the shm sender "
-                  f"would top out at {bound:.0f} Mbit/s = {bound / lower:.2f}x lower's "
-                  f"median ({lower:.0f} Mbit/s); 3x needs {3 * lower:.0f} Mbit/s."]
     return lines
 
 
