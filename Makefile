@@ -29,7 +29,7 @@ CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl
 KABI = $(shell images/resolve-kernel 2>/dev/null)
 KDIR = /usr/src/linux-headers-$(KABI)
 
-.PHONY: help deps apt venv driver image test unit-test vm-test demo lint fuzz bench soak clean
+.PHONY: help deps apt venv driver image pycheck test unit-test vm-test demo lint fuzz bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
@@ -77,26 +77,25 @@ image: apt driver  ## build (or reuse) the guest image in images/out
 	@module=""; [ -e guest-driver/ivloop.ko ] && module="--module guest-driver/ivloop.ko"; \
 	images/build $$module
 
-unit-test: deps  ## fast tests, no VM
+# Static checks of the Python code: part of every test run and of lint.
+pycheck: deps  ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+unit-test: pycheck  ## fast tests, no VM
 	$(PYTEST) -m "not vm" -n 2 -q
 
 vm-test: deps image  ## tests that boot real guests (serialised on $(VM_LOCK))
 	flock $(VM_LOCK) $(PYTEST) -m vm -q
 
-test: deps image  ## every test: unit tests, then VM tests
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+test: pycheck image  ## every test: unit tests, then VM tests
 	$(PYTEST) -m "not vm" -n 2 -q
 	flock $(VM_LOCK) $(PYTEST) -m vm -q
 
 demo: deps image  ## boot the topology, show the shared path, migrate, report
 	flock $(VM_LOCK) $(HARNESS) demo
 
-lint: deps  ## ruff, mypy, checkpatch
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+lint: pycheck  ## ruff, mypy, checkpatch
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver checkpatch CHECKPATCH=$(CURDIR)/$(CHECKPATCH); fi
 
 fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)

@@ -122,10 +122,8 @@ class _FakeGuest:
 
     def __init__(self, out: str) -> None:
         self.out = out
-        self.commands: list[str] = []
 
     def run(self, command: str, timeout: float = 0) -> str:
-        self.commands.append(command)
         return self.out
 
 
