@@ -75,6 +75,8 @@ struct ivl_stats {
 	u64_stats_t peer_timeout;	/* heartbeat stopped */
 	u64_stats_t peer_stalled;	/* ring stayed full too long */
 	u64_stats_t peer_bad_entry;	/* broken directory slot */
+	u64_stats_t poll_windows;	/* the ring poller started polling */
+	u64_stats_t poll_hits;		/* ... and found records before a doorbell */
 };
 
 struct ivl_pcpu_stats {
@@ -215,15 +217,30 @@ struct ivl_priv {
 
 	/* NAPI */
 	unsigned int rx_next;		/* round-robin start in table->rx */
+
+	/*
+	 * Ring poller (ivl_poll.c).  Times are local_clock() ns, written from
+	 * xmit, NAPI and the poller without a common lock: a lost update
+	 * misjudges a window, never loses a frame (IVL_F_POLLING decides).
+	 */
+	struct task_struct *poller;
+	u64 poll_ns;			/* window length, adaptive */
+	u64 poll_opened;		/* when the current window opened */
+	u64 poll_last;			/* ... or was last extended */
+	u64 poll_tx;			/* last frame sent over shm */
+	u64 poll_rx;			/* last frames received from rings */
+	bool poll_missed;		/* the last window heard nothing */
 };
 
 enum {
 	IVL_F_FORCE_LOWER,		/* ethtool priv flag "force-lower" */
+	IVL_F_POLLING,			/* the poller watches the rings: no kicks */
 };
 
 /* Module parameters (ivl_main.c). */
 extern bool ivl_param_force_lower;
 extern unsigned int ivl_param_stall_ms;
+extern unsigned int ivl_param_poll_us;
 
 /* Pairing of the one upper and the one device, both rtnl-protected. */
 extern struct ivl_priv *ivl_the_upper;
@@ -344,6 +361,12 @@ void ivl_tx_wake_check(struct ivl_priv *priv);
 void ivl_tx_wake_check_locked(struct ivl_priv *priv);
 int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
 		struct napi_struct *napi, int budget);
+
+/* ivl_poll.c */
+int ivl_poll_init(struct ivl_priv *priv);
+void ivl_poll_uninit(struct ivl_priv *priv);
+void ivl_poll_tx(struct ivl_priv *priv);
+void ivl_poll_rx(struct ivl_priv *priv);
 
 /* ivl_peer.c */
 void ivl_peers_init(struct ivl_shm *shm);

@@ -19,6 +19,25 @@ module_param_named(stall_ms, ivl_param_stall_ms, uint, 0444);
 MODULE_PARM_DESC(stall_ms,
 		 "A peer whose ring stays full this long is sent over the lower NIC (ms)");
 
+/* Read on every use, so it may change at runtime; longer windows are refused. */
+#define IVL_POLL_US_MAX		10000U
+
+unsigned int ivl_param_poll_us = 500;
+
+static int ivl_param_poll_us_set(const char *val, const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, 0, IVL_POLL_US_MAX);
+}
+
+static const struct kernel_param_ops ivl_param_poll_us_ops = {
+	.set = ivl_param_poll_us_set,
+	.get = param_get_uint,
+};
+
+module_param_cb(poll_us, &ivl_param_poll_us_ops, &ivl_param_poll_us, 0644);
+MODULE_PARM_DESC(poll_us,
+		 "Longest time to poll the rings for the next shared-memory frame on an otherwise idle CPU, instead of waiting for a doorbell (us, 0: never, at most 10000)");
+
 /* rtnl */
 struct ivl_priv *ivl_the_upper;
 struct ivl_shm *ivl_the_shm;

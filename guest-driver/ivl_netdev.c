@@ -90,6 +90,8 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(peer_timeout),
 	IVL_STAT(peer_stalled),
 	IVL_STAT(peer_bad_entry),
+	IVL_STAT(poll_windows),
+	IVL_STAT(poll_hits),
 };
 
 #define IVL_NR_STATS	ARRAY_SIZE(ivl_stat_descs)
@@ -415,6 +417,7 @@ static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
 	ivl_stat_add(priv, shm_tx_bytes, len);
 	ivl_peer_stat_add(&peer->tx_stats, len);
 	__set_bit(peer->id, priv->kick_pending);
+	ivl_poll_tx(priv);
 
 	if (unlikely(!ivl_ring_has_room(r, IVL_MAX_FRAME)))
 		ivl_tx_stop(priv, shm, peer);
@@ -688,14 +691,18 @@ static int ivl_napi_poll(struct napi_struct *napi, int budget)
 					    napi, budget - done);
 		priv->rx_next++;
 	}
+	if (done)
+		ivl_poll_rx(priv);
 	/*
 	 * Re-arm the kicks only when NAPI really stops: with
 	 * napi_defer_hard_irqs and gro_flush_timeout set, a timer polls
-	 * again instead and the producers need not ring.  Records that raced
-	 * with the re-arm are polled at once.
+	 * again instead and the producers need not ring; while the ring
+	 * poller watches, it schedules us.  Records that raced with the
+	 * re-arm are polled at once.  The flag test pairs with the barrier
+	 * after the poller clears it.
 	 */
 	if (done < budget && napi_complete_done(napi, done) && t &&
-	    ivl_rx_rearm(t))
+	    !test_bit(IVL_F_POLLING, &priv->flags) && ivl_rx_rearm(t))
 		napi_schedule(napi);
 	rcu_read_unlock();
 	return done;
@@ -851,6 +858,7 @@ void ivl_detach(struct ivl_priv *priv, u32 state)
 static int ivl_ndo_init(struct net_device *dev)
 {
 	struct ivl_priv *priv = netdev_priv(dev);
+	int err;
 
 	priv->stats = netdev_alloc_pcpu_stats(struct ivl_pcpu_stats);
 	if (!priv->stats)
@@ -861,7 +869,17 @@ static int ivl_ndo_init(struct net_device *dev)
 	netif_napi_add(dev, &priv->napi, ivl_napi_poll);
 	hrtimer_init(&priv->tx_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_SOFT);
 	priv->tx_timer.function = ivl_tx_timer_fn;
+	err = ivl_poll_init(priv);
+	if (err)
+		goto del_napi;
 	return 0;
+
+del_napi:
+	netif_napi_del(&priv->napi);
+	netdev_put(priv->lower, &priv->lower_tracker);
+	free_percpu(priv->stats);
+	priv->stats = NULL;
+	return err;
 }
 
 /* Every way out (dellink, lower gone, failed newlink) comes through here. */
@@ -880,6 +898,7 @@ static void ivl_ndo_uninit(struct net_device *dev)
 		netdev_upper_dev_unlink(priv->lower, dev);
 		priv->upper_linked = false;
 	}
+	ivl_poll_uninit(priv);
 	hrtimer_cancel(&priv->tx_timer);
 	netif_napi_del(&priv->napi);
 	if (ivl_the_upper == priv)

@@ -388,6 +388,16 @@ bool ivl_ring_empty(struct ivl_ring *r)
 	return ivl_ring_cons_avail(r, &avail) == 0 && avail == 0;
 }
 
+bool ivl_ring_pending(const struct ivl_ring *r)
+{
+	/*
+	 * A hint, and the only consumer call that may race with the others:
+	 * it writes nothing, and whatever prod says, ivl_ring_peek() checks
+	 * it before a byte is read.
+	 */
+	return le32_to_cpu(READ_ONCE(r->ctrl->prod)) != READ_ONCE(r->cons);
+}
+
 bool ivl_ring_enable_kick(struct ivl_ring *r)
 {
 	WRITE_ONCE(r->ctrl->need_kick, cpu_to_le32(1));

@@ -106,11 +106,15 @@ int ivl_ring_check_producer(struct ivl_ring *r);
  * ivl_ring_disable_kick() clears it while polling.  ivl_ring_empty() is
  * true when the consumer has nothing to peek; a broken ring is not empty
  * (so the caller peeks and sees -EBADMSG).
+ * ivl_ring_pending() is a lock-free hint that the producer published
+ * something: it may run beside the other consumer calls, writes nothing,
+ * and checks nothing (the next peek does).
  */
 int ivl_ring_peek(struct ivl_ring *r, struct ivl_rec *rec);
 void ivl_ring_consume(struct ivl_ring *r, const struct ivl_rec *rec);
 bool ivl_ring_enable_kick(struct ivl_ring *r);
 void ivl_ring_disable_kick(struct ivl_ring *r);
 bool ivl_ring_empty(struct ivl_ring *r);
+bool ivl_ring_pending(const struct ivl_ring *r);
 
 #endif /* IVL_RING_H */

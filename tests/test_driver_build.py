@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "guest-driver"
 SOURCES = ("*.c", "*.h", "Kbuild", "Makefile")
 # Our files; ivl_ring.c, ivl_ring.h and ivl_abi.h have their own checks.
-CHECKPATCH_FILES = ("ivl_main.c", "ivl_pci.c", "ivl_netdev.c", "ivl_peer.c", "ivl.h")
+CHECKPATCH_FILES = ("ivl_main.c", "ivl_pci.c", "ivl_netdev.c", "ivl_peer.c", "ivl_poll.c",
+                    "ivl.h")
 CHECKPATCH_CANDIDATES = (
     str(REPO / "build/linux-source-6.1/scripts/checkpatch.pl"),  # make deps
     "/tmp/linux-source-6.1/scripts/checkpatch.pl",
@@ -81,8 +82,8 @@ def test_builds_without_warnings(build: tuple[Path, str]) -> None:
 
 
 def test_module_metadata(build: tuple[Path, str]) -> None:
-    """The module binds 1af4:1110, autoloads for `type ivloop`, and its
-    parameters are read-only at runtime."""
+    """The module binds 1af4:1110, autoloads for `type ivloop`, and has
+    exactly the documented parameters."""
     work, _ = build
     if shutil.which("modinfo") is None:
         pytest.skip("modinfo missing")
@@ -96,7 +97,7 @@ def test_module_metadata(build: tuple[Path, str]) -> None:
     assert "alias:          rtnl-link-ivloop" in info
     assert re.search(r"^license:\s+GPL$", info, re.MULTILINE)
     parms = re.findall(r"^parm:\s+(\S+):", info, re.MULTILINE)
-    assert set(parms) == {"force_lower", "stall_ms"}
+    assert set(parms) == {"force_lower", "stall_ms", "poll_us"}
 
 
 def test_checkpatch_clean() -> None:

@@ -137,10 +137,12 @@ static void test_roundtrip(void)
 	CHECK(ivl_ring_attach_producer(&p, mem, RING_SIZE) == 0, "attach");
 	CHECK(ivl_ring_attach_consumer(&c, mem, RING_SIZE) == 0, "attach");
 	CHECK(ivl_ring_empty(&c), "fresh ring is empty");
+	CHECK(!ivl_ring_pending(&c), "fresh ring has nothing pending");
 	CHECK(ivl_ring_peek(&c, &rec) == -EAGAIN, "peek on empty");
 	CHECK(produce(&p, 1500, 1, &meta), "produce");
 	CHECK(ctrl_of(mem)->prod == ivl_rec_span(1500), "prod published");
 	CHECK(!ivl_ring_empty(&c), "not empty after commit");
+	CHECK(ivl_ring_pending(&c), "pending after commit");
 	CHECK(ivl_ring_peek(&c, &rec) == 0, "peek");
 	CHECK(rec_matches(&rec, 1500, 1), "contents");
 	CHECK(rec.span == ivl_rec_span(1500), "span %u", rec.span);
@@ -150,6 +152,7 @@ static void test_roundtrip(void)
 	ivl_ring_consume(&c, &rec);
 	CHECK(ctrl_of(mem)->cons == ivl_rec_span(1500), "cons published");
 	CHECK(ivl_ring_peek(&c, &rec) == -EAGAIN, "empty after consume");
+	CHECK(!ivl_ring_pending(&c), "nothing pending after consume");
 
 	/* zero-length record and NULL meta */
 	CHECK(produce(&p, 0, 2, NULL), "produce 0 bytes");

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from harness import cluster, paths
+from harness.guest import Guest
 
 from .lab import Lab, received_bytes
 
@@ -127,3 +128,73 @@ def test_stream_survives_unplug_and_replug_of_the_device(coresident: Lab) -> Non
         dmesg = lab.guest(vm).run("dmesg")
         bad = [line for line in dmesg.splitlines() if WARNING_RE.search(line)]
         assert not bad, f"{vm}: {bad}"
+
+
+POLL_US = "/sys/module/ivloop/parameters/poll_us"
+
+
+def poller_ticks(g: Guest) -> int:
+    """utime + stime (clock ticks) of the guest's ring poller thread."""
+    comm = g.run("grep -lx ivl-poll/ivl0 /proc/[0-9]*/comm 2>/dev/null; true").split()
+    assert comm, "no ivl-poll/ivl0 thread in vm1"
+    out = g.run(f"cat {comm[0].removesuffix('/comm')}/stat")
+    # comm may hold spaces in general, never here: fields 14 and 15 (1-based)
+    fields = out.split(")")[-1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rr_deltas(lab: Lab, seconds: int = 3) -> dict[str, int]:
+    g = lab.guest("vm1")
+    before = paths.counters(g)
+    out = g.run(f"netperf -H {lab.ip('vm2')} -t TCP_RR -l {seconds} -P 0 -- -o THROUGHPUT",
+                timeout=60)
+    assert float(out.strip().splitlines()[-1]) > 10
+    return deltas(lab, "vm1", before)
+
+
+def test_request_response_is_polled_instead_of_rung(coresident: Lab) -> None:
+    lab = coresident
+    assert int(lab.guest("vm1").run(f"cat {POLL_US}")) > 0  # the default polls
+    d = rr_deltas(lab)
+    # Nearly every reply is found by the poller before a doorbell, and the
+    # requests find vm2 polling too, so they need no doorbell either.
+    assert d["shm_rx_packets"] > 100, d
+    assert d["poll_hits"] > d["shm_rx_packets"] // 2, d
+    assert d["doorbells_sent"] < d["shm_tx_packets"] // 10, d
+
+
+def test_poll_us_zero_goes_back_to_doorbells(coresident: Lab) -> None:
+    lab = coresident
+    old = {vm: lab.guest(vm).run(f"cat {POLL_US}").strip() for vm in ("vm1", "vm2")}
+    try:
+        for vm in old:
+            lab.guest(vm).run(f"echo 0 > {POLL_US}")
+        d = rr_deltas(lab)
+        assert d["poll_windows"] == 0 and d["poll_hits"] == 0, d
+        # every request finds vm2 asleep with its kick armed
+        assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
+    finally:
+        for vm, value in old.items():
+            lab.guest(vm).run(f"echo {value} > {POLL_US}")
+
+
+def test_an_idle_guest_does_not_poll(coresident: Lab) -> None:
+    lab = coresident
+    g = lab.guest("vm1")
+    rr_deltas(lab, seconds=1)
+    time.sleep(0.5)  # windows close poll_us (at most a millisecond) after the last frame
+    before_ticks, before = poller_ticks(g), paths.counters(g)
+    time.sleep(3)
+    d = deltas(lab, "vm1", before)
+    # SSH uses the management NIC, not ivl0; an ARP probe to vm2 may open
+    # a window, but no window stays open without frames
+    assert d["poll_windows"] <= 2, d
+    assert poller_ticks(g) - before_ticks <= 1
+
+
+def test_poll_us_refuses_windows_over_10_ms(coresident: Lab) -> None:
+    g = coresident.guest("vm1")
+    old = g.run(f"cat {POLL_US}").strip()
+    code, _ = g.status(f"echo 10001 > {POLL_US}")
+    assert code != 0
+    assert g.run(f"cat {POLL_US}").strip() == old

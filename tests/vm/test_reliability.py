@@ -265,7 +265,7 @@ def test_bad_module_parameters_are_refused(rel: Lab) -> None:
     g = rel.guest("evil")
     accepted = []
     for param in ("stall_ms=-1", "stall_ms=99999999999999", "force_lower=banana",
-                  "no_such_param=1"):
+                  "poll_us=-1", "poll_us=10001", "no_such_param=1"):
         code, _ = g.status(f"insmod /lib/modules/ivl/ivloop.ko {param}")
         if code == 0:
             accepted.append(param)

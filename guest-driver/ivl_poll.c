@@ -1,0 +1,202 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ivloop ring poller: polling instead of doorbells while traffic flows.
+ *
+ * A doorbell is an MMIO write that the peer's hypervisor turns into an
+ * interrupt; without a kernel irqfd path (TCG, or a busy host) that costs
+ * two host thread wake-ups, tens to hundreds of microseconds, every time
+ * the consumer went idle.  After a frame crossed the shared path, more is
+ * likely soon: a reply, an ACK, the next segment.  So for a while after
+ * the last one, a kernel thread at the lowest priority watches the rings'
+ * producer indices and runs NAPI itself, while the consumers leave their
+ * kick flags off and producers ring no doorbells.
+ *
+ * It polls only when nothing else wants the CPU (nice 19, and it yields
+ * whenever another task is runnable), and only as long as polling pays,
+ * adapting the window the way KVM's halt-polling does: a frame we send
+ * opens a window, each frame we receive while it is open extends it, an
+ * answer that still needed a doorbell doubles it (up to poll_us), and a
+ * window that nothing came back in halves it (down to off).  So traffic
+ * that never answers, a one-way UDP flow either way, stops polling after a
+ * few frames.  What it costs is host CPU time while a window is open;
+ * poll_us=0 turns it off.
+ *
+ * Handover with NAPI: IVL_F_POLLING set means "the poller watches", and
+ * NAPI completes without re-arming the kicks.  The poller clears the flag
+ * when its window closes and then schedules NAPI once more, which re-arms
+ * them; NAPI's MISSED state makes sure that last poll happens even when
+ * NAPI is running at that moment.
+ */
+#include <linux/kthread.h>
+#include <linux/sched.h>
+#include <linux/sched/clock.h>
+#include <linux/sched/stat.h>
+
+#include "ivl.h"
+
+/* A growing window starts this small; a shrinking one below it is off. */
+#define IVL_POLL_MIN_NS		(10 * NSEC_PER_USEC)
+
+static u64 ivl_poll_max_ns(void)
+{
+	return (u64)READ_ONCE(ivl_param_poll_us) * NSEC_PER_USEC;
+}
+
+static bool ivl_poll_window_open(const struct ivl_priv *priv)
+{
+	u64 win = min(READ_ONCE(priv->poll_ns), ivl_poll_max_ns());
+
+	return local_clock() - READ_ONCE(priv->poll_last) < win;
+}
+
+static void ivl_poll_resize(struct ivl_priv *priv, bool grow)
+{
+	u64 win = READ_ONCE(priv->poll_ns);
+
+	if (grow)
+		win = max_t(u64, win * 2, IVL_POLL_MIN_NS);
+	else
+		win = win / 2 < IVL_POLL_MIN_NS ? 0 : win / 2;
+	WRITE_ONCE(priv->poll_ns, min(win, ivl_poll_max_ns()));
+}
+
+/*
+ * We put a frame into a peer's ring: an answer may follow, so open a
+ * window unless one is open.  Only the opening counts: a sender that never
+ * hears back must not keep its window open by sending.  TX lock held.
+ */
+void ivl_poll_tx(struct ivl_priv *priv)
+{
+	u64 now = local_clock();
+
+	WRITE_ONCE(priv->poll_tx, now);
+	if (test_bit(IVL_F_POLLING, &priv->flags))
+		return;
+	if (READ_ONCE(priv->poll_missed)) {
+		/* nothing came back during the last window */
+		WRITE_ONCE(priv->poll_missed, false);
+		ivl_poll_resize(priv, false);
+	}
+	if (!READ_ONCE(priv->poll_ns))
+		return;
+	WRITE_ONCE(priv->poll_opened, now);
+	WRITE_ONCE(priv->poll_last, now);
+	if (!test_and_set_bit(IVL_F_POLLING, &priv->flags))
+		wake_up_process(priv->poller);
+}
+
+/*
+ * NAPI took frames from the rings.  While polling, each one keeps the
+ * window open.  Otherwise, a frame after one of ours is an answer that
+ * had to wait for a doorbell: poll longer next time.  Frames that answer
+ * nothing (a one-way stream to us) never start polling.
+ */
+void ivl_poll_rx(struct ivl_priv *priv)
+{
+	u64 now = local_clock();
+
+	if (test_bit(IVL_F_POLLING, &priv->flags)) {
+		WRITE_ONCE(priv->poll_last, now);
+	} else if (READ_ONCE(priv->poll_tx) > READ_ONCE(priv->poll_rx)) {
+		WRITE_ONCE(priv->poll_missed, false);
+		ivl_poll_resize(priv, true);
+	}
+	WRITE_ONCE(priv->poll_rx, now);
+}
+
+/* Has any peer published a record we have not read?  A hint. */
+static bool ivl_poll_pending(struct ivl_priv *priv)
+{
+	const struct ivl_peer_table *t;
+	struct ivl_shm *shm;
+	bool found = false;
+	unsigned int i;
+
+	rcu_read_lock();
+	shm = ivl_shm_rcu(priv);
+	t = shm ? ivl_table_rcu(shm) : NULL;
+	for (i = 0; t && i < t->nr_rx && !found; i++)
+		found = ivl_ring_pending(&t->rx[i]->rx);
+	rcu_read_unlock();
+	return found;
+}
+
+/* Run NAPI here and now (softirqs run at local_bh_enable()). */
+static void ivl_poll_napi(struct ivl_priv *priv)
+{
+	local_bh_disable();
+	napi_schedule(&priv->napi);
+	local_bh_enable();
+}
+
+static void ivl_poll_window(struct ivl_priv *priv)
+{
+	ivl_stat_inc_bh(priv, poll_windows);
+	/* NAPI turns the peers' kicks off: we are watching */
+	ivl_poll_napi(priv);
+	while (ivl_poll_window_open(priv) && !kthread_should_stop()) {
+		if (ivl_poll_pending(priv)) {
+			ivl_stat_inc_bh(priv, poll_hits);
+			ivl_poll_napi(priv);
+		} else {
+			cpu_relax();
+		}
+		/* only an otherwise idle CPU polls */
+		if (!single_task_running())
+			schedule();
+		else
+			cond_resched();
+	}
+}
+
+static int ivl_poll_thread(void *data)
+{
+	struct ivl_priv *priv = data;
+
+	while (!kthread_should_stop()) {
+		set_current_state(TASK_INTERRUPTIBLE);
+		if (!test_bit(IVL_F_POLLING, &priv->flags)) {
+			schedule();
+			continue;
+		}
+		__set_current_state(TASK_RUNNING);
+		ivl_poll_window(priv);
+
+		/* a window no frame came back in: the next one is shorter */
+		if (READ_ONCE(priv->poll_rx) < READ_ONCE(priv->poll_opened))
+			WRITE_ONCE(priv->poll_missed, true);
+		clear_bit(IVL_F_POLLING, &priv->flags);
+		/* flag clear before NAPI looks at it; pairs with test_bit there */
+		smp_mb__after_atomic();
+		/* a frame since the window closed: keep polling */
+		if (ivl_poll_window_open(priv) &&
+		    !test_and_set_bit(IVL_F_POLLING, &priv->flags))
+			continue;
+		/* NAPI re-arms the kicks now that nobody watches */
+		ivl_poll_napi(priv);
+	}
+	return 0;
+}
+
+int ivl_poll_init(struct ivl_priv *priv)
+{
+	struct task_struct *t;
+
+	t = kthread_create(ivl_poll_thread, priv, "ivl-poll/%s",
+			   priv->dev->name);
+	if (IS_ERR(t))
+		return PTR_ERR(t);
+	sched_set_normal(t, MAX_NICE);
+	priv->poller = t;
+	wake_up_process(t);
+	return 0;
+}
+
+void ivl_poll_uninit(struct ivl_priv *priv)
+{
+	if (!priv->poller)
+		return;
+	kthread_stop(priv->poller);
+	priv->poller = NULL;
+	clear_bit(IVL_F_POLLING, &priv->flags);
+}
