@@ -263,41 +263,64 @@ def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
 # ivshmem hot-plug
 
 
-async def unplug_ivshmem(mon: qemu.Monitor, timeout: float = 30) -> None:
-    """device_del the ivshmem device and wait for DEVICE_DELETED."""
+# QEMU 7.2's ivshmem unrealize closes its vector eventfds but leaves the TCG
+# fd handlers watching their numbers (opaque: the freed msi_vectors).  When a
+# later fd reuses such a number and becomes readable (a QMP or SSH socket, the
+# next device's own eventfds), QEMU runs the stale handler and crashes.  So an
+# unplug parks a never-signalled eventfd (QMP `getfd`, held until QEMU exits)
+# on every fd number it freed, before anything else can take one; Linux hands
+# out the lowest free number, so the holes below are filled as well.
+PARK_ROUNDS = 4
+
+
+def open_fds(pid: int) -> set[int]:
+    """The fd numbers open in process *pid*."""
+    try:
+        return {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    except OSError as exc:
+        raise StateError(f"cannot list the fds of QEMU pid {pid}: {exc}") from exc
+
+
+async def park_fds(mon: qemu.Monitor, pid: int, numbers: set[int], tag: str) -> int:
+    """Occupy every free fd number in *numbers* (and the holes below); how many parked."""
+    parked = 0
+    for _ in range(PARK_ROUNDS):
+        now = open_fds(pid)
+        free = numbers - now
+        if not free:
+            return parked
+        for _ in [n for n in range(max(free) + 1) if n not in now]:
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+            try:
+                mon.client.send_fd_scm(fd)
+                await mon.cmd("getfd", {"fdname": f"ivl-park-{tag}-{parked}"})
+            finally:
+                os.close(fd)
+            parked += 1
+    left = numbers - open_fds(pid)
+    if left:
+        # something else keeps taking them; each is a crash waiting to happen
+        log.warning("QEMU pid %d: fd numbers %s freed by an ivshmem unplug stay free",
+                    pid, sorted(left))
+    return parked
+
+
+async def unplug_ivshmem(mon: qemu.Monitor, pid: int, tag: str, timeout: float = 30) -> None:
+    """device_del the ivshmem device, wait for DEVICE_DELETED, park the freed fds.
+
+    *tag* names the parked fds; unique per unplug of this QEMU.
+    """
+    before = open_fds(pid)
     with mon.listener("DEVICE_DELETED") as listener:
         await mon.cmd("device_del", {"id": qemu.IVSHMEM_ID})
         await mon.wait_event(listener, timeout, {"device": qemu.IVSHMEM_ID})
     await mon.cmd("chardev-remove", {"id": qemu.IVSHMEM_CHARDEV})
+    n = await park_fds(mon, pid, before - open_fds(pid), tag)
+    log.debug("QEMU pid %d: parked %d fds after unplugging ivshmem", pid, n)
 
 
-# QEMU 7.2's ivshmem unrealize closes its own vector eventfds but leaves the
-# TCG fd handlers watching them (opaque: the freed msi_vectors).  When a later
-# fd reuses such a number and becomes readable, QEMU runs the stale handler
-# and crashes.  Before plugging ivshmem into a QEMU that had one, park
-# never-signalled eventfds on the lowest free fd numbers (where the stale
-# ones are, since Linux hands out the lowest free number) via QMP `getfd`.
-STALE_FD_PADDING = 24
-
-
-async def pad_stale_fds(mon: qemu.Monitor, tag: str, count: int = STALE_FD_PADDING) -> None:
-    for i in range(count):
-        fd = os.eventfd(0, os.EFD_CLOEXEC)
-        try:
-            mon.client.send_fd_scm(fd)
-            await mon.cmd("getfd", {"fdname": f"ivl-pad-{tag}-{i}"})
-        finally:
-            os.close(fd)
-
-
-async def plug_ivshmem(mon: qemu.Monitor, server_socket: str, *, replug: bool = False,
-                       tag: str = "0") -> None:
-    """Connect a chardev to *server_socket* and hot-add ivshmem-doorbell on it.
-
-    *replug*: this QEMU had an ivshmem device before (see pad_stale_fds).
-    """
-    if replug:
-        await pad_stale_fds(mon, tag)
+async def plug_ivshmem(mon: qemu.Monitor, server_socket: str) -> None:
+    """Connect a chardev to *server_socket* and hot-add ivshmem-doorbell on it."""
     await mon.cmd("chardev-add", {
         "id": qemu.IVSHMEM_CHARDEV,
         "backend": {"type": "socket", "data": {
@@ -326,13 +349,14 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
     server = state.hosts[vs.host].server_socket
     if attached and not server:
         raise StateError(f"host {vs.host} runs no ivloop-server")
+    pid = vs.proc.pid
 
     async def go() -> None:
         async with qemu.Monitor(Path(vs.qmp)) as mon:
             if attached:
-                await plug_ivshmem(mon, server, replug=vs.unplugs > 0, tag=str(vs.unplugs))
+                await plug_ivshmem(mon, server)
             else:
-                await unplug_ivshmem(mon)
+                await unplug_ivshmem(mon, pid, tag=str(vs.unplugs))
     asyncio.run(go())
     vs.ivshmem = attached
     if not attached:
@@ -373,7 +397,7 @@ def restart_server(sd: StateDir, host: str) -> list[str]:
 
     QEMU does not reconnect an ivshmem chardev whose server went away, and a
     new server has a new region, so every VM of the host that had a device
-    gets it unplugged and a new one plugged (with the stale-fd padding).
+    gets it unplugged and a new one plugged (see unplug_ivshmem on fd parking).
     A server that still runs is stopped first.  Returns the VMs re-plugged.
     """
     state = sd.load()
@@ -393,10 +417,11 @@ def restart_server(sd: StateDir, host: str) -> list[str]:
             continue
 
         async def replug(vs: VMState = vs) -> None:
+            assert vs.proc is not None  # checked above
             async with qemu.Monitor(Path(vs.qmp)) as mon:
-                await unplug_ivshmem(mon)
+                await unplug_ivshmem(mon, vs.proc.pid, tag=f"srv{vs.unplugs}")
                 vs.unplugs += 1
-                await plug_ivshmem(mon, server, replug=True, tag=f"srv{vs.unplugs}")
+                await plug_ivshmem(mon, server)
         try:
             asyncio.run(replug())
         except (HarnessError, OSError, EOFError) as exc:

@@ -195,7 +195,8 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
             if vs.ivshmem:
                 mark("unplug ivshmem on source")
                 t = time.monotonic()
-                await cluster.unplug_ivshmem(src)
+                assert vs.proc is not None  # a running source
+                await cluster.unplug_ivshmem(src, vs.proc.pid, tag=f"mig{vs.unplugs}")
                 unplugged = True
                 vs.ivshmem = False
                 vs.unplugs += 1
@@ -304,8 +305,7 @@ def _roll_back(sd: StateDir, state: State, vs: VMState, dest_vs: VMState | None,
             if status.get("status") != "running":
                 await src.cmd("cont")
             if unplugged and state.hosts[vs.host].server_socket:
-                await cluster.plug_ivshmem(src, state.hosts[vs.host].server_socket,
-                                           replug=True, tag=f"rb{vs.unplugs}")
+                await cluster.plug_ivshmem(src, state.hosts[vs.host].server_socket)
                 vs.ivshmem = True
 
     try:
