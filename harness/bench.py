@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from . import cluster, paths
-from .bench_report import BUSY_POLL_SUFFIX, PATHS, SCHEMA, WORKLOADS, path_matches
+from .bench_report import (
+    BUSY_POLL_SUFFIX,
+    NO_RING_POLL_SUFFIX,
+    PATHS,
+    SCHEMA,
+    VARIANT_SUFFIXES,
+    WORKLOADS,
+    path_matches,
+)
 from .errors import GuestError, HarnessError
 from .guest import Guest
 from .state import StateDir
@@ -49,6 +57,8 @@ FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
 # Workloads named *_bp run with socket busy polling (net.core.busy_read and
 # busy_poll, in µs) on both guests of the pair, whatever the path.
 BUSY_POLL_US = int(os.environ.get("IVLOOP_BENCH_BUSY_POLL_US", "200"))
+# Workloads named *_irq run with the driver's ring poller off on both guests.
+POLL_US = "/sys/module/ivloop/parameters/poll_us"
 
 
 class BenchError(HarnessError):
@@ -150,9 +160,10 @@ RUNNERS: dict[str, Runner] = {
     "sockperf_pp_small": lambda g, ip, t: sockperf_pp(g, ip, t, SMALL),
     "sockperf_pp_large": lambda g, ip, t: sockperf_pp(g, ip, t, LARGE),
 }
-# the busy-poll variants the report knows run the plain workload's runner
-RUNNERS.update({w: RUNNERS[w.removesuffix(BUSY_POLL_SUFFIX)]
-                for w in WORKLOADS if w.endswith(BUSY_POLL_SUFFIX)})
+# the variants the report knows (busy poll, ring polling off) run the plain
+# workload's runner
+RUNNERS.update({w: RUNNERS[w.removesuffix(sfx)]
+                for sfx in VARIANT_SUFFIXES for w in WORKLOADS if w.endswith(sfx)})
 
 
 # ---------------------------------------------------------------------------
@@ -312,9 +323,10 @@ def _wait_listening(g: Guest, name: str, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def _set_on(gs: _Guests, names: tuple[str, str], on: str, off: str,
+def _set_on(gs: _Guests, names: tuple[str, str], on: str, off: str | dict[str, str],
             what: str) -> Iterator[None]:
-    """Run *on* in each guest of *names*; *off* afterwards, whatever happened."""
+    """Run *on* in each guest of *names*; *off* (or each guest's own, from a dict)
+    afterwards, whatever happened."""
     try:
         for name in names:
             gs[name].run(on, timeout=20)
@@ -322,7 +334,7 @@ def _set_on(gs: _Guests, names: tuple[str, str], on: str, off: str,
     finally:
         for name in names:
             try:
-                gs[name].run(off, timeout=20)
+                gs[name].run(off if isinstance(off, str) else off[name], timeout=20)
             except HarnessError as exc:
                 log.error("%s: could not turn %s off: %s", name, what, exc)
 
@@ -334,6 +346,22 @@ def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Setting:
     """Socket busy polling on both ends: the same sysctls for every path."""
     sysctl = "sysctl -qw net.core.busy_read={0} net.core.busy_poll={0}"
     return _set_on(gs, names, sysctl.format(us), sysctl.format(0), "busy polling")
+
+
+def _ring_poll_off(gs: _Guests, names: tuple[str, str]) -> Setting:
+    """poll_us=0 on both ends (doorbells only); each guest's own value back afterwards."""
+    back = {name: f"echo {gs[name].run(f'cat {POLL_US}', timeout=20).strip()} > {POLL_US}"
+            for name in names}
+    return _set_on(gs, names, f"echo 0 > {POLL_US}", back, "ring polling off")
+
+
+def _variant(gs: _Guests, workload: str, names: tuple[str, str]) -> Setting:
+    """The guest setting a workload variant runs under (none for a plain workload)."""
+    if workload.endswith(BUSY_POLL_SUFFIX):
+        return _busy_poll(gs, names, BUSY_POLL_US)
+    if workload.endswith(NO_RING_POLL_SUFFIX):
+        return _ring_poll_off(gs, names)
+    return contextlib.nullcontext()
 
 
 def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Setting:
@@ -441,6 +469,7 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             "udp_rate": UDP_RATE,
             "sockperf_sizes": [SMALL, LARGE],
             "busy_poll_us": BUSY_POLL_US,
+            "ring_poll_us": int(gs[pair[0]].run(f"cat {POLL_US}", timeout=20)),
         })  # fmt: skip
         doc: dict[str, Any] = {
             "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
@@ -480,9 +509,7 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
                         client, server = (cross if path == "wire" else pair)
                         lower = (_forced_lower(gs, pair) if path == "lower"
                                  else contextlib.nullcontext())
-                        busy = (_busy_poll(gs, (client, server), BUSY_POLL_US)
-                                if w.endswith(BUSY_POLL_SUFFIX) else contextlib.nullcontext())
-                        with lower, busy:
+                        with lower, _variant(gs, w, (client, server)):
                             sample = _measure(gs, client, server, ips[server], w, secs=secs,
                                               path=path, rep=rep)
                         doc["samples"].append(sample)

@@ -68,12 +68,24 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
                                                         "lat_p99_us")),
     "sockperf_pp_small_bp": ("sockperf UDP ping-pong, 64 B, busy poll",
                              ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
+    # the same with the driver's ring poller off (poll_us=0) on both guests:
+    # every frame to an idle peer waits for a doorbell
+    "iperf3_tcp_1_irq": ("iperf3 TCP, 1 stream, ring polling off", ("throughput_mbps",)),
+    "netperf_tcp_rr_irq": ("netperf TCP_RR, ring polling off",
+                           ("transactions_per_s", "lat_mean_us", "lat_p50_us", "lat_p90_us",
+                            "lat_p99_us")),
+    "sockperf_pp_small_irq": ("sockperf UDP ping-pong, 64 B, ring polling off",
+                              ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
 }
 
 BUSY_POLL_SUFFIX = "_bp"
+NO_RING_POLL_SUFFIX = "_irq"
+VARIANT_SUFFIXES = (BUSY_POLL_SUFFIX, NO_RING_POLL_SUFFIX)
 # (workload-name suffix, headline-key suffix, how the targets' lines say it)
 TARGET_VARIANTS = (("", "", "default settings"),
-                   (BUSY_POLL_SUFFIX, "_busy_poll", "busy polling ({} µs) on both guests"))
+                   (BUSY_POLL_SUFFIX, "_busy_poll", "socket busy polling ({} µs) on both guests"),
+                   (NO_RING_POLL_SUFFIX, "_no_ring_poll",
+                    "ring polling off (poll_us=0, doorbells only)"))
 
 CPU_KEYS = ("client_busy_pct", "server_busy_pct")
 
@@ -374,7 +386,9 @@ def markdown(b: Bench) -> str:
         f"{env.get('cross', '?')} across hosts (veth wire). Repetitions interleaved "
         f"(shm, lower, wire, shm, ...); median of {b.reps} per cell, [min-max]; "
         f"{env.get('seconds', '?')} s per sample"
-        + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "") + ".",
+        + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "") + "."
+        + (f" The driver's ring poller runs with poll_us={env['ring_poll_us']} except in rows "
+           "marked 'ring polling off' (poll_us=0)." if "ring_poll_us" in env else ""),
         "Ratios: how many times better shm is (throughput shm/other, latency other/shm).",
         "",
         "| workload | metric | shm | lower | wire | shm vs lower | shm vs wire |",

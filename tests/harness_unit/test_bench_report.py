@@ -399,3 +399,29 @@ def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "harness: error: benchmark results rejected (1 problem(s)):" in err
     assert "samples[0] (shm/iperf3_tcp_1 rep 0): metric 'throughput_mbps' is negative" in err
     assert not (out / "bench.md").exists()
+
+
+def test_ring_polling_off_workloads_get_their_own_target_lines() -> None:
+    data = synthetic()
+    for s in list(data["samples"]):
+        if s["workload"] == "netperf_tcp_rr":
+            off = {**s, "workload": "netperf_tcp_rr_irq", "metrics": dict(s["metrics"])}
+            if s["path"] == "shm":
+                off["metrics"]["lat_mean_us"] *= 2
+            data["samples"].append(off)
+    data["workloads"].append("netperf_tcp_rr_irq")
+    data["environment"]["ring_poll_us"] = 500
+    b = validate(data)
+    h = bench_report.headline(b)
+    assert h["tcp_rr_latency_no_ring_poll_x"] == pytest.approx(400 / 210)
+    md = bench_report.markdown(b)
+    assert "| netperf TCP_RR, ring polling off | mean latency" in md
+    assert "ring poller runs with poll_us=500 except in rows marked" in md
+    assert "ring polling off (poll_us=0, doorbells only): lower/shm = **1.90x** (not met)" in md
+
+
+def test_every_variant_workload_runs_its_plain_workloads_runner() -> None:
+    for w in bench_report.WORKLOADS:
+        for sfx in bench_report.VARIANT_SUFFIXES:
+            if w.endswith(sfx):
+                assert bench.RUNNERS[w] is bench.RUNNERS[w.removesuffix(sfx)], w
