@@ -29,7 +29,7 @@ CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl
 KABI = $(shell images/resolve-kernel 2>/dev/null)
 KDIR = /usr/src/linux-headers-$(KABI)
 
-.PHONY: help deps apt venv driver image pycheck test unit-test vm-test demo lint fuzz bench soak clean
+.PHONY: help deps apt venv driver image profile-image pycheck test unit-test vm-test demo lint fuzz bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
@@ -77,6 +77,13 @@ image: apt driver  ## build (or reuse) the guest image in images/out
 	@module=""; [ -e guest-driver/ivloop.ko ] && module="--module guest-driver/ivloop.ko"; \
 	images/build $$module
 
+# Not a dependency of anything: perf and its libraries are big, and only a
+# developer profiling the guests needs them (IVLOOP_IMAGE_DIR=images/out-perf).
+profile-image: apt driver  ## the guest image plus perf, in images/out-perf (see README)
+	@dpkg-query -W -f='$${Status}' linux-perf 2>/dev/null | grep -q 'ok installed' || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf >/dev/null
+	@IVLOOP_IMAGE_OUT=$(CURDIR)/images/out-perf images/build --perf --module guest-driver/ivloop.ko
+
 # Static checks of the Python code: part of every test run and of lint.
 pycheck: deps  ## ruff and mypy
 	$(VENV)/bin/ruff check .
@@ -111,4 +118,4 @@ soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traff
 
 clean:  ## remove build outputs (keeps the downloaded packages)
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi
-	rm -rf images/out tests/ring/build build
+	rm -rf images/out images/out-perf tests/ring/build build
