@@ -8,10 +8,11 @@ at the end, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ class DemoResult:
     accel: str = ""
     shm_mbps: float = 0.0
     lower_mbps: float = 0.0
+    shm_rr_us: float = 0.0  # TCP_RR mean round trip
+    lower_rr_us: float = 0.0
     shm_counter_bytes: int = 0
     lower_counter_bytes_during_shm: int = 0
     migrations: list[migrate_mod.Report] = field(default_factory=list)
@@ -44,24 +47,45 @@ def iperf_mbps(g: Guest, ip: str, seconds: int = 4) -> float:
     return float(out["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
+def rr_mean_us(g: Guest, ip: str, seconds: int = 4) -> float:
+    """netperf TCP_RR: mean round-trip time in µs."""
+    out = g.run(f"netperf -P 0 -H {ip} -t TCP_RR -l {seconds} -- -o MEAN_LATENCY",
+                timeout=seconds + 60)
+    return float(out.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def forced_lower(guests: tuple[Guest, ...]) -> Iterator[None]:
+    """Both ends on the lower path, as `harness bench` measures it."""
+    try:
+        for g in guests:
+            g.run("ethtool --set-priv-flags ivl0 force-lower on")
+        yield
+    finally:
+        for g in guests:
+            g.run("ethtool --set-priv-flags ivl0 force-lower off")
+
+
 def side_by_side(sd: StateDir, say: Say, result: DemoResult) -> None:
     state = sd.load()
     ip2 = cluster.topology_of(state).vm("vm2").ip
-    with cluster.guest(sd, state, "vm1") as g:
+    with cluster.guest(sd, state, "vm1") as g, cluster.guest(sd, state, "vm2") as g2:
         before = paths.counters(g)
         result.shm_mbps = iperf_mbps(g, ip2)
         after = paths.counters(g)
         result.shm_counter_bytes = after["shm_tx_bytes"] - before["shm_tx_bytes"]
         result.lower_counter_bytes_during_shm = after["lower_tx_bytes"] - before["lower_tx_bytes"]
+        result.shm_rr_us = rr_mean_us(g, ip2)
         say(f"vm1 -> vm2 over shared memory: {result.shm_mbps:.0f} Mbit/s "
-            f"({result.shm_counter_bytes / 2**20:.0f} MiB counted on shm_tx_bytes)")
-        g.run("ethtool --set-priv-flags ivl0 force-lower on")
-        try:
+            f"({result.shm_counter_bytes / 2**20:.0f} MiB counted on shm_tx_bytes), "
+            f"TCP_RR round trip {result.shm_rr_us:.0f} µs")
+        with forced_lower((g, g2)):
             result.lower_mbps = iperf_mbps(g, ip2)
-        finally:
-            g.run("ethtool --set-priv-flags ivl0 force-lower off")
+            result.lower_rr_us = rr_mean_us(g, ip2)
         say(f"vm1 -> vm2 forced onto the lower path: {result.lower_mbps:.0f} Mbit/s "
-            f"(ratio {result.shm_mbps / max(result.lower_mbps, 1e-9):.1f}x)")
+            f"(ratio {result.shm_mbps / max(result.lower_mbps, 1e-9):.1f}x), TCP_RR round "
+            f"trip {result.lower_rr_us:.0f} µs "
+            f"({result.lower_rr_us / max(result.shm_rr_us, 1e-9):.1f}x lower on shm)")
 
 
 def run(sd: StateDir, say: Say, out_dir: Path, duration: float = 40,
@@ -100,7 +124,10 @@ def summary_rows(result: DemoResult) -> list[tuple[str, str]]:
     rows = [("accelerator", result.accel),
             ("vm1->vm2 shm / lower (Mbit/s)",
              f"{result.shm_mbps:.0f} / {result.lower_mbps:.0f} "
-             f"({result.shm_mbps / max(result.lower_mbps, 1e-9):.1f}x)")]
+             f"({result.shm_mbps / max(result.lower_mbps, 1e-9):.1f}x)"),
+            ("vm1->vm2 TCP_RR round trip shm / lower (µs)",
+             f"{result.shm_rr_us:.0f} / {result.lower_rr_us:.0f} "
+             f"({result.lower_rr_us / max(result.shm_rr_us, 1e-9):.1f}x lower)")]
     for r in result.migrations:
         def fmt(v: Any, scale: float = 1.0, unit: str = "s") -> str:
             return "-" if v is None else f"{float(v) * scale:.3f} {unit}"
