@@ -81,15 +81,21 @@ def test_valid_synthetic_renders_medians_and_ratios() -> None:
     assert "3.33x** (met)" in md
 
 
-def test_busy_poll_workloads_get_their_own_target_lines() -> None:
+def with_rr_variant(suffix: str, shm_latency_factor: float) -> dict[str, Any]:
+    """synthetic() plus netperf_tcp_rr<suffix>: its samples, shm's latency scaled."""
     data = synthetic()
     for s in list(data["samples"]):
         if s["workload"] == "netperf_tcp_rr":
-            bp = {**s, "workload": "netperf_tcp_rr_bp", "metrics": dict(s["metrics"])}
+            v = {**s, "workload": f"netperf_tcp_rr{suffix}", "metrics": dict(s["metrics"])}
             if s["path"] == "shm":
-                bp["metrics"]["lat_mean_us"] /= 10
-            data["samples"].append(bp)
-    data["workloads"].append("netperf_tcp_rr_bp")
+                v["metrics"]["lat_mean_us"] *= shm_latency_factor
+            data["samples"].append(v)
+    data["workloads"].append(f"netperf_tcp_rr{suffix}")
+    return data
+
+
+def test_busy_poll_workloads_get_their_own_target_lines() -> None:
+    data = with_rr_variant("_bp", 0.1)
     data["environment"]["busy_poll_us"] = 200
     b = validate(data)
     h = bench_report.headline(b)
@@ -402,14 +408,7 @@ def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_ring_polling_off_workloads_get_their_own_target_lines() -> None:
-    data = synthetic()
-    for s in list(data["samples"]):
-        if s["workload"] == "netperf_tcp_rr":
-            off = {**s, "workload": "netperf_tcp_rr_irq", "metrics": dict(s["metrics"])}
-            if s["path"] == "shm":
-                off["metrics"]["lat_mean_us"] *= 2
-            data["samples"].append(off)
-    data["workloads"].append("netperf_tcp_rr_irq")
+    data = with_rr_variant("_irq", 2)
     data["environment"]["ring_poll_us"] = 500
     b = validate(data)
     h = bench_report.headline(b)
