@@ -42,11 +42,16 @@ static u64 ivl_poll_max_ns(void)
 	return (u64)READ_ONCE(ivl_param_poll_us) * NSEC_PER_USEC;
 }
 
+/* The window length in force: poll_us may have been lowered since. */
+static u64 ivl_poll_window_ns(const struct ivl_priv *priv)
+{
+	return min(READ_ONCE(priv->poll_ns), ivl_poll_max_ns());
+}
+
 static bool ivl_poll_window_open(const struct ivl_priv *priv)
 {
-	u64 win = min(READ_ONCE(priv->poll_ns), ivl_poll_max_ns());
-
-	return local_clock() - READ_ONCE(priv->poll_last) < win;
+	return local_clock() - READ_ONCE(priv->poll_last) <
+	       ivl_poll_window_ns(priv);
 }
 
 static void ivl_poll_resize(struct ivl_priv *priv, bool grow)
@@ -77,7 +82,7 @@ void ivl_poll_tx(struct ivl_priv *priv)
 		WRITE_ONCE(priv->poll_missed, false);
 		ivl_poll_resize(priv, false);
 	}
-	if (!READ_ONCE(priv->poll_ns))
+	if (!ivl_poll_window_ns(priv))
 		return;
 	WRITE_ONCE(priv->poll_opened, now);
 	WRITE_ONCE(priv->poll_last, now);
