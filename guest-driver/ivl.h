@@ -217,6 +217,7 @@ struct ivl_priv {
 
 	/* NAPI */
 	unsigned int rx_next;		/* round-robin start in table->rx */
+	struct page_pool *rx_pool;	/* IVL_RX_ORDER pages for frames */
 
 	/*
 	 * Ring poller (ivl_poll.c).  Times are local_clock() ns, written from
