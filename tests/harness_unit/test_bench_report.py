@@ -94,17 +94,38 @@ def with_rr_variant(suffix: str, shm_latency_factor: float) -> dict[str, Any]:
     return data
 
 
-def test_busy_poll_workloads_get_their_own_target_lines() -> None:
-    data = with_rr_variant("_bp", 0.1)
-    data["environment"]["busy_poll_us"] = 200
+@pytest.mark.parametrize(
+    ("suffix", "factor", "env", "key", "line"),
+    [
+        ("_bp", 0.1, {"busy_poll_us": 200}, "busy_poll",
+         "busy polling (200 µs) on both guests: lower/shm = **38.10x** (met)"),
+        ("_irq", 2, {"ring_poll_us": 500}, "no_ring_poll",
+         "ring polling off (poll_us=0, doorbells only): lower/shm = **1.90x** (not met)"),
+    ],
+)
+def test_variant_workloads_get_their_own_target_lines(
+    suffix: str, factor: float, env: dict[str, int], key: str, line: str
+) -> None:
+    data = with_rr_variant(suffix, factor)
+    data["environment"].update(env)
     b = validate(data)
     h = bench_report.headline(b)
-    assert h["tcp_rr_latency_busy_poll_x"] == pytest.approx(400 / 10.5)
-    assert "tcp_throughput_busy_poll_x" not in h
+    assert h[f"tcp_rr_latency_{key}_x"] == pytest.approx(400 / (105 * factor))
+    assert f"tcp_throughput_{key}_x" not in h  # that variant's iperf3 did not run
     md = bench_report.markdown(b)
-    assert "| netperf TCP_RR, busy poll | mean latency" in md
-    assert "busy polling (200 µs) on both guests: lower/shm = **38.10x** (met)" in md
+    row = bench_report.WORKLOADS[f"netperf_tcp_rr{suffix}"][0]
+    assert row.startswith("netperf TCP_RR, ")
+    assert f"| {row} | mean latency" in md
+    assert line in md
     assert "default settings: lower/shm = **3.81x** (met)" in md
+
+
+def test_report_names_the_ring_poll_setting_of_the_run() -> None:
+    data = synthetic()
+    assert "ring poller" not in bench_report.markdown(validate(data))  # older runs
+    data["environment"]["ring_poll_us"] = 500
+    md = bench_report.markdown(validate(data))
+    assert "The driver's ring poller runs with poll_us=500 except in rows marked" in md
 
 
 def test_guest_cpu_table() -> None:
@@ -405,18 +426,6 @@ def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "harness: error: benchmark results rejected (1 problem(s)):" in err
     assert "samples[0] (shm/iperf3_tcp_1 rep 0): metric 'throughput_mbps' is negative" in err
     assert not (out / "bench.md").exists()
-
-
-def test_ring_polling_off_workloads_get_their_own_target_lines() -> None:
-    data = with_rr_variant("_irq", 2)
-    data["environment"]["ring_poll_us"] = 500
-    b = validate(data)
-    h = bench_report.headline(b)
-    assert h["tcp_rr_latency_no_ring_poll_x"] == pytest.approx(400 / 210)
-    md = bench_report.markdown(b)
-    assert "| netperf TCP_RR, ring polling off | mean latency" in md
-    assert "ring poller runs with poll_us=500 except in rows marked" in md
-    assert "ring polling off (poll_us=0, doorbells only): lower/shm = **1.90x** (not met)" in md
 
 
 def test_every_variant_workload_runs_its_plain_workloads_runner() -> None:
