@@ -305,17 +305,21 @@ async def park_fds(mon: qemu.Monitor, pid: int, numbers: set[int], tag: str) -> 
     return parked
 
 
-async def unplug_ivshmem(mon: qemu.Monitor, pid: int, tag: str, timeout: float = 30) -> None:
-    """device_del the ivshmem device, wait for DEVICE_DELETED, park the freed fds.
+async def unplug_ivshmem(mon: qemu.Monitor, vs: VMState, timeout: float = 30) -> None:
+    """device_del *vs*'s ivshmem device, wait for DEVICE_DELETED, park the freed fds.
 
-    *tag* names the parked fds; unique per unplug of this QEMU.
+    Counts the unplug in ``vs.unplugs``, which names the parked fds.
     """
+    if vs.proc is None:
+        raise StateError(f"VM {vs.name} has no QEMU process")
+    pid = vs.proc.pid
     before = open_fds(pid)
     with mon.listener("DEVICE_DELETED") as listener:
         await mon.cmd("device_del", {"id": qemu.IVSHMEM_ID})
         await mon.wait_event(listener, timeout, {"device": qemu.IVSHMEM_ID})
+    vs.unplugs += 1
     await mon.cmd("chardev-remove", {"id": qemu.IVSHMEM_CHARDEV})
-    n = await park_fds(mon, pid, before - open_fds(pid), tag)
+    n = await park_fds(mon, pid, before - open_fds(pid), str(vs.unplugs))
     log.debug("QEMU pid %d: parked %d fds after unplugging ivshmem", pid, n)
 
 
@@ -349,18 +353,15 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
     server = state.hosts[vs.host].server_socket
     if attached and not server:
         raise StateError(f"host {vs.host} runs no ivloop-server")
-    pid = vs.proc.pid
 
     async def go() -> None:
         async with qemu.Monitor(Path(vs.qmp)) as mon:
             if attached:
                 await plug_ivshmem(mon, server)
             else:
-                await unplug_ivshmem(mon, pid, tag=str(vs.unplugs))
+                await unplug_ivshmem(mon, vs)
     asyncio.run(go())
     vs.ivshmem = attached
-    if not attached:
-        vs.unplugs += 1
     sd.save(state)
 
 
@@ -417,10 +418,8 @@ def restart_server(sd: StateDir, host: str) -> list[str]:
             continue
 
         async def replug(vs: VMState = vs) -> None:
-            assert vs.proc is not None  # checked above
             async with qemu.Monitor(Path(vs.qmp)) as mon:
-                await unplug_ivshmem(mon, vs.proc.pid, tag=f"srv{vs.unplugs}")
-                vs.unplugs += 1
+                await unplug_ivshmem(mon, vs)
                 await plug_ivshmem(mon, server)
         try:
             asyncio.run(replug())

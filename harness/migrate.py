@@ -195,11 +195,9 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
             if vs.ivshmem:
                 mark("unplug ivshmem on source")
                 t = time.monotonic()
-                assert vs.proc is not None  # a running source
-                await cluster.unplug_ivshmem(src, vs.proc.pid, tag=f"mig{vs.unplugs}")
+                await cluster.unplug_ivshmem(src, vs)
                 unplugged = True
                 vs.ivshmem = False
-                vs.unplugs += 1
                 report.unplug_s = time.monotonic() - t
                 mark("source left the shared region")
                 report.switch_source_s = await asyncio.to_thread(src_peers.wait, False, t)

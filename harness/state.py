@@ -73,7 +73,7 @@ class VMState:
     accel: str = ""
     ivshmem: bool = False
     generation: int = 0  # bumped by every migration (new QEMU, new files)
-    unplugs: int = 0  # ivshmem unplugs in this QEMU (names the fds cluster.park_fds parks)
+    unplugs: int = 0  # ivshmem unplugs in this QEMU (names the fds cluster.unplug_ivshmem parks)
 
 
 @dataclass
