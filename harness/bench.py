@@ -53,12 +53,11 @@ QUICK_WORKLOADS = ("iperf3_tcp_1", "iperf3_udp", "netperf_tcp_rr", "sockperf_pp_
 UDP_RATE = os.environ.get("IVLOOP_BENCH_UDP_RATE", "100M")  # iperf3 -b: offered load
 SOCKPERF_PORT = 11111
 SMALL, LARGE = 64, 16384  # sockperf message sizes (bytes)
-FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
 # Workloads named *_bp run with socket busy polling (net.core.busy_read and
 # busy_poll, in µs) on both guests of the pair, whatever the path.
 BUSY_POLL_US = int(os.environ.get("IVLOOP_BENCH_BUSY_POLL_US", "200"))
-# Workloads named *_irq run with the driver's ring poller off on both guests.
-POLL_US = "/sys/module/ivloop/parameters/poll_us"
+# Workloads named *_irq run with the driver's ring poller off (paths.POLL_US)
+# on both guests.
 
 
 class BenchError(HarnessError):
@@ -285,7 +284,7 @@ def _preflight(gs: _Guests, pair: tuple[str, str], cross: tuple[str, str],
         if code != 0 or "force-lower" not in text:
             raise BenchError(f"{name}: ivl0 has no 'force-lower' private flag: {text.strip()}")
     for name in pair:  # a previous run may have been interrupted
-        gs[name].run(f"{FORCE_LOWER} off", timeout=20)
+        gs[name].run(f"{paths.FORCE_LOWER} off", timeout=20)
     for src, dst in (pair, pair[::-1]):
         try:
             paths.wait_peer(gs[src], topo.vm(dst).mac, shm=True, timeout=60)
@@ -350,9 +349,9 @@ def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Setting:
 
 def _ring_poll_off(gs: _Guests, names: tuple[str, str]) -> Setting:
     """poll_us=0 on both ends (doorbells only); each guest's own value back afterwards."""
-    back = {name: f"echo {gs[name].run(f'cat {POLL_US}', timeout=20).strip()} > {POLL_US}"
-            for name in names}
-    return _set_on(gs, names, f"echo 0 > {POLL_US}", back, "ring polling off")
+    now = {name: gs[name].run(f"cat {paths.POLL_US}", timeout=20).strip() for name in names}
+    back = {name: f"echo {value} > {paths.POLL_US}" for name, value in now.items()}
+    return _set_on(gs, names, f"echo 0 > {paths.POLL_US}", back, "ring polling off")
 
 
 def _variant(gs: _Guests, workload: str, names: tuple[str, str]) -> Setting:
@@ -365,7 +364,8 @@ def _variant(gs: _Guests, workload: str, names: tuple[str, str]) -> Setting:
 
 
 def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Setting:
-    return _set_on(gs, pair, f"{FORCE_LOWER} on", f"{FORCE_LOWER} off", "force-lower")
+    return _set_on(gs, pair, f"{paths.FORCE_LOWER} on", f"{paths.FORCE_LOWER} off",
+                   "force-lower")
 
 
 def cpu_jiffies(g: Guest) -> tuple[int, int]:
@@ -469,7 +469,7 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             "udp_rate": UDP_RATE,
             "sockperf_sizes": [SMALL, LARGE],
             "busy_poll_us": BUSY_POLL_US,
-            "ring_poll_us": int(gs[pair[0]].run(f"cat {POLL_US}", timeout=20)),
+            "ring_poll_us": int(gs[pair[0]].run(f"cat {paths.POLL_US}", timeout=20)),
         })  # fmt: skip
         doc: dict[str, Any] = {
             "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,

@@ -59,11 +59,11 @@ def forced_lower(guests: tuple[Guest, ...]) -> Iterator[None]:
     """Both ends on the lower path, as `harness bench` measures it."""
     try:
         for g in guests:
-            g.run("ethtool --set-priv-flags ivl0 force-lower on")
+            g.run(f"{paths.FORCE_LOWER} on")
         yield
     finally:
         for g in guests:
-            g.run("ethtool --set-priv-flags ivl0 force-lower off")
+            g.run(f"{paths.FORCE_LOWER} off")
 
 
 def side_by_side(sd: StateDir, say: Say, result: DemoResult) -> None:

@@ -15,6 +15,9 @@ from .errors import GuestError
 from .guest import Guest
 
 PEERS = "/sys/kernel/debug/ivloop/peers"
+# The driver's knobs: append "on" or "off"; the ring poller's longest window.
+FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
+POLL_US = "/sys/module/ivloop/parameters/poll_us"
 
 
 @dataclass(frozen=True)

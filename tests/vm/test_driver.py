@@ -83,7 +83,7 @@ def test_arp_and_ipv6_work_over_ivl0(coresident: Lab) -> None:
 def test_force_lower_moves_the_pair_to_the_lower_nic(coresident: Lab) -> None:
     lab = coresident
     g = lab.guest("vm1")
-    g.run("ethtool --set-priv-flags ivl0 force-lower on")
+    g.run(f"{paths.FORCE_LOWER} on")
     try:
         assert "force-lower" in g.run("ethtool --show-priv-flags ivl0")
         b1 = paths.counters(g)
@@ -91,7 +91,7 @@ def test_force_lower_moves_the_pair_to_the_lower_nic(coresident: Lab) -> None:
         d = deltas(lab, "vm1", b1)
         assert d["lower_tx_bytes"] > 1_000_000 and d["shm_tx_bytes"] == 0, d
     finally:
-        g.run("ethtool --set-priv-flags ivl0 force-lower off")
+        g.run(f"{paths.FORCE_LOWER} off")
 
 
 def test_stream_survives_unplug_and_replug_of_the_device(coresident: Lab) -> None:
@@ -130,9 +130,6 @@ def test_stream_survives_unplug_and_replug_of_the_device(coresident: Lab) -> Non
         assert not bad, f"{vm}: {bad}"
 
 
-POLL_US = "/sys/module/ivloop/parameters/poll_us"
-
-
 def poller_ticks(g: Guest) -> int:
     """utime + stime (clock ticks) of the guest's ring poller thread."""
     comm = g.run("grep -lx ivl-poll/ivl0 /proc/[0-9]*/comm 2>/dev/null; true").split()
@@ -154,7 +151,7 @@ def rr_deltas(lab: Lab, seconds: int = 3) -> dict[str, int]:
 
 def test_request_response_is_polled_instead_of_rung(coresident: Lab) -> None:
     lab = coresident
-    assert int(lab.guest("vm1").run(f"cat {POLL_US}")) > 0  # the default polls
+    assert int(lab.guest("vm1").run(f"cat {paths.POLL_US}")) > 0  # the default polls
     d = rr_deltas(lab)
     # Nearly every reply is found by the poller before a doorbell, and the
     # requests find vm2 polling too, so they need no doorbell either.
@@ -165,17 +162,17 @@ def test_request_response_is_polled_instead_of_rung(coresident: Lab) -> None:
 
 def test_poll_us_zero_goes_back_to_doorbells(coresident: Lab) -> None:
     lab = coresident
-    old = {vm: lab.guest(vm).run(f"cat {POLL_US}").strip() for vm in ("vm1", "vm2")}
+    old = {vm: lab.guest(vm).run(f"cat {paths.POLL_US}").strip() for vm in ("vm1", "vm2")}
     try:
         for vm in old:
-            lab.guest(vm).run(f"echo 0 > {POLL_US}")
+            lab.guest(vm).run(f"echo 0 > {paths.POLL_US}")
         d = rr_deltas(lab)
         assert d["poll_windows"] == 0 and d["poll_hits"] == 0, d
         # every request finds vm2 asleep with its kick armed
         assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
     finally:
         for vm, value in old.items():
-            lab.guest(vm).run(f"echo {value} > {POLL_US}")
+            lab.guest(vm).run(f"echo {value} > {paths.POLL_US}")
 
 
 def test_an_idle_guest_does_not_poll(coresident: Lab) -> None:
@@ -194,10 +191,10 @@ def test_an_idle_guest_does_not_poll(coresident: Lab) -> None:
 
 def test_poll_us_refuses_windows_over_10_ms(coresident: Lab) -> None:
     g = coresident.guest("vm1")
-    old = g.run(f"cat {POLL_US}").strip()
-    code, _ = g.status(f"echo 10001 > {POLL_US}")
+    old = g.run(f"cat {paths.POLL_US}").strip()
+    code, _ = g.status(f"echo 10001 > {paths.POLL_US}")
     assert code != 0
-    assert g.run(f"cat {POLL_US}").strip() == old
+    assert g.run(f"cat {paths.POLL_US}").strip() == old
 
 
 def pages_allocated(g: Guest) -> int:
