@@ -235,6 +235,7 @@ struct ivl_priv {
 
 enum {
 	IVL_F_FORCE_LOWER,		/* ethtool priv flag "force-lower" */
+	IVL_F_POLL_OPEN,		/* a poll window is open: poller runs */
 	IVL_F_POLLING,			/* the poller watches the rings: no kicks */
 };
 

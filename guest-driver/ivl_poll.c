@@ -21,11 +21,16 @@
  * few frames.  What it costs is host CPU time while a window is open;
  * poll_us=0 turns it off.
  *
- * Handover with NAPI: IVL_F_POLLING set means "the poller watches", and
- * NAPI completes without re-arming the kicks.  The poller clears the flag
- * when its window closes and then schedules NAPI once more, which re-arms
- * them; NAPI's MISSED state makes sure that last poll happens even when
- * NAPI is running at that moment.
+ * Two flags, because an open window is not the same as someone watching.
+ * IVL_F_POLL_OPEN means "a window is open: the poller should run".
+ * IVL_F_POLLING means "the poller watches right now": NAPI completes
+ * without re-arming the kicks while it is set.  The poller sets it only
+ * while it has the CPU to itself; the moment another task wants the CPU it
+ * clears it and lets NAPI re-arm the kicks before it yields, because a
+ * nice-19 thread may then not run again for milliseconds and frames left
+ * unwatched that long stall the flow (a TCP sender stops for want of ACKs
+ * and its tail-loss probes retransmit).  NAPI's MISSED state makes sure
+ * the re-arming poll happens even when NAPI is running at that moment.
  */
 #include <linux/kthread.h>
 #include <linux/sched.h>
@@ -65,50 +70,6 @@ static void ivl_poll_resize(struct ivl_priv *priv, bool grow)
 	WRITE_ONCE(priv->poll_ns, min(win, ivl_poll_max_ns()));
 }
 
-/*
- * We put a frame into a peer's ring: an answer may follow, so open a
- * window unless one is open.  Only the opening counts: a sender that never
- * hears back must not keep its window open by sending.  TX lock held.
- */
-void ivl_poll_tx(struct ivl_priv *priv)
-{
-	u64 now = local_clock();
-
-	WRITE_ONCE(priv->poll_tx, now);
-	if (test_bit(IVL_F_POLLING, &priv->flags))
-		return;
-	if (READ_ONCE(priv->poll_missed)) {
-		/* nothing came back during the last window */
-		WRITE_ONCE(priv->poll_missed, false);
-		ivl_poll_resize(priv, false);
-	}
-	if (!ivl_poll_window_ns(priv))
-		return;
-	WRITE_ONCE(priv->poll_opened, now);
-	WRITE_ONCE(priv->poll_last, now);
-	if (!test_and_set_bit(IVL_F_POLLING, &priv->flags))
-		wake_up_process(priv->poller);
-}
-
-/*
- * NAPI took frames from the rings.  While polling, each one keeps the
- * window open.  Otherwise, a frame after one of ours is an answer that
- * had to wait for a doorbell: poll longer next time.  Frames that answer
- * nothing (a one-way stream to us) never start polling.
- */
-void ivl_poll_rx(struct ivl_priv *priv)
-{
-	u64 now = local_clock();
-
-	if (test_bit(IVL_F_POLLING, &priv->flags)) {
-		WRITE_ONCE(priv->poll_last, now);
-	} else if (READ_ONCE(priv->poll_tx) > READ_ONCE(priv->poll_rx)) {
-		WRITE_ONCE(priv->poll_missed, false);
-		ivl_poll_resize(priv, true);
-	}
-	WRITE_ONCE(priv->poll_rx, now);
-}
-
 /* Has any peer published a record we have not read?  A hint. */
 static bool ivl_poll_pending(struct ivl_priv *priv)
 {
@@ -126,6 +87,58 @@ static bool ivl_poll_pending(struct ivl_priv *priv)
 	return found;
 }
 
+/*
+ * We put a frame into a peer's ring: an answer may follow, so open a
+ * window unless one is open.  Only the opening counts: a sender that never
+ * hears back must not keep its window open by sending.  TX lock held.
+ */
+void ivl_poll_tx(struct ivl_priv *priv)
+{
+	u64 now = local_clock();
+
+	WRITE_ONCE(priv->poll_tx, now);
+	if (test_bit(IVL_F_POLL_OPEN, &priv->flags)) {
+		/*
+		 * The poller watches only a CPU it has to itself, so a
+		 * sender that keeps the CPU busy takes in what came back
+		 * (the ACKs) itself; NAPI runs when xmit enables BHs.
+		 */
+		if (ivl_poll_pending(priv))
+			napi_schedule(&priv->napi);
+		return;
+	}
+	if (READ_ONCE(priv->poll_missed)) {
+		/* nothing came back during the last window */
+		WRITE_ONCE(priv->poll_missed, false);
+		ivl_poll_resize(priv, false);
+	}
+	if (!ivl_poll_window_ns(priv))
+		return;
+	WRITE_ONCE(priv->poll_opened, now);
+	WRITE_ONCE(priv->poll_last, now);
+	if (!test_and_set_bit(IVL_F_POLL_OPEN, &priv->flags))
+		wake_up_process(priv->poller);
+}
+
+/*
+ * NAPI took frames from the rings.  While a window is open, each one
+ * keeps it open.  Otherwise, a frame after one of ours is an answer that
+ * had to wait for a doorbell: poll longer next time.  Frames that answer
+ * nothing (a one-way stream to us) never start polling.
+ */
+void ivl_poll_rx(struct ivl_priv *priv)
+{
+	u64 now = local_clock();
+
+	if (test_bit(IVL_F_POLL_OPEN, &priv->flags)) {
+		WRITE_ONCE(priv->poll_last, now);
+	} else if (READ_ONCE(priv->poll_tx) > READ_ONCE(priv->poll_rx)) {
+		WRITE_ONCE(priv->poll_missed, false);
+		ivl_poll_resize(priv, true);
+	}
+	WRITE_ONCE(priv->poll_rx, now);
+}
+
 /* Run NAPI here and now (softirqs run at local_bh_enable()). */
 static void ivl_poll_napi(struct ivl_priv *priv)
 {
@@ -134,24 +147,46 @@ static void ivl_poll_napi(struct ivl_priv *priv)
 	local_bh_enable();
 }
 
+/*
+ * Start or stop watching.  Starting: NAPI runs and, seeing the flag,
+ * leaves the kicks off.  Stopping: the flag is clear before NAPI looks at
+ * it (pairs with its test_bit) and NAPI re-arms the kicks.
+ */
+static void ivl_poll_watch(struct ivl_priv *priv, bool on)
+{
+	if (on == test_bit(IVL_F_POLLING, &priv->flags))
+		return;
+	if (on) {
+		set_bit(IVL_F_POLLING, &priv->flags);
+	} else {
+		clear_bit(IVL_F_POLLING, &priv->flags);
+		/* pairs with the test_bit in ivl_napi_poll() */
+		smp_mb__after_atomic();
+	}
+	ivl_poll_napi(priv);
+}
+
 static void ivl_poll_window(struct ivl_priv *priv)
 {
 	ivl_stat_inc_bh(priv, poll_windows);
-	/* NAPI turns the peers' kicks off: we are watching */
-	ivl_poll_napi(priv);
 	while (ivl_poll_window_open(priv) && !kthread_should_stop()) {
-		if (ivl_poll_pending(priv)) {
+		if (!single_task_running()) {
+			/* only an otherwise idle CPU polls: doorbells meanwhile */
+			ivl_poll_watch(priv, false);
+			schedule();
+			continue;
+		}
+		if (!test_bit(IVL_F_POLLING, &priv->flags)) {
+			ivl_poll_watch(priv, true);
+		} else if (ivl_poll_pending(priv)) {
 			ivl_stat_inc_bh(priv, poll_hits);
 			ivl_poll_napi(priv);
 		} else {
 			cpu_relax();
 		}
-		/* only an otherwise idle CPU polls */
-		if (!single_task_running())
-			schedule();
-		else
-			cond_resched();
+		cond_resched();
 	}
+	ivl_poll_watch(priv, false);
 }
 
 static int ivl_poll_thread(void *data)
@@ -160,7 +195,7 @@ static int ivl_poll_thread(void *data)
 
 	while (!kthread_should_stop()) {
 		set_current_state(TASK_INTERRUPTIBLE);
-		if (!test_bit(IVL_F_POLLING, &priv->flags)) {
+		if (!test_bit(IVL_F_POLL_OPEN, &priv->flags)) {
 			schedule();
 			continue;
 		}
@@ -170,15 +205,12 @@ static int ivl_poll_thread(void *data)
 		/* a window no frame came back in: the next one is shorter */
 		if (READ_ONCE(priv->poll_rx) < READ_ONCE(priv->poll_opened))
 			WRITE_ONCE(priv->poll_missed, true);
-		clear_bit(IVL_F_POLLING, &priv->flags);
-		/* flag clear before NAPI looks at it; pairs with test_bit there */
+		clear_bit(IVL_F_POLL_OPEN, &priv->flags);
+		/* flag clear before reading poll_last; ivl_poll_tx() pairs */
 		smp_mb__after_atomic();
 		/* a frame since the window closed: keep polling */
-		if (ivl_poll_window_open(priv) &&
-		    !test_and_set_bit(IVL_F_POLLING, &priv->flags))
-			continue;
-		/* NAPI re-arms the kicks now that nobody watches */
-		ivl_poll_napi(priv);
+		if (ivl_poll_window_open(priv))
+			set_bit(IVL_F_POLL_OPEN, &priv->flags);
 	}
 	return 0;
 }
@@ -203,5 +235,6 @@ void ivl_poll_uninit(struct ivl_priv *priv)
 		return;
 	kthread_stop(priv->poller);
 	priv->poller = NULL;
+	clear_bit(IVL_F_POLL_OPEN, &priv->flags);
 	clear_bit(IVL_F_POLLING, &priv->flags);
 }

@@ -189,6 +189,35 @@ def test_an_idle_guest_does_not_poll(coresident: Lab) -> None:
     assert poller_ticks(g) - before_ticks <= 1
 
 
+def rr_mean_us(g: Guest, ip: str, seconds: int = 3) -> float:
+    out = g.run(f"netperf -H {ip} -t TCP_RR -l {seconds} -P 0 -- -o mean_latency", timeout=60)
+    return float(out.strip().splitlines()[-1])
+
+
+def test_a_busy_receiver_goes_back_to_doorbells(coresident: Lab) -> None:
+    # A CPU-bound task on vm2 leaves its nice-19 poller no CPU.  Were the
+    # kicks left off meanwhile, requests would wait milliseconds for the
+    # poller's next slice (this once made TCP_RR 17x slower than with
+    # doorbells); the poller must hand vm2 back to doorbells instead.
+    lab = coresident
+    g1, g2 = lab.guest("vm1"), lab.guest("vm2")
+    ip2 = lab.ip("vm2")
+    old = {g: g.run(f"cat {paths.POLL_US}").strip() for g in (g1, g2)}
+    hog = g2.run("timeout 120 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo $!")
+    try:
+        d = rr_deltas(lab)
+        assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
+        polled = rr_mean_us(g1, ip2)
+        for g in old:
+            g.run(f"echo 0 > {paths.POLL_US}")
+        rung = rr_mean_us(g1, ip2)
+    finally:
+        g2.run(f"kill {hog.strip()}")
+        for g, value in old.items():
+            g.run(f"echo {value} > {paths.POLL_US}")
+    assert polled < 3 * rung, (polled, rung)
+
+
 def test_poll_us_refuses_windows_over_10_ms(coresident: Lab) -> None:
     g = coresident.guest("vm1")
     old = g.run(f"cat {paths.POLL_US}").strip()
