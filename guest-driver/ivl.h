@@ -77,6 +77,7 @@ struct ivl_stats {
 	u64_stats_t peer_bad_entry;	/* broken directory slot */
 	u64_stats_t poll_windows;	/* the ring poller started polling */
 	u64_stats_t poll_hits;		/* ... and found records before a doorbell */
+	u64_stats_t poll_starved;	/* nobody could watch: doorbells for a while */
 };
 
 struct ivl_pcpu_stats {
@@ -230,6 +231,8 @@ struct ivl_priv {
 	u64 poll_last;			/* ... or was last extended */
 	u64 poll_tx;			/* last frame sent over shm */
 	u64 poll_rx;			/* last frames received from rings */
+	u64 poll_looked;		/* poller or xmit last looked at the rings */
+	u64 poll_starved;		/* until then, kicks on whenever we yield */
 	bool poll_missed;		/* the last window heard nothing */
 };
 

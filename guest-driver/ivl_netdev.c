@@ -93,6 +93,7 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(peer_bad_entry),
 	IVL_STAT(poll_windows),
 	IVL_STAT(poll_hits),
+	IVL_STAT(poll_starved),
 };
 
 #define IVL_NR_STATS	ARRAY_SIZE(ivl_stat_descs)

@@ -23,14 +23,20 @@
  *
  * Two flags, because an open window is not the same as someone watching.
  * IVL_F_POLL_OPEN means "a window is open: the poller should run".
- * IVL_F_POLLING means "the poller watches right now": NAPI completes
- * without re-arming the kicks while it is set.  The poller sets it only
- * while it has the CPU to itself; the moment another task wants the CPU it
- * clears it and lets NAPI re-arm the kicks before it yields, because a
- * nice-19 thread may then not run again for milliseconds and frames left
- * unwatched that long stall the flow (a TCP sender stops for want of ACKs
- * and its tail-loss probes retransmit).  NAPI's MISSED state makes sure
- * the re-arming poll happens even when NAPI is running at that moment.
+ * IVL_F_POLLING means "the poller watches": NAPI completes without
+ * re-arming the kicks while it is set.  The poller spins only on a CPU it
+ * has to itself, but when it yields it keeps watching: the task it yields
+ * to is most often the one it serves, a sender that will block soon (its
+ * ACKs wait and are then taken in a batch, which a bulk stream needs to
+ * be fast).  A task that does not send, a CPU hog, can however keep a
+ * nice-19 thread off the CPU for tens of milliseconds, and frames left
+ * unwatched that long stall the flow (TCP_RR against a guest running a
+ * CPU hog was 17x slower than with plain doorbells).  So when the poller
+ * comes back after IVL_POLL_STARVED_NS with no frame sent meanwhile, it
+ * counts poll_starved and, for IVL_POLL_STARVED_HOLD_NS, stops watching
+ * whenever it yields: NAPI re-arms the kicks and doorbells take over.
+ * NAPI's MISSED state makes sure that re-arming poll happens even when
+ * NAPI is running at that moment.
  */
 #include <linux/kthread.h>
 #include <linux/sched.h>
@@ -41,6 +47,10 @@
 
 /* A growing window starts this small; a shrinking one below it is off. */
 #define IVL_POLL_MIN_NS		(10 * NSEC_PER_USEC)
+/* Away this long with no frame sent meanwhile: the poller was starved ... */
+#define IVL_POLL_STARVED_NS	(10 * NSEC_PER_MSEC)
+/* ... so it hands over to doorbells whenever it yields, for this long. */
+#define IVL_POLL_STARVED_HOLD_NS	NSEC_PER_SEC
 
 static u64 ivl_poll_max_ns(void)
 {
@@ -68,6 +78,12 @@ static void ivl_poll_resize(struct ivl_priv *priv, bool grow)
 	else
 		win = win / 2 < IVL_POLL_MIN_NS ? 0 : win / 2;
 	WRITE_ONCE(priv->poll_ns, min(win, ivl_poll_max_ns()));
+}
+
+/* Was the poller starved lately?  Then doorbells whenever it yields. */
+static bool ivl_poll_starved(const struct ivl_priv *priv, u64 now)
+{
+	return now < READ_ONCE(priv->poll_starved);
 }
 
 /* Has any peer published a record we have not read?  A hint. */
@@ -98,13 +114,8 @@ void ivl_poll_tx(struct ivl_priv *priv)
 
 	WRITE_ONCE(priv->poll_tx, now);
 	if (test_bit(IVL_F_POLL_OPEN, &priv->flags)) {
-		/*
-		 * The poller watches only a CPU it has to itself, so a
-		 * sender that keeps the CPU busy takes in what came back
-		 * (the ACKs) itself; NAPI runs when xmit enables BHs.
-		 */
-		if (ivl_poll_pending(priv))
-			napi_schedule(&priv->napi);
+		/* a sender is running here: the poller is not starved */
+		WRITE_ONCE(priv->poll_looked, now);
 		return;
 	}
 	if (READ_ONCE(priv->poll_missed)) {
@@ -116,6 +127,10 @@ void ivl_poll_tx(struct ivl_priv *priv)
 		return;
 	WRITE_ONCE(priv->poll_opened, now);
 	WRITE_ONCE(priv->poll_last, now);
+	WRITE_ONCE(priv->poll_looked, now);
+	/* from now on the poller, or we while we send, watch the rings */
+	if (!ivl_poll_starved(priv, now))
+		set_bit(IVL_F_POLLING, &priv->flags);
 	if (!test_and_set_bit(IVL_F_POLL_OPEN, &priv->flags))
 		wake_up_process(priv->poller);
 }
@@ -166,16 +181,35 @@ static void ivl_poll_watch(struct ivl_priv *priv, bool on)
 	ivl_poll_napi(priv);
 }
 
+/* Yield the CPU; note whether the poller was starved meanwhile. */
+static void ivl_poll_yield(struct ivl_priv *priv)
+{
+	u64 now;
+
+	ivl_poll_watch(priv, !ivl_poll_starved(priv, local_clock()));
+	schedule();
+	now = local_clock();
+	if (test_bit(IVL_F_POLLING, &priv->flags) &&
+	    now - READ_ONCE(priv->poll_looked) > IVL_POLL_STARVED_NS) {
+		ivl_stat_inc_bh(priv, poll_starved);
+		WRITE_ONCE(priv->poll_starved, now + IVL_POLL_STARVED_HOLD_NS);
+	}
+}
+
 static void ivl_poll_window(struct ivl_priv *priv)
 {
 	ivl_stat_inc_bh(priv, poll_windows);
+	/* NAPI turns the peers' kicks off if we watch */
+	if (!ivl_poll_starved(priv, local_clock()))
+		set_bit(IVL_F_POLLING, &priv->flags);
+	ivl_poll_napi(priv);
 	while (ivl_poll_window_open(priv) && !kthread_should_stop()) {
 		if (!single_task_running()) {
-			/* only an otherwise idle CPU polls: doorbells meanwhile */
-			ivl_poll_watch(priv, false);
-			schedule();
+			/* only an otherwise idle CPU polls */
+			ivl_poll_yield(priv);
 			continue;
 		}
+		WRITE_ONCE(priv->poll_looked, local_clock());
 		if (!test_bit(IVL_F_POLLING, &priv->flags)) {
 			ivl_poll_watch(priv, true);
 		} else if (ivl_poll_pending(priv)) {

@@ -198,15 +198,17 @@ def test_a_busy_receiver_goes_back_to_doorbells(coresident: Lab) -> None:
     # A CPU-bound task on vm2 leaves its nice-19 poller no CPU.  Were the
     # kicks left off meanwhile, requests would wait milliseconds for the
     # poller's next slice (this once made TCP_RR 17x slower than with
-    # doorbells); the poller must hand vm2 back to doorbells instead.
+    # doorbells); the poller must notice and hand vm2 back to doorbells.
     lab = coresident
     g1, g2 = lab.guest("vm1"), lab.guest("vm2")
     ip2 = lab.ip("vm2")
     old = {g: g.run(f"cat {paths.POLL_US}").strip() for g in (g1, g2)}
     hog = g2.run("timeout 120 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo $!")
     try:
+        before2 = paths.counters(g2)
         d = rr_deltas(lab)
         assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
+        assert deltas(lab, "vm2", before2)["poll_starved"] >= 1
         polled = rr_mean_us(g1, ip2)
         for g in old:
             g.run(f"echo 0 > {paths.POLL_US}")
