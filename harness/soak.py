@@ -23,8 +23,9 @@ from .state import StateDir
 
 log = logging.getLogger(__name__)
 
-KERNEL_TROUBLE = re.compile(r"WARNING|BUG:|Oops|Call Trace|general protection|soft lockup|"
-                            r"hung task|refcount_t", re.IGNORECASE)
+KERNEL_TROUBLE = re.compile(r"WARNING|BUG:|kernel BUG|Kernel panic|Oops|Call Trace|"
+                            r"general protection|soft lockup|hung task|refcount_t|"
+                            r"list_(add|del) corruption", re.IGNORECASE)
 LEAD_IN = 2.0  # seconds of traffic before each move
 
 
@@ -99,6 +100,26 @@ def kernel_warnings(sd: StateDir) -> dict[str, list[str]]:
     return found
 
 
+def console_trouble(logs: Path, since: float) -> dict[str, list[str]]:
+    """Kernel trouble in the serial consoles written since *since*.
+
+    A guest that panics reboots (panic=-1) with a fresh dmesg, so only its
+    console log still shows why.
+    """
+    found: dict[str, list[str]] = {}
+    for path in sorted(logs.glob("console-*.log")):
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        lines = [line for line in text.splitlines() if KERNEL_TROUBLE.search(line)]
+        if lines:
+            found[path.name] = lines
+    return found
+
+
 def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
         peer: str | None = None, window: float = 25.0, out_dir: Path | None = None,
         say: Callable[[str], None] = lambda text: None) -> SoakReport:
@@ -109,6 +130,7 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
     if peer == vm:
         raise StateError("the traffic peer must not be the VM that migrates")
     report = SoakReport(vm=vm, peer=peer)
+    started = time.time()
     out_dir = out_dir or sd.file("soak")
     here, there = source, dest
     for i in range(1, count + 1):
@@ -141,6 +163,7 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
         elif not move.stream_ok:
             break  # nothing sensible to measure any more
     report.kernel_warnings = kernel_warnings(sd)
+    report.kernel_warnings.update(console_trouble(sd.file("logs"), started))
     return report
 
 
