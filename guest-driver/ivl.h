@@ -231,7 +231,7 @@ struct ivl_priv {
 	u64 poll_last;			/* ... or was last extended */
 	u64 poll_tx;			/* last frame sent over shm */
 	u64 poll_rx;			/* last frames received from rings */
-	u64 poll_looked;		/* poller or xmit last looked at the rings */
+	u64 poll_looked;		/* poller polled or we sent: not starved */
 	u64 poll_starved;		/* until then, kicks on whenever we yield */
 	bool poll_missed;		/* the last window heard nothing */
 };

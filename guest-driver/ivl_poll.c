@@ -86,23 +86,6 @@ static bool ivl_poll_starved(const struct ivl_priv *priv, u64 now)
 	return now < READ_ONCE(priv->poll_starved);
 }
 
-/* Has any peer published a record we have not read?  A hint. */
-static bool ivl_poll_pending(struct ivl_priv *priv)
-{
-	const struct ivl_peer_table *t;
-	struct ivl_shm *shm;
-	bool found = false;
-	unsigned int i;
-
-	rcu_read_lock();
-	shm = ivl_shm_rcu(priv);
-	t = shm ? ivl_table_rcu(shm) : NULL;
-	for (i = 0; t && i < t->nr_rx && !found; i++)
-		found = ivl_ring_pending(&t->rx[i]->rx);
-	rcu_read_unlock();
-	return found;
-}
-
 /*
  * We put a frame into a peer's ring: an answer may follow, so open a
  * window unless one is open.  Only the opening counts: a sender that never
@@ -128,7 +111,7 @@ void ivl_poll_tx(struct ivl_priv *priv)
 	WRITE_ONCE(priv->poll_opened, now);
 	WRITE_ONCE(priv->poll_last, now);
 	WRITE_ONCE(priv->poll_looked, now);
-	/* from now on the poller, or we while we send, watch the rings */
+	/* the poller watches from now on: the kicks go off */
 	if (!ivl_poll_starved(priv, now))
 		set_bit(IVL_F_POLLING, &priv->flags);
 	if (!test_and_set_bit(IVL_F_POLL_OPEN, &priv->flags))
@@ -152,6 +135,23 @@ void ivl_poll_rx(struct ivl_priv *priv)
 		ivl_poll_resize(priv, true);
 	}
 	WRITE_ONCE(priv->poll_rx, now);
+}
+
+/* Has any peer published a record we have not read?  A hint. */
+static bool ivl_poll_pending(struct ivl_priv *priv)
+{
+	const struct ivl_peer_table *t;
+	struct ivl_shm *shm;
+	bool found = false;
+	unsigned int i;
+
+	rcu_read_lock();
+	shm = ivl_shm_rcu(priv);
+	t = shm ? ivl_table_rcu(shm) : NULL;
+	for (i = 0; t && i < t->nr_rx && !found; i++)
+		found = ivl_ring_pending(&t->rx[i]->rx);
+	rcu_read_unlock();
+	return found;
 }
 
 /* Run NAPI here and now (softirqs run at local_bh_enable()). */
