@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from harness import cluster, paths
+from harness import cluster, demo, paths
 from harness.guest import Guest
 
 from .lab import Lab, received_bytes
@@ -160,19 +162,26 @@ def test_request_response_is_polled_instead_of_rung(coresident: Lab) -> None:
     assert d["doorbells_sent"] < d["shm_tx_packets"] // 10, d
 
 
+@contextlib.contextmanager
+def poll_us(guests: tuple[Guest, ...], value: int) -> Iterator[None]:
+    """The driver's poll_us set to *value* on *guests*; each one's own value back after."""
+    old = {g: g.run(f"cat {paths.POLL_US}").strip() for g in guests}
+    try:
+        for g in guests:
+            g.run(f"echo {value} > {paths.POLL_US}")
+        yield
+    finally:
+        for g, v in old.items():
+            g.run(f"echo {v} > {paths.POLL_US}")
+
+
 def test_poll_us_zero_goes_back_to_doorbells(coresident: Lab) -> None:
     lab = coresident
-    old = {vm: lab.guest(vm).run(f"cat {paths.POLL_US}").strip() for vm in ("vm1", "vm2")}
-    try:
-        for vm in old:
-            lab.guest(vm).run(f"echo 0 > {paths.POLL_US}")
+    with poll_us((lab.guest("vm1"), lab.guest("vm2")), 0):
         d = rr_deltas(lab)
-        assert d["poll_windows"] == 0 and d["poll_hits"] == 0, d
-        # every request finds vm2 asleep with its kick armed
-        assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
-    finally:
-        for vm, value in old.items():
-            lab.guest(vm).run(f"echo {value} > {paths.POLL_US}")
+    assert d["poll_windows"] == 0 and d["poll_hits"] == 0, d
+    # every request finds vm2 asleep with its kick armed
+    assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
 
 
 def test_an_idle_guest_does_not_poll(coresident: Lab) -> None:
@@ -189,11 +198,6 @@ def test_an_idle_guest_does_not_poll(coresident: Lab) -> None:
     assert poller_ticks(g) - before_ticks <= 1
 
 
-def rr_mean_us(g: Guest, ip: str, seconds: int = 3) -> float:
-    out = g.run(f"netperf -H {ip} -t TCP_RR -l {seconds} -P 0 -- -o mean_latency", timeout=60)
-    return float(out.strip().splitlines()[-1])
-
-
 def test_a_busy_receiver_goes_back_to_doorbells(coresident: Lab) -> None:
     # A CPU-bound task on vm2 leaves its nice-19 poller no CPU.  Were the
     # kicks left off meanwhile, requests would wait milliseconds for the
@@ -202,21 +206,17 @@ def test_a_busy_receiver_goes_back_to_doorbells(coresident: Lab) -> None:
     lab = coresident
     g1, g2 = lab.guest("vm1"), lab.guest("vm2")
     ip2 = lab.ip("vm2")
-    old = {g: g.run(f"cat {paths.POLL_US}").strip() for g in (g1, g2)}
     hog = g2.run("timeout 120 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo $!")
     try:
         before2 = paths.counters(g2)
         d = rr_deltas(lab)
         assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
         assert deltas(lab, "vm2", before2)["poll_starved"] >= 1
-        polled = rr_mean_us(g1, ip2)
-        for g in old:
-            g.run(f"echo 0 > {paths.POLL_US}")
-        rung = rr_mean_us(g1, ip2)
+        polled = demo.rr_mean_us(g1, ip2, seconds=3)
+        with poll_us((g1, g2), 0):
+            rung = demo.rr_mean_us(g1, ip2, seconds=3)
     finally:
         g2.run(f"kill {hog.strip()}")
-        for g, value in old.items():
-            g.run(f"echo {value} > {paths.POLL_US}")
     assert polled < 3 * rung, (polled, rung)
 
 
