@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 ACCELS = ("kvm", "tcg")
+TCG_RAM_PAD_KIB = 8  # QEMU rounds guest RAM to 8 KiB; see Choice.memory_arg
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "ivloop/accel.json"
 
 
@@ -47,6 +48,24 @@ class Choice:
         # kernel copies with `rep movsq`, about 7x faster here.  Both the
         # shared and the lower path gain (every socket copy uses it).
         return ["-accel", "tcg,thread=multi", "-cpu", "max,erms=off"]
+
+    def memory_arg(self, mib: int) -> str:
+        """The ``-m`` value for a guest of *mib* MiB.
+
+        QEMU before 9.0 loses guest writes when it migrates a TCG guest
+        (fixed upstream by 03bfc2188f, "physmem: Fix migration dirty bitmap
+        coherency with TCG memory access").  Syncing the dirty bitmap of a
+        RAM block whose size is a multiple of 64 pages clears it a word at
+        a time without resetting the vCPUs' TLBs, so stores through TLB
+        entries made before the sync are never marked dirty again; the
+        destination gets stale pages and the guest kernel soon dies of a
+        corrupted list.  One 8 KiB granule more than the even size sends
+        the sync down its page-by-page path, which does reset the TLBs.
+        KVM tracks dirty pages itself and gets the plain size.
+        """
+        if self.accel == "kvm":
+            return f"{mib}M"
+        return f"{mib * 1024 + TCG_RAM_PAD_KIB}K"
 
 
 def decide(facts: Facts, forced: str | None = None) -> Choice:

@@ -112,7 +112,7 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     """
     kernel, initrd = image_paths()
     pubkey = guest_mod.ensure_key(sd.key_path)
-    accel_args = accel_mod.Choice(state.accel, "recorded").qemu_args
+    choice = accel_mod.Choice(state.accel, "recorded")
     host = host or vm.host
     hs = state.hosts[host]
     # Each incarnation (a migration destination is a new one) has its own files.
@@ -130,8 +130,9 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     hostnet.add_tap(hs.netns, vs.tap)
     pidfile = sd.file(f"qemu-{vm.name}{suffix}.pid")
     spec = qemu.LaunchSpec(
-        vm=vm, kernel=kernel, initrd=initrd, accel_args=accel_args,
-        console=Path(vs.console), qmp=Path(vs.qmp), pidfile=pidfile, tap=vs.tap,
+        vm=vm, kernel=kernel, initrd=initrd, accel_args=choice.qemu_args,
+        memory=choice.memory_arg(vm.memory), console=Path(vs.console), qmp=Path(vs.qmp),
+        pidfile=pidfile, tap=vs.tap,
         ssh_port=vs.ssh_port, ssh_key=pubkey,
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None, incoming=incoming,
         lower_only=not driver_for(state, vm),

@@ -49,6 +49,7 @@ class LaunchSpec:
     kernel: Path
     initrd: Path
     accel_args: list[str]
+    memory: str  # the -m value (Choice.memory_arg)
     console: Path
     qmp: Path
     pidfile: Path
@@ -64,7 +65,7 @@ def render(spec: LaunchSpec) -> list[str]:
     """The QEMU argv for *spec*; every argument on its own template line."""
     text = _env.get_template("qemu.j2").render(
         vm=spec.vm, kernel=spec.kernel, initrd=spec.initrd, accel_args=spec.accel_args,
-        console=spec.console, qmp=spec.qmp, pidfile=spec.pidfile, tap=spec.tap,
+        memory=spec.memory, console=spec.console, qmp=spec.qmp, pidfile=spec.pidfile, tap=spec.tap,
         ssh_port=spec.ssh_port, ssh_key=spec.ssh_key.replace(" ", ":"),
         ivshmem_socket=spec.ivshmem_socket, incoming=spec.incoming,
         lower_only=spec.lower_only,

@@ -88,7 +88,7 @@ def test_driverless_vm_gets_ivl_lower_on_its_command_line(tmp_path: Path) -> Non
     def append(lower_only: bool) -> str:
         argv = qemu.render(qemu.LaunchSpec(
             vm=topo.vm("v1"), kernel=tmp_path / "k", initrd=tmp_path / "i",
-            accel_args=Choice("tcg", "test").qemu_args, console=tmp_path / "c",
+            accel_args=Choice("tcg", "test").qemu_args, memory="256M", console=tmp_path / "c",
             qmp=tmp_path / "q", pidfile=tmp_path / "p", tap="tap-v1", ssh_port=2201,
             ssh_key="ssh-ed25519 AAAA", lower_only=lower_only))  # fmt: skip
         return argv[argv.index("-append") + 1]

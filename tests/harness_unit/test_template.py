@@ -13,7 +13,8 @@ def spec(tmp_path: Path, **kw: object) -> qemu.LaunchSpec:
     vm = topology.load().vm("vm2")
     args: dict[str, object] = {
         "vm": vm, "kernel": tmp_path / "vmlinuz", "initrd": tmp_path / "initrd.img",
-        "accel_args": Choice("tcg", "test").qemu_args, "console": tmp_path / "c.log",
+        "accel_args": Choice("tcg", "test").qemu_args,
+        "memory": Choice("tcg", "test").memory_arg(vm.memory), "console": tmp_path / "c.log",
         "qmp": tmp_path / "q.sock", "pidfile": tmp_path / "q.pid", "tap": "tap-vm2",
         "ssh_port": 2202, "ssh_key": "ssh-ed25519 AAAAkey",
     }
@@ -67,3 +68,7 @@ def test_render_accel_and_management_network(tmp_path: Path) -> None:
 
 def test_render_incoming_defers_migration(tmp_path: Path) -> None:
     assert opt(qemu.render(spec(tmp_path, incoming=True)), "-incoming") == ["defer"]
+
+
+def test_render_gives_tcg_guests_the_padded_ram_size(tmp_path: Path) -> None:
+    assert opt(qemu.render(spec(tmp_path)), "-m") == [f"{256 * 1024 + 8}K"]
