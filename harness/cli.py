@@ -308,6 +308,15 @@ def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
     for vm_name, lines in warned.items():
         for line in lines[:5]:
             out.print(f"  {vm_name}: {line}", markup=False, highlight=False)
+    mem = report.memory
+    if mem is None:
+        out.print(f"{report.vm}'s memory: NOT CHECKED: {report.memory_error}",
+                  markup=False, highlight=False)
+    else:
+        out.print(f"{report.vm}'s memory: {mem.sweeps} sweeps of {mem.pages} pages, "
+                  f"{mem.lost} writes lost, {mem.stray} stray")
+        if not mem.ok:
+            out.print(mem.detail, markup=False, highlight=False)
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))
     return 0 if report.ok else 1

@@ -3,8 +3,9 @@
 Each move runs inside its own :class:`~harness.watch.Watch` window (a TCP
 stream plus a 20 ms ping from a VM that stays put), so a lost connection or
 lost pings are pinned to the move that caused them.  At the end every VM's
-kernel log is checked for warnings.  The target is zero lost connections
-and zero kernel warnings.
+kernel log is checked for warnings.  All along, ivl-memcheck writes in the
+moving VM's memory and checks each write arrived.  The target is zero lost
+connections, zero kernel warnings and zero lost writes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cluster, hostnet, migrate, watch
+from . import cluster, hostnet, memcheck, migrate, watch
 from .errors import HarnessError, StateError
 from .state import StateDir
 
@@ -54,6 +55,8 @@ class SoakReport:
     peer: str
     moves: list[Move] = field(default_factory=list)
     kernel_warnings: dict[str, list[str]] = field(default_factory=dict)
+    memory: memcheck.Result | None = None  # the moving VM's writes, checked
+    memory_error: str = ""  # why they could not be checked
 
     @property
     def lost_connections(self) -> int:
@@ -66,7 +69,8 @@ class SoakReport:
     @property
     def ok(self) -> bool:
         return (not self.failed_moves and not self.lost_connections
-                and not any(self.kernel_warnings.values()))
+                and not any(self.kernel_warnings.values())
+                and self.memory is not None and self.memory.ok)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -133,6 +137,8 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
     started = time.time()
     out_dir = out_dir or sd.file("soak")
     here, there = source, dest
+    with cluster.guest(sd, sd.load(), vm) as g:
+        writer = memcheck.start(g)
     for i in range(1, count + 1):
         move = Move(index=i, source=here, destination=there)
         report.moves.append(move)
@@ -162,6 +168,11 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
             here, there = there, here
         elif not move.stream_ok:
             break  # nothing sensible to measure any more
+    try:
+        with cluster.guest(sd, sd.load(), vm) as g:
+            report.memory = memcheck.stop(g, writer)
+    except HarnessError as exc:
+        report.memory_error = str(exc)
     report.kernel_warnings = kernel_warnings(sd)
     report.kernel_warnings.update(console_trouble(sd.file("logs"), started))
     return report

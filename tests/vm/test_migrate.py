@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import migrate, paths
+from harness import memcheck, migrate, paths
 from harness.errors import MigrationError
 from harness.watch import Watch
 
@@ -129,9 +128,7 @@ def test_migration_keeps_every_guest_write(
     # QEMU 7.2 under TCG loses stores during migration unless the RAM size
     # steers its dirty sync to the path that resets the TLBs (accel.py).
     # A guest that keeps writing finds every write, and lives, on arrival.
-    out = "/tmp/ivl-memcheck.out"
-    pid = lab.guest("vm2").run(
-        f"ivl-memcheck -m 16 -p 10 >{out} 2>&1 </dev/null & echo $!").strip()
+    writer = memcheck.start(lab.guest("vm2"))
     reports = []
     try:
         time.sleep(1)
@@ -141,12 +138,8 @@ def test_migration_keeps_every_guest_write(
             lab.drop("vm2")
             time.sleep(1)
     finally:
-        # fails if the writer died with its guest (a panic, a reboot)
-        lab.guest("vm2").run(f"kill {pid}")
+        result = memcheck.stop(lab.guest("vm2"), writer)  # raises if it died
     record_property("migrate_s", [round(r.migrate_s, 2) for r in reports])
-    summary = lab.guest("vm2").run(
-        f"for i in $(seq 50); do grep -q sweeps {out} && break; sleep 0.1; done; cat {out}")
     assert all(r.ok for r in reports)
-    assert re.search(r"lost 0 stray 0$", summary.strip()), summary
-    sweeps = int(re.search(r"sweeps (\d+)", summary).group(1))  # type: ignore[union-attr]
-    assert sweeps > 100, summary  # it wrote all along, not just before the moves
+    assert result.ok, result.detail
+    assert result.sweeps > 100, result  # it wrote all along, not just before the moves
