@@ -54,8 +54,10 @@ def stop(g: Guest, pid: int) -> Result:
     """
     status, text = g.status(f"kill {pid}")
     if status != 0:
+        # its own last words if it failed to start; none if the guest rebooted
+        _, said = g.status(f"cat {OUT}")
         raise GuestError(g.vm, f"kill {pid}", status,
-                         "ivl-memcheck is gone: did the guest reboot? " + text)
+                         f"ivl-memcheck is not running (did the guest reboot?): {text} {said}")
     text = g.run(f"for i in $(seq 50); do grep -q sweeps {OUT} && break; sleep 0.1; done; "
                  f"cat {OUT}")
     result = parse(text)

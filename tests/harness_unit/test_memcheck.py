@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from harness import memcheck
+from harness.errors import GuestError
 
 
 def test_a_clean_run_is_ok() -> None:
@@ -21,3 +24,26 @@ def test_lost_and_stray_writes_fail_and_keep_the_pages() -> None:
 def test_no_summary_is_no_verdict() -> None:
     assert memcheck.parse("") is None
     assert memcheck.parse("ivl-memcheck: mmap: Cannot allocate memory\n") is None
+
+
+class FakeGuest:
+    """Answers like a guest that rebooted since the writer started."""
+
+    vm = "vm2"
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def status(self, command: str) -> tuple[int, str]:
+        self.commands.append(command)
+        return 1, "sh: can't kill pid 143: No such process"
+
+    def run(self, command: str) -> str:
+        raise AssertionError(f"no summary to read after a failed kill: {command}")
+
+
+def test_a_writer_gone_with_its_guest_is_an_error_not_a_pass() -> None:
+    g = FakeGuest()
+    with pytest.raises(GuestError, match="ivl-memcheck is not running"):
+        memcheck.stop(g, 143)  # type: ignore[arg-type]
+    assert g.commands[0] == "kill 143"
