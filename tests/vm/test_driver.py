@@ -12,11 +12,12 @@ import pytest
 
 from harness import cluster, demo, paths
 from harness.guest import Guest
+from harness.soak import KERNEL_TROUBLE
 
 from .lab import Lab, received_bytes
 
-WARNING_RE = re.compile(r"WARNING|BUG:|Oops|Call Trace|general protection|ivloop.*error",
-                        re.IGNORECASE)
+# kernel trouble as the soak counts it, plus any error ivloop.ko logs
+WARNING_RE = re.compile(rf"{KERNEL_TROUBLE.pattern}|ivloop.*error", re.IGNORECASE)
 
 
 def deltas(lab: Lab, vm: str, before: dict[str, int]) -> dict[str, int]:
