@@ -29,6 +29,7 @@ from . import cluster, hostnet, paths, qemu
 from .errors import HarnessError, MigrationError, StateError
 from .guest import Guest
 from .state import State, StateDir, VMState, VMStatus
+from .topology import VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,20 @@ def validate(state: State, vm: str, source: str, dest: str) -> VMState:
     if vs.host != source:
         raise StateError(f"VM {vm} runs on host {vs.host}, not {source}")
     return vs
+
+
+def source_memory(vs: VMState, spec: VMSpec) -> str:
+    """The ``-m`` value the destination must repeat: QEMU refuses RAM of another size.
+
+    A VM launched before the harness recorded it got the plain size (the
+    TCG padding came with the recording).
+    """
+    if vs.memory:
+        return vs.memory
+    log.warning("%s: no recorded -m (launched by an older harness); assuming %dM, unpadded, "
+                "so QEMU 7.2's TCG migration may lose its writes: `harness down && harness up` "
+                "gives it the padded size", vs.name, spec.memory)
+    return f"{spec.memory}M"
 
 
 async def _wait_migration(src: qemu.Monitor, listener: Any, timeout: float,
@@ -206,7 +221,7 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
             # pyroute2 runs its own event loop: keep it off this one.
             dest_vs = await asyncio.to_thread(
                 cluster.start_vm, sd, state, spec, ivshmem=False, host=dest, incoming=True,
-                generation=vs.generation + 1)
+                generation=vs.generation + 1, memory=source_memory(vs, spec))
             report.dest_start_s = time.monotonic() - t
             async with qemu.Monitor(Path(dest_vs.qmp)) as dst:
                 caps = [{"capability": "events", "state": True}]

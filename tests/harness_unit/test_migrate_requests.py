@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from harness import cli
-from harness.state import ProcRecord, StateDir
+from harness import cli, topology
+from harness.migrate import source_memory
+from harness.state import ProcRecord, State, StateDir, VMState, VMStatus
 
 from .support import record_default_topology, snapshot
 
@@ -61,3 +63,25 @@ def test_bad_timeout_is_an_argparse_error(capsys: pytest.CaptureFixture[str], va
         cli.main(["migrate", "--from", "A", "--to", "B", "--timeout", value])
     assert exc.value.code == 2
     assert "--timeout" in capsys.readouterr().err
+
+
+def test_destination_repeats_the_sources_recorded_memory() -> None:
+    spec = topology.load().vm("vm2")
+    vs = VMState(name="vm2", host="A", status=VMStatus.RUNNING, memory="262152K")
+    assert source_memory(vs, spec) == "262152K"
+
+
+def test_vm_from_an_older_harness_migrates_with_the_plain_size(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A state file written before -m was recorded has no "memory" key; its
+    # QEMU got "<mib>M", and a padded destination would be refused by QEMU.
+    sd = record_default_topology(tmp_path / "state", ProcRecord.of(os.getpid()))
+    raw = json.loads(sd.file("state.json").read_text())
+    for vm in raw["vms"].values():
+        del vm["memory"]
+    sd.file("state.json").write_text(json.dumps(raw))
+    state: State = sd.load()
+    spec = topology.load().vm("vm2")
+    assert source_memory(state.vms["vm2"], spec) == f"{spec.memory}M"
+    assert "harness down && harness up" in caplog.text
