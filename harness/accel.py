@@ -25,6 +25,7 @@ KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 ACCELS = ("kvm", "tcg")
 TCG_RAM_PAD_KIB = 8  # QEMU rounds guest RAM to 8 KiB; see Choice.memory_arg
+TCG_DIRTY_WORD_BYTES = 64 * 4096  # one word of QEMU's dirty bitmap
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "ivloop/accel.json"
 
 
@@ -66,6 +67,10 @@ class Choice:
         if self.accel == "kvm":
             return f"{mib}M"
         return f"{mib * 1024 + TCG_RAM_PAD_KIB}K"
+
+    def loses_migration_writes(self, ram_bytes: int) -> bool:
+        """Whether QEMU < 9.0 may lose writes migrating RAM of this size (see memory_arg)."""
+        return self.accel != "kvm" and ram_bytes % TCG_DIRTY_WORD_BYTES == 0
 
 
 def decide(facts: Facts, forced: str | None = None) -> Choice:

@@ -111,7 +111,7 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     With *incoming* the VM waits for a migration and is not recorded in
     *state* (the caller records it once the migration has succeeded).
     *memory* is the ``-m`` value, by default what this harness gives a new
-    guest; a migration destination must repeat its source's.
+    guest; a migration destination must repeat its source's RAM size.
     """
     kernel, initrd = image_paths()
     pubkey = guest_mod.ensure_key(sd.key_path)
@@ -126,7 +126,6 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
         console=str(sd.file("logs", f"console-{vm.name}{suffix}.log")),
         ssh_port=SSH_PORT_BASE + vm.index, tap=f"tap-{vm.name}"[:15],
         accel=state.accel, ivshmem=ivshmem and bool(hs.server_socket), generation=generation,
-        memory=memory or choice.memory_arg(vm.memory),
     )  # fmt: skip
     if not incoming:
         state.vms[vm.name] = vs
@@ -135,7 +134,7 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     pidfile = sd.file(f"qemu-{vm.name}{suffix}.pid")
     spec = qemu.LaunchSpec(
         vm=vm, kernel=kernel, initrd=initrd, accel_args=choice.qemu_args,
-        memory=vs.memory, console=Path(vs.console), qmp=Path(vs.qmp),
+        memory=memory or choice.memory_arg(vm.memory), console=Path(vs.console), qmp=Path(vs.qmp),
         pidfile=pidfile, tap=vs.tap,
         ssh_port=vs.ssh_port, ssh_key=pubkey,
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None, incoming=incoming,

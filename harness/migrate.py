@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import accel as accel_mod
 from . import cluster, hostnet, paths, qemu
 from .errors import HarnessError, MigrationError, StateError
 from .guest import Guest
 from .state import State, StateDir, VMState, VMStatus
-from .topology import VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +92,18 @@ def validate(state: State, vm: str, source: str, dest: str) -> VMState:
     return vs
 
 
-def source_memory(vs: VMState, spec: VMSpec) -> str:
-    """The ``-m`` value the destination must repeat: QEMU refuses RAM of another size.
+async def source_memory(src: qemu.Monitor, vs: VMState) -> str:
+    """The ``-m`` value that repeats the source's RAM size, which QEMU requires.
 
-    A VM launched before the harness recorded it got the plain size (the
-    TCG padding came with the recording).
+    Asked of the source itself, so a VM booted by another harness version
+    (before the TCG padding, say) still moves.
     """
-    if vs.memory:
-        return vs.memory
-    log.warning("%s: no recorded -m (launched by an older harness); assuming %dM, unpadded, "
-                "so QEMU 7.2's TCG migration may lose its writes: `harness down && harness up` "
-                "gives it the padded size", vs.name, spec.memory)
-    return f"{spec.memory}M"
+    ram = (await src.cmd("query-memory-size-summary"))["base-memory"]
+    if accel_mod.Choice(vs.accel, "recorded").loses_migration_writes(ram):
+        log.warning("%s: its %d KiB of RAM is not padded (booted by an older harness?), so "
+                    "QEMU 7.2's TCG migration may lose its writes: `harness down && harness up` "
+                    "gives it the padded size", vs.name, ram // 1024)
+    return f"{ram // 1024}K"
 
 
 async def _wait_migration(src: qemu.Monitor, listener: Any, timeout: float,
@@ -216,12 +216,13 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
                 report.unplug_s = time.monotonic() - t
                 mark("source left the shared region")
                 report.switch_source_s = await asyncio.to_thread(src_peers.wait, False, t)
+            memory = await source_memory(src, vs)
             mark(f"start destination on {dest}")
             t = time.monotonic()
             # pyroute2 runs its own event loop: keep it off this one.
             dest_vs = await asyncio.to_thread(
                 cluster.start_vm, sd, state, spec, ivshmem=False, host=dest, incoming=True,
-                generation=vs.generation + 1, memory=source_memory(vs, spec))
+                generation=vs.generation + 1, memory=memory)
             report.dest_start_s = time.monotonic() - t
             async with qemu.Monitor(Path(dest_vs.qmp)) as dst:
                 caps = [{"capability": "events", "state": True}]

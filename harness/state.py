@@ -74,7 +74,6 @@ class VMState:
     ivshmem: bool = False
     generation: int = 0  # bumped by every migration (new QEMU, new files)
     unplugs: int = 0  # ivshmem unplugs in this QEMU (names the fds cluster.unplug_ivshmem parks)
-    memory: str = ""  # QEMU's -m value; "" in states written before it was recorded
 
 
 @dataclass

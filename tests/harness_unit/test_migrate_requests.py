@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
-from harness import cli, topology
+from harness import cli
 from harness.migrate import source_memory
-from harness.state import ProcRecord, State, StateDir, VMState, VMStatus
+from harness.state import ProcRecord, StateDir, VMState, VMStatus
 
 from .support import record_default_topology, snapshot
 
@@ -65,23 +65,30 @@ def test_bad_timeout_is_an_argparse_error(capsys: pytest.CaptureFixture[str], va
     assert "--timeout" in capsys.readouterr().err
 
 
-def test_destination_repeats_the_sources_recorded_memory() -> None:
-    spec = topology.load().vm("vm2")
-    vs = VMState(name="vm2", host="A", status=VMStatus.RUNNING, memory="262152K")
-    assert source_memory(vs, spec) == "262152K"
+class _SizeMonitor:
+    """Answers query-memory-size-summary as a source QEMU of *ram* bytes would."""
+
+    def __init__(self, ram: int) -> None:
+        self.ram = ram
+
+    async def cmd(self, name: str, args: object = None) -> dict[str, int]:
+        assert name == "query-memory-size-summary"
+        return {"base-memory": self.ram}
 
 
-def test_vm_from_an_older_harness_migrates_with_the_plain_size(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A state file written before -m was recorded has no "memory" key; its
-    # QEMU got "<mib>M", and a padded destination would be refused by QEMU.
-    sd = record_default_topology(tmp_path / "state", ProcRecord.of(os.getpid()))
-    raw = json.loads(sd.file("state.json").read_text())
-    for vm in raw["vms"].values():
-        del vm["memory"]
-    sd.file("state.json").write_text(json.dumps(raw))
-    state: State = sd.load()
-    spec = topology.load().vm("vm2")
-    assert source_memory(state.vms["vm2"], spec) == f"{spec.memory}M"
+def _source_memory(ram: int, accel: str) -> str:
+    vs = VMState(name="vm2", host="A", status=VMStatus.RUNNING, accel=accel)
+    return asyncio.run(source_memory(_SizeMonitor(ram), vs))  # type: ignore[arg-type]
+
+
+def test_destination_repeats_the_sources_ram_size(caplog: pytest.LogCaptureFixture) -> None:
+    assert _source_memory(256 * 2**20 + 8192, "tcg") == "262152K"
+    assert _source_memory(256 * 2**20, "kvm") == "262144K"
+    assert not caplog.records
+
+
+def test_unpadded_tcg_source_still_moves_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Booted before the TCG padding: a destination of another size would be
+    # refused by QEMU, so it gets the same size and the user a way out.
+    assert _source_memory(256 * 2**20, "tcg") == "262144K"
     assert "harness down && harness up" in caplog.text
