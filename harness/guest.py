@@ -13,6 +13,7 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -140,7 +141,29 @@ class Guest:
                                     in_stream=False)
         except CommandTimedOut as exc:
             raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
         return int(result.exited), str(result.stdout) + str(result.stderr)
+
+    def stream(self, command: str, out: IO[str], err: IO[str],
+               timeout: float | None = None) -> int:
+        """Run *command*, copying its stdout to *out* and its stderr to *err* as
+        they arrive; return its exit status.  A lost connection or a timeout
+        raises :class:`GuestError` (``exitcode`` None)."""
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        self.log.debug("stream: %s", command)
+        try:
+            result = self._conn.run(command, hide=False, warn=True, timeout=timeout, pty=False,
+                                    in_stream=False, out_stream=out, err_stream=err)
+        except CommandTimedOut as exc:
+            raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
+        if result.exited is None:  # the channel closed without an exit status
+            raise GuestError(self.vm, command, None, "connection lost: no exit status")
+        return int(result.exited)
 
     def shell(self) -> int:
         """An interactive shell on the caller's terminal."""

@@ -29,7 +29,7 @@ STATE_FILE = "state.json"
 
 
 class VMStatus(StrEnum):
-    """Life cycle of a VM; transitions happen only in cluster.py."""
+    """Life cycle of a VM; transitions happen in cluster.py and migrate.py."""
 
     BOOTING = "booting"
     RUNNING = "running"
@@ -134,7 +134,10 @@ class StateDir:
     """A directory holding one topology's runtime state.
 
     Use as a context manager to hold its lock for the duration of an
-    operation; a second harness on the same directory gets :class:`BusyError`.
+    operation that changes state; a second such harness on the same directory
+    gets :class:`BusyError`.  Read-only commands (status, ssh, exec) only
+    :meth:`load`, which needs no lock: :meth:`save` replaces the file
+    atomically, so a reader sees the old state or the new one.
     """
 
     def __init__(self, path: Path | None = None) -> None:
@@ -193,7 +196,8 @@ class StateDir:
             raise StateError(f"nothing is up in {self.path}; run 'harness up' first") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError(
-                f"{self.file(STATE_FILE)} is corrupt ({exc}); 'harness down --force' cleans up"
+                f"{self.file(STATE_FILE)} is corrupt ({exc}); "
+                "'harness down' removes what it can find by name"
             ) from exc
 
     def save(self, state: State) -> None:
