@@ -114,7 +114,7 @@ bench: deps image  ## shm vs forced-lower vs wire, plus the native ring (writes 
 
 soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traffic; not in `make test`
 	@mkdir -p build
-	flock $(VM_LOCK) bash -c '$(HARNESS) up && $(HARNESS) soak vm2 --from A --to B --count $${SOAK_COUNT:-20} --json build/soak.json; rc=$$?; $(HARNESS) down; exit $$rc'
+	flock $(VM_LOCK) bash -c '$(HARNESS) up && $(HARNESS) soak vm2 --from A --to B --count $${SOAK_COUNT:-20} --json-out build/soak.json; rc=$$?; $(HARNESS) down; exit $$rc'
 
 clean:  ## remove build outputs (keeps the downloaded packages)
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,7 @@ from . import migrate as migrate_mod
 from . import soak as soak_mod
 from . import topology as topology_mod
 from . import watch as watch_mod
-from .errors import HarnessError
+from .errors import GuestError, HarnessError, StateError
 from .state import StateDir
 
 out = Console()
@@ -29,17 +31,37 @@ if not out.is_terminal:  # pipes and CI logs: do not squeeze tables into 80 colu
     out.width = 200
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ivloop")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness",
         description="Boot ivloop VMs on simulated hosts, migrate them, check the path.",
+        epilog="example:\n  harness up && harness status && harness down",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                   help="print the harness version and exit")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="runtime state directory (default $IVLOOP_STATE_DIR or /run/ivloop)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output (-v: info, -vv: debug, including paramiko)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("up", help="create the hosts and boot the VMs")
+    def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".",
+                              epilog="example:\n  " + example,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def vm_arg(s: argparse.ArgumentParser) -> None:
+        s.add_argument("vm", help="VM name, as in the topology (e.g. vm1)")
+
+    s = add("up", "create the hosts and boot the VMs", "harness up --topology my.toml")
     s.add_argument("--topology", type=Path, default=None, help="topology TOML file")
     s.add_argument("--accel", choices=["kvm", "tcg"], default=None,
                    help="force the accelerator (default: detect)")
@@ -48,41 +70,60 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-driver", action="store_true",
                    help="do not load ivloop.ko in the guests (IP on eth0)")
 
-    s = sub.add_parser("status", help="show hosts, VMs and their network path")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = add("status", "show hosts, VMs and their network path", "harness status --json")
+    s.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     s.add_argument("--no-probe", action="store_true", help="do not ask the guests")
 
-    s = sub.add_parser("ssh", help="run a command in a VM, or open a shell")
-    s.add_argument("vm")
-    s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    s = add("ssh", "run a shell command in a VM, or open a shell; like ssh, the words "
+                   "after -- are joined with spaces into one command line for the "
+                   "guest's shell (use 'exec' to keep argument boundaries)",
+            "harness ssh vm1 -- 'ip -s link show ivl0 | head -n 4'")
+    vm_arg(s)
+    s.add_argument("cmd", nargs=argparse.REMAINDER,
+                   help="-- COMMAND [ARGS...], joined with spaces as ssh does")
 
-    sub.add_parser("down", help="stop and remove everything the harness started")
+    s = add("exec", "run a program in a VM with its arguments kept apart (each is "
+                    "shell-quoted), like kubectl exec; stdout and stderr stream "
+                    "separately and the exit status is the program's",
+            "harness exec vm1 -- sh -c 'echo one; echo two >&2'")
+    vm_arg(s)
+    s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
 
-    s = sub.add_parser("migrate", help="live-migrate a VM to another host")
+    add("down", "stop and remove everything the harness started", "harness down")
+
+    s = add("migrate", "live-migrate a VM to another host", "harness migrate vm2 --to B")
     s.add_argument("vm", nargs="?", default=None,
                    help="VM to move (default: the one VM marked mobile on --from)")
-    s.add_argument("--from", dest="source", required=True, metavar="HOST")
-    s.add_argument("--to", dest="dest", required=True, metavar="HOST")
+    s.add_argument("--from", dest="source", default=None, metavar="HOST",
+                   help="host the VM runs on (default: the one the state records; "
+                        "checked when given)")
+    s.add_argument("--to", dest="dest", required=True, metavar="HOST", help="destination host")
     s.add_argument("--timeout", type=_positive, default=120.0, help="seconds (default 120)")
     s.add_argument("--max-bandwidth", type=_positive_int, default=None, metavar="MIB",
                    help="cap the migration stream (MiB/s)")
-    s.add_argument("--json", type=Path, default=None, help="also write the report here")
+    s.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (progress goes to stderr)")
+    s.add_argument("--json-out", type=Path, default=None, metavar="PATH",
+                   help="also write the JSON report to PATH")
 
-    s = sub.add_parser("watch", help="run a TCP stream and a 20 ms ping; plot the path")
+    s = add("watch", "run a TCP stream and a 20 ms ping; plot the path",
+            "harness watch vm1 vm2 --duration 20 --out build/watch")
     s.add_argument("src", help="VM that sends (must not migrate meanwhile)")
-    s.add_argument("dst")
+    s.add_argument("dst", help="VM that receives")
     s.add_argument("--duration", type=_positive, default=30.0, help="seconds (default 30)")
     s.add_argument("--out", type=Path, default=None, help="directory for timeline.json/.png")
 
-    s = sub.add_parser("demo", help="the whole story: up, shared path, migrate there and back")
+    s = add("demo", "the whole story: up, shared path, migrate there and back",
+            "harness demo --duration 40 --out build/demo")
     s.add_argument("--duration", type=_positive, default=40.0,
                    help="seconds of traffic around the migrations (default 40)")
     s.add_argument("--out", type=Path, default=Path("build/demo"),
                    help="directory for the timeline (default build/demo)")
-    s.add_argument("--accel", choices=["kvm", "tcg"], default=None)
+    s.add_argument("--accel", choices=["kvm", "tcg"], default=None,
+                   help="force the accelerator (default: detect)")
 
-    s = sub.add_parser("bench", help="benchmark shm vs forced lower path vs the wire, "
-                                     "and the native ring")
+    s = add("bench", "benchmark shm vs forced lower path vs the wire, and the native ring",
+            "harness bench --quick --out build/bench")
     s.add_argument("--reps", type=_positive_int, default=5,
                    help="interleaved repetitions per path and workload (default 5)")
     s.add_argument("--quick", action="store_true",
@@ -96,30 +137,36 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--native-json", type=Path, default=None, metavar="JSON",
                    help="use these bench-native results instead of running it with the VMs up")
 
-    s = sub.add_parser("soak", help="migrate a VM back and forth N times with traffic "
-                                    "running; count lost connections and kernel warnings")
+    s = add("soak", "migrate a VM back and forth N times with traffic running; count "
+                    "lost connections and kernel warnings",
+            "harness soak vm2 --to B --count 20 --json-out build/soak.json")
     s.add_argument("vm", nargs="?", default=None,
                    help="VM to move (default: the one VM marked mobile on --from)")
-    s.add_argument("--from", dest="source", required=True, metavar="HOST")
-    s.add_argument("--to", dest="dest", required=True, metavar="HOST")
+    s.add_argument("--from", dest="source", required=True, metavar="HOST",
+                   help="host the VM starts on and the traffic comes from")
+    s.add_argument("--to", dest="dest", required=True, metavar="HOST",
+                   help="the other host of each round trip")
     s.add_argument("--count", type=_positive_int, default=20, help="moves (default 20)")
     s.add_argument("--peer", default=None,
                    help="VM on --from that sends the traffic (default: the first one)")
     s.add_argument("--window", type=_positive, default=25.0,
                    help="seconds of traffic around each move (default 25)")
-    s.add_argument("--json", type=Path, default=None, help="also write the report here")
+    s.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (progress goes to stderr)")
+    s.add_argument("--json-out", type=Path, default=None, metavar="PATH",
+                   help="also write the JSON report to PATH")
 
-    s = sub.add_parser("server-restart",
-                       help="start a new ivloop-server for a host and re-plug its VMs")
-    s.add_argument("host")
+    s = add("server-restart", "start a new ivloop-server for a host and re-plug its VMs",
+            "harness server-restart A")
+    s.add_argument("host", help="host name, as in the topology (e.g. A)")
 
-    s = sub.add_parser("restart", help="boot a VM again (e.g. after its QEMU died)")
-    s.add_argument("vm")
+    s = add("restart", "boot a VM again (e.g. after its QEMU died)", "harness restart vm2")
+    vm_arg(s)
 
     for name, help_ in (("plug", "hot-add a VM's ivshmem device"),
                         ("unplug", "hot-remove a VM's ivshmem device")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("vm")
+        s = add(name, help_, f"harness {name} vm2")
+        vm_arg(s)
     return p
 
 
@@ -161,10 +208,10 @@ def cmd_up(args: argparse.Namespace, sd: StateDir) -> int:
 
 
 def cmd_status(args: argparse.Namespace, sd: StateDir) -> int:
-    with sd:
-        rows = cluster.status(sd, probe=not args.no_probe)
+    # Read-only: no lock, so it works while a migration or a bench holds it.
+    rows = cluster.status(sd, probe=not args.no_probe)
     if args.json:
-        out.print_json(json.dumps([asdict(r) for r in rows]))
+        sys.stdout.write(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         return 0
     table = Table(title=f"ivloop topology ({sd.path})")
     for col in ("host", "VM", "IP", "MAC", "accel", "pid", "status", "ivshmem", "path"):
@@ -176,15 +223,42 @@ def cmd_status(args: argparse.Namespace, sd: StateDir) -> int:
     return 0
 
 
+def _remote_command(args: argparse.Namespace) -> list[str]:
+    return args.cmd[1:] if args.cmd[:1] == ["--"] else list(args.cmd)
+
+
 def cmd_ssh(args: argparse.Namespace, sd: StateDir) -> int:
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    """Like ssh: the words are joined with spaces into one shell command line."""
+    words = _remote_command(args)
+    return _run_in_guest(args.vm, sd, " ".join(words) if words else None)
+
+
+def cmd_exec(args: argparse.Namespace, sd: StateDir) -> int:
+    """Like kubectl exec: each argument reaches the program as it was given."""
+    argv = _remote_command(args)
+    if not argv:
+        raise StateError("exec needs a program: harness exec VM -- PROGRAM [ARGS...]")
+    return _run_in_guest(args.vm, sd, shlex.join(argv))
+
+
+def _run_in_guest(vm: str, sd: StateDir, command: str | None) -> int:
+    """Run *command* (None: a shell) in *vm*, streaming its output; its exit status.
+
+    Read-only: takes no lock.  A lost connection is one line and status 255,
+    as with ssh."""
     state = sd.load()
-    with cluster.guest(sd, state, args.vm) as g:
-        if not cmd:
+    with cluster.guest(sd, state, vm) as g:
+        if command is None:
             return g.shell()
-        code, text = g.status(" ".join(cmd), timeout=None)
-    sys.stdout.write(text)
-    return code
+        try:
+            return g.stream(command, sys.stdout, sys.stderr)
+        except GuestError as exc:
+            if exc.exitcode is not None:
+                raise
+            sys.stdout.flush()
+            err.print(f"harness: {vm}: {exc.output}", markup=False, highlight=False,
+                      soft_wrap=True)
+            return 255
 
 
 def cmd_down(args: argparse.Namespace, sd: StateDir) -> int:
@@ -203,15 +277,50 @@ def cmd_plug(args: argparse.Namespace, sd: StateDir) -> int:
     return 0
 
 
+def _resolve_source(sd: StateDir, vm: str | None, source: str | None) -> tuple[str | None, str]:
+    """The VM and its host for migrate/soak: --from defaults to where the state
+    records the VM; when given, it must agree with the state."""
+    if source is not None and vm is None:
+        return None, source  # migrate picks the one mobile VM on it
+    state = sd.load()
+    topo = cluster.topology_of(state)
+    if vm is None:
+        mobile = [v.name for v in topo.vms.values() if v.mobile and v.name in state.vms]
+        if len(mobile) != 1:
+            raise StateError(f"name the VM to move (or --from HOST): {len(mobile)} VMs are "
+                             "marked mobile" + (f" ({', '.join(mobile)})" if mobile else ""))
+        vm = mobile[0]
+    topo.vm(vm)  # unknown VM -> TopologyError
+    if source is not None:
+        topo.host(source)  # unknown host -> TopologyError
+    vs = state.vms.get(vm)
+    if vs is None:
+        raise StateError(f"VM {vm} is not recorded in {sd.path}; give --from HOST")
+    if source is not None and source != vs.host:
+        raise StateError(f"VM {vm} runs on host {vs.host}, not {source}; "
+                         f"drop --from or give --from {vs.host}")
+    return vm, vs.host
+
+
+def _write_json(args: argparse.Namespace, data: dict[str, object]) -> None:
+    text = json.dumps(data, indent=2)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+    if args.json:
+        sys.stdout.write(text + "\n")
+
+
 def cmd_migrate(args: argparse.Namespace, sd: StateDir) -> int:
-    with sd, out.status("migrating...") as spinner:
+    args.vm, args.source = _resolve_source(sd, args.vm, args.source)
+    human = err if args.json else out  # --json: stdout carries only the JSON
+    with sd, human.status("migrating...") as spinner:
         def progress(phase: str, info: dict[str, object]) -> None:
             t = float(info.get("t", 0.0))  # type: ignore[arg-type]
             if phase == "transfer":
                 spinner.update(f"[{t:5.1f} s] migrating: {info['status']}, "
                                f"{float(info['mib']):.0f} MiB sent")  # type: ignore[arg-type]
             elif phase != "migration":
-                out.print(f"[{t:5.1f} s] {phase}")
+                human.print(f"[{t:5.1f} s] {phase}")
         report = migrate_mod.migrate(sd, args.vm, args.source, args.dest,
                                      timeout=args.timeout,
                                      max_bandwidth_mib=args.max_bandwidth,
@@ -228,9 +337,8 @@ def cmd_migrate(args: argparse.Namespace, sd: StateDir) -> int:
     table.add_row("downtime", "-" if report.downtime_ms is None
                   else f"{report.downtime_ms / 1000:.3f}")
     table.add_row("RAM transferred (MiB)", f"{report.transferred_mib:.1f}")
-    out.print(table)
-    if args.json:
-        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    human.print(table)
+    _write_json(args, report.as_dict())
     return 0
 
 
@@ -287,9 +395,10 @@ def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
 
 def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
     vm = args.vm or migrate_mod.pick_vm(sd.load(), args.source)
+    human = err if args.json else out  # --json: stdout carries only the JSON
     report = soak_mod.run(sd, vm, args.source, args.dest, args.count, peer=args.peer,
                           window=args.window,
-                          say=lambda text: out.print(text, markup=False, highlight=False))
+                          say=lambda text: human.print(text, markup=False, highlight=False))
     table = Table(title=f"soak: {report.vm} {args.source} <-> {args.dest} "
                         f"(traffic from {report.peer})")
     for col in ("move", "ok", "downtime s", "switch src s", "switch dst s", "stream",
@@ -300,25 +409,24 @@ def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
                       soak_mod._s(m.downtime_ms, 1e-3), soak_mod._s(m.switch_source_s),
                       soak_mod._s(m.switch_dest_s), "ok" if m.stream_ok else "LOST",
                       f"{m.ping_lost}/{m.ping_sent}")
-    out.print(table)
+    human.print(table)
     warned = {vm: lines for vm, lines in report.kernel_warnings.items() if lines}
-    out.print(f"lost connections: {report.lost_connections}, failed moves: "
+    human.print(f"lost connections: {report.lost_connections}, failed moves: "
               f"{report.failed_moves}, kernel warnings: "
               f"{sum(len(v) for v in warned.values())}")
     for vm_name, lines in warned.items():
         for line in lines[:5]:
-            out.print(f"  {vm_name}: {line}", markup=False, highlight=False)
+            human.print(f"  {vm_name}: {line}", markup=False, highlight=False)
     mem = report.memory
     if mem is None:
-        out.print(f"{report.vm}'s memory: NOT CHECKED: {report.memory_error}",
+        human.print(f"{report.vm}'s memory: NOT CHECKED: {report.memory_error}",
                   markup=False, highlight=False)
     else:
-        out.print(f"{report.vm}'s memory: {mem.sweeps} sweeps of {mem.pages} pages, "
+        human.print(f"{report.vm}'s memory: {mem.sweeps} sweeps of {mem.pages} pages, "
                   f"{mem.lost} writes lost, {mem.stray} stray")
         if not mem.ok:
-            out.print(mem.detail, markup=False, highlight=False)
-    if args.json:
-        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+            human.print(mem.detail, markup=False, highlight=False)
+    _write_json(args, report.as_dict())
     return 0 if report.ok else 1
 
 
@@ -336,7 +444,8 @@ def cmd_restart(args: argparse.Namespace, sd: StateDir) -> int:
     return 0
 
 
-COMMANDS = {"up": cmd_up, "status": cmd_status, "ssh": cmd_ssh, "down": cmd_down,
+COMMANDS = {"up": cmd_up, "status": cmd_status, "ssh": cmd_ssh, "exec": cmd_exec,
+            "down": cmd_down,
             "plug": cmd_plug, "unplug": cmd_plug, "migrate": cmd_migrate,
             "watch": cmd_watch, "demo": cmd_demo, "bench": cmd_bench, "soak": cmd_soak,
             "server-restart": cmd_server_restart, "restart": cmd_restart}

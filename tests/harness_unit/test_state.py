@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import cli
 from harness.errors import BusyError, StateError
 from harness.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
 
@@ -57,3 +58,25 @@ def test_proc_record_detects_exit_and_pid_reuse() -> None:
         proc.wait()
     assert not rec.alive()
     assert not ProcRecord.of(os.getpid() + 10_000_000).alive()
+
+
+def test_corrupt_state_hint_names_a_command_that_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = StateDir(tmp_path / "s")
+    sd.path.mkdir()
+    sd.file("state.json").write_text("{not json")
+    with pytest.raises(StateError) as exc:
+        sd.load()
+    hint = str(exc.value)
+    assert "--force" not in hint and "'harness down'" in hint
+    # ... and the hint is true: down on a corrupt state file cleans up and succeeds.
+    assert cli.main(["--state-dir", str(sd.path), "down"]) == 0
+    assert not sd.exists()
+
+
+def test_load_needs_no_lock(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    with sd:
+        sd.save(State(instance=sd.instance, topology={}, topology_source="t"))
+        assert StateDir(tmp_path).load().topology_source == "t"
