@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 PING_INTERVAL = 0.02
 SAMPLE_INTERVAL = 0.5
+#: Seconds the iperf3 client gets past the watch to end by itself.
+CLIENT_GRACE = 15.0
 _PING_RE = re.compile(r"seq=(\d+) .*time=([\d.]+) ms")
 
 
@@ -79,6 +81,13 @@ class Timeline:
         return json.dumps(data, indent=2)
 
 
+def _running(pid: int | str, comm: str) -> str:
+    """A guest shell test: *pid* is still a live (not zombie) *comm* process,
+    so a PID the kernel has since given to another process is left alone."""
+    return (f'[ "$(cat /proc/{pid}/comm 2>/dev/null)" = {comm} ] && '
+            f"! grep -q '^State:.*Z' /proc/{pid}/status 2>/dev/null")
+
+
 class Watch:
     """Traffic from *src* to *dst* for at most *duration* seconds."""
 
@@ -100,6 +109,8 @@ class Watch:
         self._sampler: threading.Thread | None = None
         self._guest: Guest | None = None
         self._sampler_guest: Guest | None = None
+        #: The guest PIDs of the iperf3 client and the ping this watch started.
+        self._pids: dict[str, int] = {}
         self.t0 = 0.0
 
     def mark(self, label: str) -> None:
@@ -118,12 +129,23 @@ class Watch:
         self._guest = cluster.guest(self.sd, state, self.src)
         self._sampler_guest = cluster.guest(self.sd, state, self.src)
         g = self._guest
-        g.run("rm -f /tmp/watch-*; killall -q iperf3-watch ping 2>/dev/null; true")
+        # Stop only a previous watch's own client and ping (their PIDs are on
+        # record): the guest's `iperf3 -s` serves other tests and users.
+        g.run(" ; ".join(f"p=$(cat /tmp/watch-{n}.pid 2>/dev/null) && "
+                         f"{{ {_running('$p', n)} ; }} && kill -INT $p"
+                         for n in ("iperf3", "ping")) + " ; rm -f /tmp/watch-*; true")
         secs = int(self.duration) + 1
         count = int(self.duration / PING_INTERVAL)
-        g.run(f"(iperf3 -c {self.dst_ip} -t {secs} -J > /tmp/watch-iperf.json 2>&1 &) ; "
-              f"(ping -i {PING_INTERVAL} -c {count} -W 1 {self.dst_ip} > /tmp/watch-ping.log "
-              "2>&1 &)")
+        out = g.run(f"iperf3 -c {self.dst_ip} -t {secs} -J > /tmp/watch-iperf.json 2>&1 "
+                    "</dev/null & echo $! > /tmp/watch-iperf3.pid ; "
+                    f"ping -i {PING_INTERVAL} -c {count} -W 1 {self.dst_ip} > /tmp/watch-ping.log "
+                    "2>&1 </dev/null & echo $! > /tmp/watch-ping.pid ; "
+                    "cat /tmp/watch-iperf3.pid /tmp/watch-ping.pid")
+        pids = out.split()
+        if len(pids) != 2 or not all(p.isdigit() for p in pids):
+            raise GuestError(self.src, "start iperf3 and ping", None,
+                             f"expected two PIDs, got {out!r}")
+        self._pids = {"iperf3": int(pids[0]), "ping": int(pids[1])}
         self.t0 = time.monotonic()
         self.mark("traffic started")
         self._sampler = threading.Thread(target=self._sample, name="watch-sampler", daemon=True)
@@ -168,14 +190,19 @@ class Watch:
         self.write()
 
     def _collect(self, g: Guest) -> None:
-        # iperf3 ends by itself; give it its last seconds, then stop both.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            code, _ = g.status("pidof iperf3 >/dev/null", timeout=10)
+        # iperf3 ends by itself; give it its last seconds, then stop both.  Only
+        # the PIDs this watch started: the guest's own `iperf3 -s` must live.
+        client = self._pids.get("iperf3")
+        deadline = time.monotonic() + CLIENT_GRACE
+        while client is not None and time.monotonic() < deadline:
+            code, _ = g.status(_running(client, "iperf3"), timeout=10)
             if code != 0:
                 break
             time.sleep(0.5)
-        g.status("killall -q -INT iperf3 ping; sleep 0.2", timeout=10)
+        if self._pids:
+            g.status(" ; ".join(f"{{ {_running(pid, name)} ; }} && kill -INT {pid}"
+                                for name, pid in self._pids.items()) + " ; sleep 0.2",
+                     timeout=10)
         tl = self.timeline
         raw = g.run("cat /tmp/watch-iperf.json", timeout=30)
         try:

@@ -1,0 +1,138 @@
+"""`Watch` stops only the iperf3 client and ping it started (issue 19).
+
+The guest runs its own `iperf3 -s -D` (images/init); a watch that matched it
+by name waited out its deadline and then killed it.  The fake guest here
+keeps a process table and answers the commands a watch sends, whichever
+way they name processes (by PID through /proc, or by name with pidof and
+killall), so the old code fails this test and the new one passes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import cluster, watch
+from harness.state import State, StateDir
+
+SERVER_PID = 50
+
+IPERF_JSON = json.dumps({
+    "intervals": [{"sum": {"start": 0.0, "end": 1.0, "bits_per_second": 8e6}}],
+    "end": {"sum_received": {"bytes": 1_000_000}},
+})
+
+
+class FakeGuest:
+    """A guest whose processes are a table of PID -> name, shared by sessions."""
+
+    def __init__(self, procs: dict[int, str], log: list[str], lock: threading.Lock) -> None:
+        self.procs = procs
+        self.log = log
+        self.lock = lock
+        self.client_checks = self.CLIENT_CHECKS
+
+    #: Liveness checks of the client before it ends by itself.
+    CLIENT_CHECKS = 2
+
+    def run(self, command: str, timeout: float | None = 60, check: bool = True) -> str:
+        return self.status(command, timeout)[1]
+
+    def status(self, command: str, timeout: float | None = 60) -> tuple[int, str]:
+        with self.lock:
+            self.log.append(command)
+            return self._answer(command)
+
+    def _answer(self, command: str) -> tuple[int, str]:
+        if command.startswith("ethtool"):
+            return 0, "shm_tx_bytes: 0\nlower_tx_bytes: 0\n"
+        if "cat /tmp/watch-iperf.json" in command:
+            return 0, IPERF_JSON
+        if "cat /tmp/watch-ping.log" in command:
+            return 0, "64 bytes from 10.77.0.2: seq=0 ttl=64 time=0.5 ms\n1 packets transmitted"
+        if "iperf3 -c" in command:
+            self.procs[100] = "iperf3"
+            self.procs[101] = "ping"
+            return 0, "100\n101\n"
+        if "pidof iperf3" in command:
+            return (0 if "iperf3" in self.procs.values() else 1), ""
+        if "killall" in command:
+            names = {n for n in ("iperf3", "ping") if re.search(rf"\b{n}\b", command)}
+            for pid in [p for p, n in self.procs.items() if n in names]:
+                del self.procs[pid]
+            return 0, ""
+        code = 0
+        for pid_s in re.findall(r"kill -INT (\d+)", command):
+            self.procs.pop(int(pid_s), None)
+        checks = re.findall(r"/proc/(\d+)/comm", command)
+        if checks and "kill" not in command:
+            pid = int(checks[0])
+            if pid == 100 and pid in self.procs:
+                self.client_checks -= 1
+                if self.client_checks <= 0:
+                    del self.procs[pid]  # the client ends by itself
+            code = 0 if pid in self.procs else 1
+        return code, ""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def guest_procs(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, str], list[str]]:
+    procs = {1: "init", SERVER_PID: "iperf3"}
+    log: list[str] = []
+    lock = threading.Lock()
+
+    def fake_guest(sd: StateDir, state: State, vm: str) -> FakeGuest:
+        return FakeGuest(procs, log, lock)
+
+    monkeypatch.setattr(cluster, "guest", fake_guest)
+    monkeypatch.setattr(watch, "plot", lambda tl, path: None)
+    return procs, log
+
+
+def test_watch_leaves_the_guests_iperf3_server_alone(
+        state_dir: StateDir, tmp_path: Path,
+        guest_procs: tuple[dict[int, str], list[str]]) -> None:
+    procs, log = guest_procs
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=0.2, out_dir=tmp_path / "w")
+    t0 = time.monotonic()
+    with w:
+        w.wait()
+    took = time.monotonic() - t0
+    assert procs.get(SERVER_PID) == "iperf3", f"the guest's iperf3 -s was killed: {log}"
+    assert 100 not in procs and 101 not in procs, "the watch's client and ping still run"
+    # The client ended after two checks: the wait must not run to its 15 s deadline.
+    assert took < 5, f"watch waited {took:.1f} s for an iperf3 that had ended"
+    assert w.timeline.iperf_ok
+
+
+def test_watch_stops_a_client_that_outlives_its_deadline(
+        state_dir: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        guest_procs: tuple[dict[int, str], list[str]]) -> None:
+    procs, log = guest_procs
+    monkeypatch.setattr(FakeGuest, "CLIENT_CHECKS", 10**6)
+    monkeypatch.setattr(watch, "CLIENT_GRACE", 0.5)
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=0.1, out_dir=tmp_path / "w")
+    with w:
+        pass
+    assert 100 not in procs and 101 not in procs, "a client past its deadline was not stopped"
+    assert procs.get(SERVER_PID) == "iperf3", f"the guest's iperf3 -s was killed: {log}"
+
+
+def test_watch_start_stops_only_a_previous_watchs_processes(
+        state_dir: StateDir, tmp_path: Path,
+        guest_procs: tuple[dict[int, str], list[str]]) -> None:
+    procs, log = guest_procs
+    procs[77] = "ping"  # someone else's ping
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=0.1, out_dir=tmp_path / "w")
+    with w:
+        pass
+    assert procs.get(77) == "ping", f"a ping the watch did not start was killed: {log}"
+    assert procs.get(SERVER_PID) == "iperf3"
