@@ -45,6 +45,12 @@ def ensure_key(path: Path) -> str:
     return path.with_suffix(".pub").read_text().split(" ivloop-harness")[0].strip()
 
 
+def _no_exit_status(exited: int | None) -> bool:
+    """True when the channel closed without an exit status: paramiko's
+    ``recv_exit_status`` then says -1 (which a shell would show as 255)."""
+    return exited is None or exited < 0
+
+
 class Guest:
     """An SSH session to one VM; a context manager that owns the connection."""
 
@@ -143,6 +149,9 @@ class Guest:
             raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
+        if _no_exit_status(result.exited):
+            raise GuestError(self.vm, command, None,
+                             "connection lost before the command exited")
         return int(result.exited), str(result.stdout) + str(result.stderr)
 
     def stream(self, command: str, out: IO[str], err: IO[str],
@@ -161,8 +170,9 @@ class Guest:
             raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
-        if result.exited is None:  # the channel closed without an exit status
-            raise GuestError(self.vm, command, None, "connection lost: no exit status")
+        if _no_exit_status(result.exited):
+            raise GuestError(self.vm, command, None,
+                             "connection lost before the command exited")
         return int(result.exited)
 
     def shell(self) -> int:

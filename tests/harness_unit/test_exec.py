@@ -29,7 +29,7 @@ class FakeConnection:
     """Stands in for fabric's Connection: records commands, writes the given
     output to the streams it is handed (as fabric does while a command runs)."""
 
-    def __init__(self, exited: int = 0, stdout: str = "", stderr: str = "",
+    def __init__(self, exited: int | None = 0, stdout: str = "", stderr: str = "",
                  fail: BaseException | None = None) -> None:
         self.exited, self.stdout, self.stderr, self.fail = exited, stdout, stderr, fail
         self.commands: list[str] = []
@@ -122,14 +122,26 @@ def test_lost_connection_is_one_line_and_non_zero(
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize("command", ["ssh", "exec"])
 def test_a_channel_closed_without_exit_status_is_a_lost_connection(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], state_dir: StateDir
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], state_dir: StateDir,
+    command: str,
 ) -> None:
-    conn = FakeConnection()
-    conn.exited = None  # type: ignore[assignment]  # what a dropped channel reports
-    fake_guest(monkeypatch, conn)
-    assert cli.main(["--state-dir", str(state_dir.path), "exec", "vm1", "--", "x"]) == 255
-    assert "connection lost" in capsys.readouterr().err
+    # When the guest dies mid-command, fabric returns paramiko's "no exit
+    # status" (-1) instead of raising: seen with QEMU killed under `harness exec`.
+    fake_guest(monkeypatch, FakeConnection(exited=-1, stdout="started\n"))
+    assert cli.main(["--state-dir", str(state_dir.path), command, "vm1", "--", "x"]) == 255
+    captured = capsys.readouterr()
+    assert captured.out == "started\n"
+    assert captured.err.strip() == (
+        "harness: vm1: connection lost before the command exited")
+
+
+def test_guest_status_treats_no_exit_status_as_a_lost_connection() -> None:
+    g = Guest("vm1", "ns", 22, Path("/nonexistent"))
+    g._conn = FakeConnection(exited=-1)
+    with pytest.raises(GuestError, match="connection lost"):
+        g.status("true")
 
 
 @pytest.mark.parametrize(
