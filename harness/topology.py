@@ -6,6 +6,7 @@ validates everything up front so that a bad file changes nothing.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import re
 import tomllib
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ivloop_server.__main__ import parse_size
+from ivloop_server.region import is_power_of_two
 
 from .errors import TopologyError
 
@@ -110,16 +114,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_SIZE_RE = re.compile(r"^([1-9][0-9]*)([KMG]?)(?:i?B)?$", re.IGNORECASE)  # as the server
-
-
 def _region_size_ok(text: str) -> bool:
-    """The server's own check (power of two) made early, before anything starts."""
-    m = _SIZE_RE.match(text)
-    if not m:
+    """The server's own check (a size it parses, a power of two), made early,
+    before anything starts; its parser, so the two cannot disagree."""
+    try:
+        return is_power_of_two(parse_size(text))
+    except argparse.ArgumentTypeError:
         return False
-    n = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
-    return n & (n - 1) == 0
 
 
 def _check_name(name: str, what: str, where: str) -> None:
