@@ -1,7 +1,7 @@
 """Bringing a topology up and down, and the operations on its VMs.
 
-This is the only module that changes the state directory's records; the
-CLI is a thin layer over it.
+With migrate.py (which records a VM's move between hosts), this is where
+the state directory's records change; the CLI is a thin layer over both.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def guest(sd: StateDir, state: State, name: str, timeout: float = 30) -> guest_m
     topology_of(state).vm(name)  # unknown VM -> TopologyError
     vs = state.vms.get(name)
     if vs is None or vs.proc is None or not vs.proc.alive():
-        raise StateError(f"VM {name} is down; 'harness up' starts it")
+        raise StateError(f"VM {name} is down; 'harness restart {name}' starts it")
     g = guest_mod.Guest(name, state.hosts[vs.host].netns, vs.ssh_port, sd.key_path)
     return g.open(timeout=timeout)
 

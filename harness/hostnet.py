@@ -99,11 +99,6 @@ def add_wire(ns_a: str, end_a: str, ns_b: str, end_b: str) -> None:
     log.info("wire %s:%s <-> %s:%s", ns_a, end_a, ns_b, end_b)
 
 
-def links(ns_name: str) -> list[str]:
-    with NetNS(ns_name) as ns:
-        return [str(link.get("ifname")) for link in ns.get_links()]
-
-
 def connect(
     ns_name: str, port: int, host: str = "127.0.0.1", timeout: float = 5.0
 ) -> socket.socket:

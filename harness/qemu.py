@@ -1,8 +1,9 @@
 """QEMU processes: command lines from a template, launch, QMP.
 
-A :class:`Machine` renders its command line from ``templates/qemu.j2``,
-starts QEMU inside its host's namespace (detached, so VMs outlive the CLI
-call that booted them) and talks QMP through ``qemu.qmp``.
+:func:`render` turns a :class:`LaunchSpec` into a command line from
+``templates/qemu.j2``, :func:`launch` starts QEMU inside its host's
+namespace (detached, so VMs outlive the CLI call that booted them), and
+:class:`Monitor` and :func:`qmp_run` talk QMP through ``qemu.qmp``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def terminate(proc: ProcRecord, timeout: float = 10) -> bool:
     if not proc.alive():
         procs.reap(proc.pid)
         return False
-    with _suppress_gone():
+    with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,20 +114,12 @@ def terminate(proc: ProcRecord, timeout: float = 10) -> bool:
         if not proc.alive():
             return True
         time.sleep(0.05)
-    with _suppress_gone():
+    with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
     while proc.alive():
         procs.reap(proc.pid)
         time.sleep(0.05)
     return True
-
-
-class _suppress_gone:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, t: type[BaseException] | None, *rest: object) -> bool:
-        return t is ProcessLookupError
 
 
 class Monitor:
