@@ -24,9 +24,11 @@ from .state import StateDir
 
 log = logging.getLogger(__name__)
 
-KERNEL_TROUBLE = re.compile(r"WARNING|BUG:|kernel BUG|Kernel panic|Oops|Call Trace|"
-                            r"general protection|soft lockup|hung task|refcount_t|"
-                            r"list_(add|del) corruption", re.IGNORECASE)
+# Kernel trouble, matched case-sensitively: a 2-vCPU guest's boot line
+# "... loops_per_jiffy" contains "oops", and "WARNING" alone is common prose.
+KERNEL_TROUBLE = re.compile(r"WARNING: |BUG: |kernel BUG at|Kernel panic|Oops: |Oops#|"
+                            r"Call Trace:|general protection fault|blocked for more than|"
+                            r"refcount_t: |list_(add|del) corruption|UBSAN: |KASAN: ")
 LEAD_IN = 2.0  # seconds of traffic before each move
 
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 
 from harness import cluster, paths, topology
+from harness.soak import KERNEL_TROUBLE
 from harness.state import StateDir
 from ivloop_server.region import find_server_region, read_directory
 
 from .conftest import boot, teardown
 from .lab import Lab, received_bytes
 
-TROUBLE = re.compile(r"WARNING|BUG:|Oops|Call Trace|general protection|soft lockup|"
-                     r"hung task|refcount_t|UBSAN|KASAN", re.IGNORECASE)
 VICTIMS = ("vm1", "vm2")
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
 
@@ -48,7 +47,7 @@ def rel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def trouble(lab: Lab, vm: str) -> list[str]:
-    return [line for line in lab.guest(vm).run("dmesg").splitlines() if TROUBLE.search(line)]
+    return [line for line in lab.guest(vm).run("dmesg").splitlines() if KERNEL_TROUBLE.search(line)]
 
 
 def mem_available_kib(lab: Lab, vm: str) -> int:
