@@ -13,13 +13,14 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
+from invoke.runners import Result
 
 from . import hostnet
 from .errors import GuestError
@@ -137,14 +138,16 @@ class Guest:
             raise GuestError(self.vm, command, result.exited, result.stdout + result.stderr)
         return str(result.stdout)
 
-    def status(self, command: str, timeout: float | None = 60) -> tuple[int, str]:
-        """Run *command*; return (exit status, stdout+stderr) without raising on failure."""
+    def _run_to_exit(self, command: str, timeout: float | None, **kwargs: Any) -> Result:
+        """Run *command* with ``warn=True``; return fabric's result once it has an
+        exit status.  A lost connection or a timeout raises :class:`GuestError`."""
         if self._conn is None:
             self.open()
         assert self._conn is not None
         try:
-            result = self._conn.run(command, hide=True, warn=True, timeout=timeout, pty=False,
-                                    in_stream=False)
+            # fabric's Connection.run is untyped; it returns invoke's Result
+            result: Result = self._conn.run(command, warn=True, timeout=timeout, pty=False,
+                                            in_stream=False, **kwargs)
         except CommandTimedOut as exc:
             raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -152,6 +155,11 @@ class Guest:
         if _no_exit_status(result.exited):
             raise GuestError(self.vm, command, None,
                              "connection lost before the command exited")
+        return result
+
+    def status(self, command: str, timeout: float | None = 60) -> tuple[int, str]:
+        """Run *command*; return (exit status, stdout+stderr) without raising on failure."""
+        result = self._run_to_exit(command, timeout, hide=True)
         return int(result.exited), str(result.stdout) + str(result.stderr)
 
     def stream(self, command: str, out: IO[str], err: IO[str],
@@ -159,20 +167,9 @@ class Guest:
         """Run *command*, copying its stdout to *out* and its stderr to *err* as
         they arrive; return its exit status.  A lost connection or a timeout
         raises :class:`GuestError` (``exitcode`` None)."""
-        if self._conn is None:
-            self.open()
-        assert self._conn is not None
         self.log.debug("stream: %s", command)
-        try:
-            result = self._conn.run(command, hide=False, warn=True, timeout=timeout, pty=False,
-                                    in_stream=False, out_stream=out, err_stream=err)
-        except CommandTimedOut as exc:
-            raise GuestError(self.vm, command, None, f"timed out after {exc.timeout} s") from None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
-        if _no_exit_status(result.exited):
-            raise GuestError(self.vm, command, None,
-                             "connection lost before the command exited")
+        result = self._run_to_exit(command, timeout, hide=False, out_stream=out,
+                                   err_stream=err)
         return int(result.exited)
 
     def shell(self) -> int:
