@@ -38,6 +38,14 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_report_options(s: argparse.ArgumentParser) -> None:
+    """--json and --json-out, meaning the same for every command with a report."""
+    s.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (progress goes to stderr)")
+    s.add_argument("--json-out", type=Path, default=None, metavar="PATH",
+                   help="also write the JSON report to PATH")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness",
@@ -101,10 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_positive, default=120.0, help="seconds (default 120)")
     s.add_argument("--max-bandwidth", type=_positive_int, default=None, metavar="MIB",
                    help="cap the migration stream (MiB/s)")
-    s.add_argument("--json", action="store_true",
-                   help="print the report as JSON on stdout (progress goes to stderr)")
-    s.add_argument("--json-out", type=Path, default=None, metavar="PATH",
-                   help="also write the JSON report to PATH")
+    _add_report_options(s)
 
     s = add("watch", "run a TCP stream and a 20 ms ping; plot the path",
             "harness watch vm1 vm2 --duration 20 --out build/watch")
@@ -151,10 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="VM on --from that sends the traffic (default: the first one)")
     s.add_argument("--window", type=_positive, default=25.0,
                    help="seconds of traffic around each move (default 25)")
-    s.add_argument("--json", action="store_true",
-                   help="print the report as JSON on stdout (progress goes to stderr)")
-    s.add_argument("--json-out", type=Path, default=None, metavar="PATH",
-                   help="also write the JSON report to PATH")
+    _add_report_options(s)
 
     s = add("server-restart", "start a new ivloop-server for a host and re-plug its VMs",
             "harness server-restart A")
