@@ -3,13 +3,18 @@
  * ivloop: shared-memory fast path between co-resident QEMU guests.
  *
  * Two objects meet here:
- *  - struct ivl_priv: the upper netdev "ivl0" stacked on the guest's NIC
- *    (rtnl_link_ops kind "ivloop").  It exists with or without the device.
+ *  - struct ivl_priv: an upper netdev ("ivl0") stacked on one of the
+ *    guest's NICs (rtnl_link_ops kind "ivloop").  It exists with or
+ *    without a device.
  *  - struct ivl_shm: one ivshmem-doorbell PCI function (1af4:1110) with the
  *    mapped region, the peer array and the RCU peer table.
- * There is at most one of each per guest; rtnl pairs them (ivl_attach()).
+ * A guest may have several of each (one region per trust group).  Under
+ * rtnl, a device pairs with the upper stacked on the NIC whose MAC the
+ * server saw for this QEMU, or with any free upper when the server could
+ * not tell (ivl_pair_shm(), ivl_attach()).
  *
- * Lock order: rtnl -> ivl_shm.lock -> the upper device's TX queue lock.
+ * Lock order: rtnl -> ivl_shm.lock -> a peer's TX queue lock -> the lower
+ * device's TX queue lock.
  */
 #ifndef IVL_H
 #define IVL_H
@@ -41,8 +46,6 @@
 #define IVL_RX_HEAD		256U
 /* ... in compound pages of up to this order (the per-CPU lists' limit). */
 #define IVL_RX_ORDER		3U
-/* Records delivered per peer when the device goes away. */
-#define IVL_DRAIN_BUDGET	1024U
 /* TX flow control: ring-full poll interval, doubling up to the max. */
 #define IVL_TX_POLL_MIN_US	20U
 #define IVL_TX_POLL_MAX_US	1000U
@@ -63,6 +66,7 @@ struct ivl_stats {
 	u64_stats_t ring_full;		/* queue stopped on a full ring */
 	u64_stats_t tx_wakeups;
 	u64_stats_t tx_no_room;		/* reserve failed anyway: sent lower */
+	u64_stats_t tx_stalled_lower;	/* for a stalled or broken peer: sent lower */
 	u64_stats_t tx_lower_drops;	/* lower dev_queue_xmit refused */
 	u64_stats_t tx_bad_ring;	/* peer broke the cons of our ring */
 	u64_stats_t rx_bad_record;	/* ring broken by the peer */
@@ -70,14 +74,19 @@ struct ivl_stats {
 	u64_stats_t rx_runt;		/* frame shorter than an Ethernet header */
 	u64_stats_t rx_alloc_fail;
 	u64_stats_t rx_lower_drops;	/* skb_share_check failed */
+	u64_stats_t rx_bad_src;		/* source MAC not the ring owner's */
+	u64_stats_t rx_leave_lost;	/* records left unread at detach */
+	u64_stats_t leave_ack_timeouts;	/* peers that never acked our LEAVING */
 	u64_stats_t peer_up;		/* peer usable for sending */
 	u64_stats_t peer_down;		/* peer no longer usable */
 	u64_stats_t peer_timeout;	/* heartbeat stopped */
 	u64_stats_t peer_stalled;	/* ring stayed full too long */
 	u64_stats_t peer_bad_entry;	/* broken directory slot */
+	u64_stats_t peer_bad_mac;	/* claims a MAC its NIC does not have */
 	u64_stats_t poll_windows;	/* the ring poller started polling */
 	u64_stats_t poll_hits;		/* ... and found records before a doorbell */
 	u64_stats_t poll_starved;	/* nobody could watch: doorbells for a while */
+	u64_stats_t poll_watchdog;	/* the watchdog found the poller away */
 };
 
 struct ivl_pcpu_stats {
@@ -122,6 +131,8 @@ struct ivl_peer {
 	bool attached;			/* rings attached (for @gen) */
 	bool want_rx, want_tx, reattach;
 	bool hb_dead, bad_entry, dup_mac;
+	bool bad_mac;			/* slot MAC is not the server-seen NIC's */
+	bool leaving;			/* slot says LEAVING: we ack once out */
 	/* written under shm->lock, read locklessly (TX flow control) */
 	bool rx_on;			/* in table->rx: NAPI polls it */
 	bool tx_on;			/* in table->tx: xmit may use it */
@@ -134,14 +145,23 @@ struct ivl_peer {
 	 */
 	u32 peer_id;
 
-	/* producer side, protected by the upper device's TX queue lock */
+	/* producer side, protected by this peer's TX queue lock (ivl_peer_txq) */
 	struct ivl_ring tx;
 	struct ivl_peer_stats tx_stats;
 	u32 tx_cons_seen;		/* the peer's cons at @tx_cons_stamp */
 	unsigned long tx_cons_stamp;	/* jiffies: last sign the peer consumes */
+	bool tx_stopped;		/* our queue to it waits for room; lockless reads */
+	bool kick_pending;		/* doorbell deferred by xmit_more */
+	unsigned long stop_since;	/* jiffies */
+	unsigned int stop_backoff_us;
+	struct hrtimer tx_timer;	/* polls a full ring for room */
 
 	/* consumer side, owned by NAPI (or by detach with NAPI disabled) */
+	struct napi_struct napi;	/* on the paired ivl0 while attached */
+	struct page_pool *rx_pool;	/* IVL_RX_ORDER pages; NULL: page allocator */
 	struct ivl_ring rx;
+	/* frames from the ring must come from it; changes only while !rx_on */
+	u8 rx_mac[ETH_ALEN] __aligned(2);
 	struct ivl_peer_stats rx_stats;
 	bool rx_armed;			/* need_kick set on @rx */
 };
@@ -157,6 +177,7 @@ struct ivl_peer_table {
 	struct rcu_head rcu;
 	unsigned int nr_tx;
 	unsigned int nr_rx;
+	u64 rx_map;			/* BIT_ULL(slot) for every peer in @rx */
 	struct ivl_route tx[IVL_MAX_PEERS];
 	struct ivl_peer *rx[IVL_MAX_PEERS];
 };
@@ -182,43 +203,39 @@ struct ivl_shm {
 	struct ivl_peer *peers;		/* [max_peers] */
 	struct ivl_peer_table __rcu *table;	/* NULL: everything lower */
 
+	struct list_head node;		/* in ivl_shms, rtnl */
+	struct ivl_priv *upper;		/* paired upper, rtnl */
+	bool nic_mac_known;		/* the server saw our data NIC ... */
+	u8 nic_mac[ETH_ALEN] __aligned(2);	/* ... with this MAC */
+
 	struct mutex lock;		/* peers' table state, @priv, @stopping */
 	struct ivl_priv *priv;		/* attached upper; READ_ONCE in IRQs */
 	bool stopping;			/* refresh work must not run */
 	bool table_dirty;		/* last rebuild failed: retry */
 	u8 my_mac[ETH_ALEN] __aligned(2);	/* as published in my slot */
+	u32 slot_seq;			/* my slot's seq: ours, never read back */
+	u64 leave_ack;			/* as published in my slot (shm->lock) */
 
 	struct work_struct refresh_work;
 	struct timer_list hb_timer;
 	atomic64_t heartbeat;
-	struct dentry *dbg_peers;
+	struct dentry *dbg_dir;		/* ivloop/<pci name>/ */
 };
 
 /* The upper netdev's private area. */
 struct ivl_priv {
 	struct net_device *dev;
+	struct list_head node;		/* in ivl_uppers, rtnl */
 	struct net_device *lower;	/* stable while registered */
 	netdevice_tracker lower_tracker;
 	struct ivl_shm __rcu *shm;	/* written under rtnl */
 	struct ivl_pcpu_stats __percpu *stats;
-	struct napi_struct napi;
 	unsigned long flags;		/* IVL_F_*, atomic bitops */
 
 	/* rtnl */
 	bool napi_on;
 	bool upper_linked;
 	bool rx_handler_on;
-
-	/* TX queue lock */
-	DECLARE_BITMAP(kick_pending, IVL_MAX_PEERS);
-	struct ivl_peer *stop_peer;	/* ring that stopped the queue */
-	unsigned long stop_since;	/* jiffies */
-	unsigned int stop_backoff_us;
-	struct hrtimer tx_timer;	/* polls @stop_peer's ring for room */
-
-	/* NAPI */
-	unsigned int rx_next;		/* round-robin start in table->rx */
-	struct page_pool *rx_pool;	/* IVL_RX_ORDER pages for frames */
 
 	/*
 	 * Ring poller (ivl_poll.c).  Times are local_clock() ns, written from
@@ -234,6 +251,8 @@ struct ivl_priv {
 	u64 poll_looked;		/* poller polled or we sent: not starved */
 	u64 poll_starved;		/* until then, kicks on whenever we yield */
 	bool poll_missed;		/* the last window heard nothing */
+	u32 poll_max_us;		/* ethtool rx-usecs: longest window */
+	struct hrtimer poll_watchdog;	/* frames never wait unwatched for long */
 };
 
 enum {
@@ -242,14 +261,17 @@ enum {
 	IVL_F_POLLING,			/* the poller watches the rings: no kicks */
 };
 
-/* Module parameters (ivl_main.c). */
+/* Longest ring-poll window, rx-usecs (ethtool -C) and poll_us. */
+#define IVL_POLL_US_MAX		10000U
+
+/* Module parameters (ivl_main.c): defaults for new devices. */
 extern bool ivl_param_force_lower;
 extern unsigned int ivl_param_stall_ms;
 extern unsigned int ivl_param_poll_us;
 
-/* Pairing of the one upper and the one device, both rtnl-protected. */
-extern struct ivl_priv *ivl_the_upper;
-extern struct ivl_shm *ivl_the_shm;
+/* Every upper and every device, for pairing; rtnl. */
+extern struct list_head ivl_uppers;
+extern struct list_head ivl_shms;
 extern struct dentry *ivl_debugfs_root;
 
 /* --- accessors named for their lock context --- */
@@ -286,9 +308,18 @@ static inline struct ivl_peer_table *ivl_table_locked(const struct ivl_shm *shm)
 					 lockdep_is_held(&shm->lock));
 }
 
-static inline struct netdev_queue *ivl_txq(const struct ivl_priv *priv)
+/*
+ * TX queues: 0 for the lower NIC, 1 + slot for each peer, so a full ring
+ * stops only the queue of the peer it belongs to.
+ */
+#define IVL_TXQ_LOWER		0U
+#define IVL_TXQ_PEER0		1U
+#define IVL_NUM_TXQ		(IVL_TXQ_PEER0 + IVL_MAX_PEERS)
+
+static inline struct netdev_queue *ivl_peer_txq(const struct ivl_priv *priv,
+						const struct ivl_peer *peer)
 {
-	return netdev_get_tx_queue(priv->dev, 0);
+	return netdev_get_tx_queue(priv->dev, IVL_TXQ_PEER0 + peer->id);
 }
 
 /* --- region geometry (offsets validated at probe) --- */
@@ -339,12 +370,13 @@ static inline void __ivl_stat_add(struct ivl_priv *priv, size_t off, u64 n)
 #define ivl_stat_inc(priv, field) ivl_stat_add(priv, field, 1)
 
 /* From process context. */
-#define ivl_stat_inc_bh(priv, field)		\
+#define ivl_stat_add_bh(priv, field, n)		\
 	do {					\
 		local_bh_disable();		\
-		ivl_stat_inc(priv, field);	\
+		ivl_stat_add(priv, field, n);	\
 		local_bh_enable();		\
 	} while (0)
+#define ivl_stat_inc_bh(priv, field) ivl_stat_add_bh(priv, field, 1)
 
 static inline void ivl_peer_stat_add(struct ivl_peer_stats *ps, u32 bytes)
 {
@@ -360,12 +392,13 @@ extern struct pci_driver ivl_pci_driver;
 /* ivl_netdev.c */
 extern struct rtnl_link_ops ivl_link_ops;
 extern struct notifier_block ivl_netdev_notifier;
+void ivl_pair_shm(struct ivl_shm *shm);
 void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm);
 void ivl_detach(struct ivl_priv *priv, u32 state);
-void ivl_tx_wake_check(struct ivl_priv *priv);
-void ivl_tx_wake_check_locked(struct ivl_priv *priv);
-int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
-		struct napi_struct *napi, int budget);
+void ivl_tx_wake_check(struct ivl_priv *priv, struct ivl_shm *shm);
+enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer);
+void ivl_napi_schedule_rx(struct ivl_priv *priv, struct ivl_shm *shm,
+			  bool only_busy);
 
 /* ivl_poll.c */
 int ivl_poll_init(struct ivl_priv *priv);
@@ -379,6 +412,8 @@ void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv);
 void ivl_peers_stop(struct ivl_shm *shm);
 void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac);
 void ivl_notify_peers(struct ivl_shm *shm);
+u32 ivl_peers_unacked(struct ivl_shm *shm);
+void ivl_slot_read_nic(struct ivl_shm *shm);
 void ivl_peer_broken(struct ivl_peer *peer, const char *why);
 void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
 		      const char *why);

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR MIT */
 /*
- * ivloop shared-region ABI, version 1.
+ * ivloop shared-region ABI, version 2.
  *
  * This header is the single source of truth for the layout of the region
  * that ivloop-server creates and every guest maps through BAR2 of QEMU's
@@ -27,7 +27,7 @@ typedef uint64_t __le64;
 #endif
 
 #define IVL_MAGIC		0x504c5649U	/* "IVLP" in memory order */
-#define IVL_ABI_VERSION		1U
+#define IVL_ABI_VERSION		2U
 
 #define IVL_CACHELINE		64U
 #define IVL_HDR_SIZE		4096U	/* the header owns the first page */
@@ -84,22 +84,48 @@ enum ivl_slot_state {
  * server never reuses an ID; a guest finds its slot as the present slot
  * whose peer_id equals its IVPosition, and rings a peer at that slot's
  * peer_id.
+ *
+ * Both halves are read with a sequence protocol (ABI 2): the writer makes
+ * its half's seq odd, writes the fields, then makes seq even again, with a
+ * write barrier on each side; a reader loads seq (acquire), copies the
+ * fields, loads seq again after a read barrier and retries, or keeps its
+ * previous view, while seq is odd or changed.  heartbeat and leave_ack are
+ * single naturally aligned words outside the protocol.
  */
 struct ivl_slot {
 	/* written by the server only */
 	__le32 present;		/* 1 while a QEMU holds this IVPosition */
 	__le32 peer_id;		/* QEMU peer ID (IVPosition) of the occupant */
 	__le64 generation;	/* region generation of this slot's last join/leave */
-	__u8 pad0[48];
+	__le32 srv_seq;		/* odd while the server rewrites this half */
+	__le32 srv_flags;	/* IVL_SLOT_F_* */
+	__u8 nic_mac[6];	/* the occupant's data-NIC MAC, if MAC_KNOWN */
+	__le16 reserved0;
+	__u8 pad0[32];
 	/* written by the guest at IVPosition i only */
 	__u8 mac[6];		/* MAC of the guest's ivl0 */
 	__le16 reserved1;
 	__le32 state;		/* enum ivl_slot_state */
-	__le32 reserved2;
+	__le32 seq;		/* odd while the guest rewrites mac/state/joined_gen */
 	__le64 heartbeat;	/* bumped at least every IVL_HEARTBEAT_MS while UP */
 	__le64 joined_gen;	/* slot generation the guest saw when it went UP */
-	__u8 pad1[32];
+	__le64 leave_ack;	/* bit j: slot j is LEAVING and I no longer send to it */
+	__u8 pad1[24];
 };				/* 128 bytes */
+
+/*
+ * srv_flags.  MAC_KNOWN: the server learned nic_mac from the occupant's
+ * QEMU (its command line or the operator's map); guests send to this slot
+ * only while the slot's mac equals nic_mac.  EVICTED: the server caught
+ * the occupant claiming a MAC that is not its NIC's and cut it off; guests
+ * treat the slot as absent.
+ */
+#define IVL_SLOT_F_MAC_KNOWN	0x0001U
+#define IVL_SLOT_F_EVICTED	0x0002U
+#define IVL_SLOT_KNOWN_FLAGS	0x0003U
+
+/* A leaver waits this long for every UP peer's leave_ack bit. */
+#define IVL_LEAVE_ACK_MS	500U
 
 #define IVL_HEARTBEAT_MS	100U
 #define IVL_HEARTBEAT_TIMEOUT_MS 1000U

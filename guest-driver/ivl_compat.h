@@ -68,22 +68,27 @@ void ivl_compat_shared_hook(void);
 		*(volatile __typeof__(x) *)&(x) = (val);		\
 	} while (0)
 
+/*
+ * The ring is shared with another VM, not another CPU of this kernel: the
+ * kernel spells its barriers virt_*() so they stay real barriers on a
+ * CONFIG_SMP=n guest.  Same mapping here.
+ */
 /* acquire: later loads and stores stay after this load */
-#define smp_load_acquire(p)						\
+#define virt_load_acquire(p)						\
 	(IVL_COMPAT_HOOK(), __atomic_load_n((p), __ATOMIC_ACQUIRE))
 /* release: earlier loads and stores stay before this store */
-#define smp_store_release(p, v)						\
+#define virt_store_release(p, v)						\
 	do {								\
 		IVL_COMPAT_HOOK();					\
 		__atomic_store_n((p), (v), __ATOMIC_RELEASE);		\
 	} while (0)
 
 /* full barrier: orders earlier stores before later loads (mfence on x86) */
-#define smp_mb()	__atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define virt_mb()	__atomic_thread_fence(__ATOMIC_SEQ_CST)
 /* orders earlier loads before later loads */
-#define smp_rmb()	__atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define virt_rmb()	__atomic_thread_fence(__ATOMIC_ACQUIRE)
 /* orders earlier stores before later stores */
-#define smp_wmb()	__atomic_thread_fence(__ATOMIC_RELEASE)
+#define virt_wmb()	__atomic_thread_fence(__ATOMIC_RELEASE)
 
 #define likely(x)	__builtin_expect(!!(x), 1)
 #define unlikely(x)	__builtin_expect(!!(x), 0)

@@ -19,9 +19,6 @@ module_param_named(stall_ms, ivl_param_stall_ms, uint, 0444);
 MODULE_PARM_DESC(stall_ms,
 		 "A peer whose ring stays full this long is sent over the lower NIC (ms)");
 
-/* Read on every use, so it may change at runtime; longer windows are refused. */
-#define IVL_POLL_US_MAX		10000U
-
 unsigned int ivl_param_poll_us = 500;
 
 static int ivl_param_poll_us_set(const char *val, const struct kernel_param *kp)
@@ -34,13 +31,13 @@ static const struct kernel_param_ops ivl_param_poll_us_ops = {
 	.get = param_get_uint,
 };
 
-module_param_cb(poll_us, &ivl_param_poll_us_ops, &ivl_param_poll_us, 0644);
+/* A default: each device's own value is ethtool's rx-usecs. */
+module_param_cb(poll_us, &ivl_param_poll_us_ops, &ivl_param_poll_us, 0444);
 MODULE_PARM_DESC(poll_us,
-		 "Longest time to poll the rings for the next shared-memory frame on an otherwise idle CPU, instead of waiting for a doorbell (us, 0: never, at most 10000)");
+		 "Default of ethtool rx-usecs: longest time to poll the rings for the next shared-memory frame on an otherwise idle CPU, instead of waiting for a doorbell (us, 0: never, at most 10000)");
 
-/* rtnl */
-struct ivl_priv *ivl_the_upper;
-struct ivl_shm *ivl_the_shm;
+LIST_HEAD(ivl_uppers);
+LIST_HEAD(ivl_shms);
 
 struct dentry *ivl_debugfs_root;
 

@@ -79,6 +79,7 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(ring_full),
 	IVL_STAT(tx_wakeups),
 	IVL_STAT(tx_no_room),
+	IVL_STAT(tx_stalled_lower),
 	IVL_STAT(tx_lower_drops),
 	IVL_STAT(tx_bad_ring),
 	IVL_STAT(rx_bad_record),
@@ -86,14 +87,19 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(rx_runt),
 	IVL_STAT(rx_alloc_fail),
 	IVL_STAT(rx_lower_drops),
+	IVL_STAT(rx_bad_src),
+	IVL_STAT(rx_leave_lost),
+	IVL_STAT(leave_ack_timeouts),
 	IVL_STAT(peer_up),
 	IVL_STAT(peer_down),
 	IVL_STAT(peer_timeout),
 	IVL_STAT(peer_stalled),
 	IVL_STAT(peer_bad_entry),
+	IVL_STAT(peer_bad_mac),
 	IVL_STAT(poll_windows),
 	IVL_STAT(poll_hits),
 	IVL_STAT(poll_starved),
+	IVL_STAT(poll_watchdog),
 };
 
 #define IVL_NR_STATS	ARRAY_SIZE(ivl_stat_descs)
@@ -139,7 +145,8 @@ static void ivl_get_stats64(struct net_device *dev,
 	st->rx_packets = v[IVL_IDX(shm_rx_packets)] + v[IVL_IDX(lower_rx_packets)];
 	st->rx_bytes = v[IVL_IDX(shm_rx_bytes)] + v[IVL_IDX(lower_rx_bytes)];
 	st->tx_dropped = v[IVL_IDX(tx_lower_drops)];
-	st->rx_dropped = v[IVL_IDX(rx_alloc_fail)] + v[IVL_IDX(rx_lower_drops)];
+	st->rx_dropped = v[IVL_IDX(rx_alloc_fail)] + v[IVL_IDX(rx_lower_drops)] +
+			 v[IVL_IDX(rx_bad_src)] + v[IVL_IDX(rx_leave_lost)];
 	st->rx_errors = v[IVL_IDX(rx_bad_record)] + v[IVL_IDX(rx_bad_offload)] +
 			v[IVL_IDX(rx_runt)];
 	st->rx_length_errors = v[IVL_IDX(rx_runt)];
@@ -247,8 +254,14 @@ static bool ivl_tx_meta(const struct sk_buff *skb, struct ivl_rec_meta *m)
 
 	if (skb->ip_summed == CHECKSUM_PARTIAL) {
 		start = skb_checksum_start_offset(skb);
-		/* the receiver rejects a record whose csum field is outside */
-		if (start < 0 || start > U16_MAX ||
+		/*
+		 * The receiver wants the checksum field, and a GSO frame's
+		 * transport header, in the linear part it builds (see
+		 * ivl_rx_csum_end()); headers that long go lower instead.
+		 */
+		if (start < 0 ||
+		    start + max_t(u32, skb->csum_offset + sizeof(__sum16),
+				  sizeof(struct tcphdr)) > IVL_RX_HEAD ||
 		    start + skb->csum_offset + sizeof(__sum16) > skb->len)
 			return false;
 		m->flags = IVL_REC_CSUM_PARTIAL;
@@ -260,14 +273,12 @@ static bool ivl_tx_meta(const struct sk_buff *skb, struct ivl_rec_meta *m)
 	return true;
 }
 
-/* The peer that should get @skb over shared memory, or NULL for lower. */
-static struct ivl_peer *ivl_route_rcu_bh(struct ivl_priv *priv,
+/* The table entry for @skb's destination, or NULL. */
+static struct ivl_peer *ivl_route_lookup(struct ivl_priv *priv,
 					 struct ivl_shm *shm,
-					 const struct sk_buff *skb,
-					 struct ivl_rec_meta *meta)
+					 const struct sk_buff *skb)
 {
 	const struct ivl_peer_table *t;
-	struct ivl_peer *peer = NULL;
 	const u8 *dest = skb->data;
 	unsigned int i;
 
@@ -279,61 +290,92 @@ static struct ivl_peer *ivl_route_rcu_bh(struct ivl_priv *priv,
 		return NULL;
 	for (i = 0; i < t->nr_tx; i++) {
 		/* reads 8 bytes: the skb has a full header, routes are padded */
-		if (ether_addr_equal_64bits(dest, t->tx[i].mac)) {
-			peer = t->tx[i].peer;
-			break;
-		}
+		if (ether_addr_equal_64bits(dest, t->tx[i].mac))
+			return t->tx[i].peer;
 	}
-	if (!peer || !ivl_peer_usable_tx(peer) || skb->len > IVL_MAX_FRAME ||
-	    !ivl_tx_meta(skb, meta))
-		return NULL;
-	return peer;
+	return NULL;
 }
 
-/* TX lock held.  Ring the doorbells deferred by xmit_more. */
-static void ivl_tx_kick_flush(struct ivl_priv *priv, struct ivl_shm *shm)
+/*
+ * Which queue @skb waits in: its peer's while that peer can take frames,
+ * else the lower NIC's.  A stalled or broken peer's frames thus never
+ * wait behind its ring.  Under rcu_read_lock_bh (dev_queue_xmit).
+ */
+static u16 ivl_select_queue(struct net_device *dev, struct sk_buff *skb,
+			    struct net_device *sb_dev)
 {
-	unsigned long id;
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct ivl_shm *shm = ivl_shm_rcu_bh(priv);
+	struct ivl_peer *peer;
 
-	for_each_set_bit(id, priv->kick_pending, IVL_MAX_PEERS) {
-		if (ivl_ring_need_kick(&shm->peers[id].tx)) {
-			/* @id is the slot; QEMU rings by peer ID */
-			ivl_doorbell(shm, shm->peers[id].peer_id, IVL_VEC_DATA);
-			ivl_stat_inc(priv, doorbells_sent);
-		} else {
-			ivl_stat_inc(priv, doorbells_suppressed);
-		}
+	peer = shm ? ivl_route_lookup(priv, shm, skb) : NULL;
+	if (!peer)
+		return IVL_TXQ_LOWER;
+	if (!ivl_peer_usable_tx(peer)) {
+		ivl_stat_inc(priv, tx_stalled_lower);
+		return IVL_TXQ_LOWER;
 	}
-	bitmap_zero(priv->kick_pending, IVL_MAX_PEERS);
+	return IVL_TXQ_PEER0 + peer->id;
 }
 
-/* TX lock held.  Wake the queue if the reason it was stopped is gone. */
-void ivl_tx_wake_check_locked(struct ivl_priv *priv)
+/* Peer TX queue lock held.  Ring the doorbell deferred by xmit_more. */
+static void ivl_tx_kick_flush(struct ivl_priv *priv, struct ivl_shm *shm,
+			      struct ivl_peer *peer)
 {
-	struct ivl_peer *peer = priv->stop_peer;
+	if (!peer->kick_pending)
+		return;
+	peer->kick_pending = false;
+	if (ivl_ring_need_kick(&peer->tx)) {
+		/* peer->id is the slot; QEMU rings by peer ID */
+		ivl_doorbell(shm, peer->peer_id, IVL_VEC_DATA);
+		ivl_stat_inc(priv, doorbells_sent);
+	} else {
+		ivl_stat_inc(priv, doorbells_suppressed);
+	}
+}
+
+/*
+ * Peer TX queue lock held.  Start the queue again if the reason it was
+ * stopped is gone: room in the ring, or the peer no longer in use.  After
+ * stall_ms without room the peer is marked stalled: what waits in its
+ * queue then goes lower, and so does what follows (ivl_select_queue()).
+ */
+static void ivl_tx_wake_peer_locked(struct ivl_priv *priv,
+				    struct ivl_peer *peer)
+{
 	unsigned long stall = msecs_to_jiffies(ivl_param_stall_ms);
 
-	if (!peer)
+	if (!peer->tx_stopped)
 		return;
 	if (!test_bit(IVL_F_FORCE_LOWER, &priv->flags) &&
 	    ivl_peer_usable_tx(peer) && READ_ONCE(peer->tx_on) &&
 	    !ivl_ring_has_room(&peer->tx, IVL_MAX_FRAME)) {
-		if (!time_after(jiffies, priv->stop_since + stall))
+		if (!time_after(jiffies, peer->stop_since + stall))
 			return;
 		ivl_peer_stalled(priv, peer, "ring full");
 	}
-	WRITE_ONCE(priv->stop_peer, NULL);
+	WRITE_ONCE(peer->tx_stopped, false);
 	ivl_stat_inc(priv, tx_wakeups);
-	netif_wake_queue(priv->dev);
+	netif_tx_wake_queue(ivl_peer_txq(priv, peer));
 }
 
-void ivl_tx_wake_check(struct ivl_priv *priv)
+static void ivl_tx_wake_peer(struct ivl_priv *priv, struct ivl_peer *peer)
 {
-	struct netdev_queue *txq = ivl_txq(priv);
+	struct netdev_queue *txq = ivl_peer_txq(priv, peer);
 
 	__netif_tx_lock_bh(txq);
-	ivl_tx_wake_check_locked(priv);
+	ivl_tx_wake_peer_locked(priv, peer);
 	__netif_tx_unlock_bh(txq);
+}
+
+/* Any context but hard IRQ: check every stopped peer queue. */
+void ivl_tx_wake_check(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++)
+		if (READ_ONCE(shm->peers[id].tx_stopped))
+			ivl_tx_wake_peer(priv, &shm->peers[id]);
 }
 
 static ktime_t ivl_us(u32 us)
@@ -341,63 +383,71 @@ static ktime_t ivl_us(u32 us)
 	return ns_to_ktime((u64)us * NSEC_PER_USEC);
 }
 
-static enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer)
+enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer)
 {
-	struct ivl_priv *priv = container_of(timer, struct ivl_priv, tx_timer);
-	struct netdev_queue *txq = ivl_txq(priv);
+	struct ivl_peer *peer = container_of(timer, struct ivl_peer, tx_timer);
+	/* cancelled before shm->priv is cleared (ivl_tx_flow_reset()) */
+	struct ivl_priv *priv = READ_ONCE(peer->shm->priv);
 	enum hrtimer_restart ret = HRTIMER_NORESTART;
+	struct netdev_queue *txq;
 
+	if (!priv)
+		return ret;
+	txq = ivl_peer_txq(priv, peer);
 	/* soft hrtimer: softirq context, BH already disabled */
 	__netif_tx_lock(txq, smp_processor_id());
-	ivl_tx_wake_check_locked(priv);
+	ivl_tx_wake_peer_locked(priv, peer);
 	/*
 	 * Still stopped: poll again, later.  If xmit re-armed the timer
 	 * while we waited for the lock, that arming stands.
 	 */
-	if (priv->stop_peer && !hrtimer_is_queued(timer)) {
-		priv->stop_backoff_us = min(priv->stop_backoff_us * 2,
+	if (peer->tx_stopped && !hrtimer_is_queued(timer)) {
+		peer->stop_backoff_us = min(peer->stop_backoff_us * 2,
 					    IVL_TX_POLL_MAX_US);
-		hrtimer_forward_now(timer, ivl_us(priv->stop_backoff_us));
+		hrtimer_forward_now(timer, ivl_us(peer->stop_backoff_us));
 		ret = HRTIMER_RESTART;
 	}
 	__netif_tx_unlock(txq);
 	return ret;
 }
 
-/* TX lock held.  @peer's ring cannot take another maximal frame. */
+/* Peer TX queue lock held.  @peer's ring cannot take another maximal frame. */
 static void ivl_tx_stop(struct ivl_priv *priv, struct ivl_shm *shm,
-			struct ivl_peer *peer)
+			struct ivl_peer *peer, struct netdev_queue *txq)
 {
-	netif_stop_queue(priv->dev);
-	WRITE_ONCE(priv->stop_peer, peer);
-	priv->stop_since = jiffies;
-	priv->stop_backoff_us = IVL_TX_POLL_MIN_US;
+	netif_tx_stop_queue(txq);
+	WRITE_ONCE(peer->tx_stopped, true);
+	peer->stop_since = jiffies;
+	peer->stop_backoff_us = IVL_TX_POLL_MIN_US;
 	ivl_stat_inc(priv, ring_full);
 	/* a consumer that went idle must hear about what is waiting */
-	ivl_tx_kick_flush(priv, shm);
+	ivl_tx_kick_flush(priv, shm, peer);
 	/*
 	 * The consumer may have made room since our has_room(); its space
 	 * kick then found the queue running.  Recheck now that the stop is
 	 * recorded (has_room reads cons with acquire).
 	 */
 	if (ivl_ring_has_room(&peer->tx, IVL_MAX_FRAME)) {
-		WRITE_ONCE(priv->stop_peer, NULL);
-		netif_start_queue(priv->dev);
+		WRITE_ONCE(peer->tx_stopped, false);
+		netif_tx_start_queue(txq);
 		return;
 	}
-	hrtimer_start(&priv->tx_timer, ivl_us(IVL_TX_POLL_MIN_US),
+	hrtimer_start(&peer->tx_timer, ivl_us(IVL_TX_POLL_MIN_US),
 		      HRTIMER_MODE_REL_SOFT);
 }
 
-/* TX lock held.  False: not sent, the caller sends @skb lower. */
+/* Peer TX queue lock held.  False: not sent, the caller sends @skb lower. */
 static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
 			 struct ivl_peer *peer, struct sk_buff *skb,
-			 const struct ivl_rec_meta *meta)
+			 struct netdev_queue *txq, bool more)
 {
 	struct ivl_ring *r = &peer->tx;
+	struct ivl_rec_meta meta;
 	u32 len = skb->len;
 	void *buf;
 
+	if (len > IVL_MAX_FRAME || !ivl_tx_meta(skb, &meta))
+		return false;
 	buf = ivl_ring_reserve(r, len);
 	if (unlikely(!buf)) {
 		/* the queue stops before this; only a broken ring gets here */
@@ -415,17 +465,20 @@ static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
 	} else {
 		ivl_copy_from_skb(buf, skb);
 	}
-	ivl_ring_commit(r, len, meta);
+	ivl_ring_commit(r, len, &meta);
 	skb_tx_timestamp(skb);
 
 	ivl_stat_inc(priv, shm_tx_packets);
 	ivl_stat_add(priv, shm_tx_bytes, len);
 	ivl_peer_stat_add(&peer->tx_stats, len);
-	__set_bit(peer->id, priv->kick_pending);
+	/* one doorbell per batch */
+	peer->kick_pending = true;
+	if (!more)
+		ivl_tx_kick_flush(priv, shm, peer);
 	ivl_poll_tx(priv);
 
 	if (unlikely(!ivl_ring_has_room(r, IVL_MAX_FRAME)))
-		ivl_tx_stop(priv, shm, peer);
+		ivl_tx_stop(priv, shm, peer, txq);
 	dev_consume_skb_any(skb);
 	return true;
 }
@@ -446,21 +499,38 @@ static void ivl_xmit_lower(struct ivl_priv *priv, struct sk_buff *skb)
 	}
 }
 
+/*
+ * Queue 0 goes lower.  A peer queue holds its peer's TX lock, the one
+ * producer lock of that ring: the frame goes into the ring only if the
+ * table still routes it there (it may have changed since select_queue).
+ */
 static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
 {
 	struct ivl_priv *priv = netdev_priv(dev);
 	struct ivl_shm *shm = ivl_shm_rcu_bh(priv);
-	struct ivl_peer *peer = NULL;
-	struct ivl_rec_meta meta;
+	/* before dev_queue_xmit() to the lower NIC, which sets its own */
+	bool more = netdev_xmit_more();
+	u16 qid = skb_get_queue_mapping(skb);
+	struct netdev_queue *txq = netdev_get_tx_queue(dev, qid);
+	struct ivl_peer *peer = NULL, *owner = NULL;
 
-	if (shm)
-		peer = ivl_route_rcu_bh(priv, shm, skb, &meta);
-	if (!peer || !ivl_xmit_shm(priv, shm, peer, skb, &meta))
+	if (shm && qid >= IVL_TXQ_PEER0 && qid - IVL_TXQ_PEER0 < shm->max_peers)
+		owner = &shm->peers[qid - IVL_TXQ_PEER0];
+	if (owner) {
+		peer = ivl_route_lookup(priv, shm, skb);
+		if (peer != owner) {
+			peer = NULL;
+		} else if (!ivl_peer_usable_tx(peer)) {
+			/* queued before the peer was marked stalled */
+			ivl_stat_inc(priv, tx_stalled_lower);
+			peer = NULL;
+		}
+	}
+	if (!peer || !ivl_xmit_shm(priv, shm, peer, skb, txq, more))
 		ivl_xmit_lower(priv, skb);
-	/* one doorbell per peer per batch */
-	if (shm && !netdev_xmit_more() &&
-	    !bitmap_empty(priv->kick_pending, IVL_MAX_PEERS))
-		ivl_tx_kick_flush(priv, shm);
+	/* a batch that ended with a frame sent lower still rings once */
+	if (owner && !more)
+		ivl_tx_kick_flush(priv, shm, owner);
 	return NETDEV_TX_OK;
 }
 
@@ -472,18 +542,19 @@ static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
  * from the page pool: the stack gives them back when it frees the skb, so
  * they are not zeroed again (init_on_alloc zeroes every fresh page, a third
  * of the receive cost under TCG).  Smaller ones, and any when the pool is
- * dry, from the page allocator.  BH disabled, one caller at a time (NAPI,
- * or the drain with NAPI disabled): the pool's fast path needs that.
+ * dry, from the page allocator.  BH disabled, one caller at a time per
+ * pool (the peer's NAPI, or the drain with NAPI disabled): the pool's fast
+ * path needs that, hence a pool per peer.
  */
-static struct page *ivl_rx_page(struct ivl_priv *priv, u32 want, u32 *order,
+static struct page *ivl_rx_page(struct ivl_peer *peer, u32 want, u32 *order,
 				bool *pooled)
 {
 	struct page *page = NULL;
 
 	*order = min_t(u32, get_order(want), IVL_RX_ORDER);
 	*pooled = false;
-	if (*order == IVL_RX_ORDER) {
-		page = page_pool_dev_alloc_pages(priv->rx_pool);
+	if (*order == IVL_RX_ORDER && peer->rx_pool) {
+		page = page_pool_dev_alloc_pages(peer->rx_pool);
 		if (page) {
 			*pooled = true;
 			return page;
@@ -505,6 +576,7 @@ static struct page *ivl_rx_page(struct ivl_priv *priv, u32 want, u32 *order,
  * linear and the rest in compound pages (order-0 pages when those fail).
  */
 static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
+					struct ivl_peer *peer,
 					struct napi_struct *napi,
 					const u8 *data, u32 len)
 {
@@ -527,7 +599,7 @@ static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
 
 	for (off = head, i = 0; off < len; off += chunk, i++) {
 		/* a 64 KiB frame in 2-3 allocations rather than 16 */
-		page = ivl_rx_page(priv, len - off, &order, &pooled);
+		page = ivl_rx_page(peer, len - off, &order, &pooled);
 		if (!page) {
 			kfree_skb(skb);
 			return NULL;
@@ -582,14 +654,21 @@ static int ivl_rx_offload(struct sk_buff *skb, const struct ivl_rec_meta *m)
 		start = m->csum_start;
 		off = m->csum_offset;
 		needed = start + max_t(u32, thlen, off + sizeof(__sum16));
-		/* checked here so skb_partial_csum_set() has nothing to log */
-		if (needed > skb->len || !pskb_may_pull(skb, needed) ||
+		/*
+		 * Within the linear head we built: no pull (a peer could
+		 * otherwise make us linearise 64 KiB per frame), and nothing
+		 * for skb_partial_csum_set() to warn about.
+		 */
+		if (needed > skb_headlen(skb) ||
 		    !skb_partial_csum_set(skb, start, off))
 			return -EINVAL;
 	} else if (type) {
 		/* a GSO frame always leaves its checksum to the device */
 		return -EINVAL;
-	} else if (m->flags & IVL_REC_CSUM_VALID) {
+	} else if ((m->flags & IVL_REC_CSUM_VALID) &&
+		   (skb->dev->features & NETIF_F_RXCSUM)) {
+		/* skb->dev: ivl0, set by the skb allocation */
+		/* with rx-checksumming off, the stack verifies it */
 		skb->ip_summed = CHECKSUM_UNNECESSARY;
 	}
 
@@ -620,9 +699,19 @@ static void ivl_rx_deliver(struct ivl_priv *priv, struct ivl_peer *peer,
 		ivl_stat_inc(priv, rx_runt);
 		return;
 	}
-	skb = ivl_rx_build_skb(priv, napi, rec->data, len);
+	skb = ivl_rx_build_skb(priv, peer, napi, rec->data, len);
 	if (unlikely(!skb)) {
 		ivl_stat_inc(priv, rx_alloc_fail);
+		return;
+	}
+	/*
+	 * Checked on our copy.  Any member can write any ring, but a frame
+	 * in this one that claims another sender is not its owner's.
+	 */
+	if (unlikely(!ether_addr_equal(((struct ethhdr *)skb->data)->h_source,
+				       peer->rx_mac))) {
+		ivl_stat_inc(priv, rx_bad_src);
+		kfree_skb(skb);
 		return;
 	}
 	if (unlikely(ivl_rx_offload(skb, &rec->meta))) {
@@ -645,8 +734,8 @@ static void ivl_rx_deliver(struct ivl_priv *priv, struct ivl_peer *peer,
  * Read up to @budget records from @peer's ring to us.  NAPI context, or
  * process context with BH disabled and NAPI disabled (@napi == NULL).
  */
-int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
-		struct napi_struct *napi, int budget)
+static int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
+		       struct napi_struct *napi, int budget)
 {
 	struct ivl_ring *r = &peer->rx;
 	u32 busy = r->size - IVL_SPACE_KICK_MARGIN;
@@ -685,85 +774,160 @@ int ivl_rx_ring(struct ivl_priv *priv, struct ivl_peer *peer,
 	return n;
 }
 
-/* Ask every polled ring for a kick; true if records raced in. */
-static bool ivl_rx_rearm(const struct ivl_peer_table *t)
+/* Ask @p's ring for a kick; true if records raced in. */
+static bool ivl_rx_rearm(struct ivl_peer *p)
 {
-	bool more = false;
-	unsigned int i;
-
-	for (i = 0; i < t->nr_rx; i++) {
-		struct ivl_peer *p = t->rx[i];
-
-		if (test_bit(IVL_PEER_BROKEN, &p->flags))
-			continue;
-		p->rx_armed = true;
-		if (ivl_ring_enable_kick(&p->rx))
-			more = true;
-	}
-	return more;
+	if (test_bit(IVL_PEER_BROKEN, &p->flags))
+		return false;
+	p->rx_armed = true;
+	return ivl_ring_enable_kick(&p->rx);
 }
 
+/*
+ * One NAPI instance per peer, so rings from different peers can be read
+ * on different CPUs (threaded NAPI lets the scheduler spread them) and a
+ * busy peer's budget is its own.
+ */
 static int ivl_napi_poll(struct napi_struct *napi, int budget)
 {
-	struct ivl_priv *priv = container_of(napi, struct ivl_priv, napi);
+	struct ivl_peer *peer = container_of(napi, struct ivl_peer, napi);
+	struct ivl_priv *priv = netdev_priv(napi->dev);
 	const struct ivl_peer_table *t = NULL;
 	struct ivl_shm *shm;
-	unsigned int i, n;
+	bool listed = false;
 	int done = 0;
 
-	/* the data vector also means "room again" in our rings */
-	if (READ_ONCE(priv->stop_peer))
-		ivl_tx_wake_check(priv);
+	/* the data vector also means "room again" in our ring to it */
+	if (READ_ONCE(peer->tx_stopped))
+		ivl_tx_wake_peer(priv, peer);
 
 	rcu_read_lock();
 	shm = ivl_shm_rcu(priv);
 	if (shm)
 		t = ivl_table_rcu(shm);
-	if (t && t->nr_rx) {
-		/* rotate the start so one busy peer cannot starve the rest */
-		n = t->nr_rx;
-		for (i = 0; i < n && done < budget; i++)
-			done += ivl_rx_ring(priv, t->rx[(priv->rx_next + i) % n],
-					    napi, budget - done);
-		priv->rx_next++;
-	}
+	/* only a published table guarantees the ring does not change */
+	listed = t && (t->rx_map & BIT_ULL(peer->id));
+	if (listed)
+		done = ivl_rx_ring(priv, peer, napi, budget);
 	if (done)
 		ivl_poll_rx(priv);
 	/*
-	 * Re-arm the kicks only when NAPI really stops: with
+	 * Re-arm the kick only when NAPI really stops: with
 	 * napi_defer_hard_irqs and gro_flush_timeout set, a timer polls
-	 * again instead and the producers need not ring; while the ring
+	 * again instead and the producer need not ring; while the ring
 	 * poller watches, it schedules us.  Records that raced with the
 	 * re-arm are polled at once.  The flag test pairs with the barrier
 	 * after the poller clears it.
 	 */
-	if (done < budget && napi_complete_done(napi, done) && t &&
-	    !test_bit(IVL_F_POLLING, &priv->flags) && ivl_rx_rearm(t))
+	if (done < budget && napi_complete_done(napi, done) && listed &&
+	    !test_bit(IVL_F_POLLING, &priv->flags) && ivl_rx_rearm(peer))
 		napi_schedule(napi);
 	rcu_read_unlock();
 	return done;
 }
 
-/* Detach: deliver what peers already sent, bounded.  NAPI is disabled. */
+/*
+ * Schedule the NAPI of every peer in the table; @only_busy: only those
+ * with records waiting or a stopped queue (the data vector does not say
+ * which peer rang).  Any context; BH is re-enabled by the callers that
+ * need the softirq to run.
+ */
+void ivl_napi_schedule_rx(struct ivl_priv *priv, struct ivl_shm *shm,
+			  bool only_busy)
+{
+	const struct ivl_peer_table *t;
+	struct ivl_peer *p;
+	unsigned int i;
+
+	rcu_read_lock();
+	t = ivl_table_rcu(shm);
+	for (i = 0; t && i < t->nr_rx; i++) {
+		p = t->rx[i];
+		if (!only_busy || ivl_ring_pending(&p->rx) ||
+		    READ_ONCE(p->tx_stopped))
+			napi_schedule(&p->napi);
+	}
+	rcu_read_unlock();
+}
+
+/*
+ * Detach: deliver what peers already sent.  NAPI is disabled.  A ring
+ * holds at most size / IVL_REC_ALIGN records, so that many per pass
+ * empties it unless its producer keeps writing.
+ */
 static void ivl_rx_drain(struct ivl_priv *priv, struct ivl_shm *shm)
 {
+	u32 cap = shm->ring_size / IVL_REC_ALIGN;
 	struct ivl_peer *p;
-	int left, n;
-	u32 id;
+	int n;
+	u32 id, left;
 
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
 		if (id == shm->my_slot || !p->attached || !p->rx_on)
 			continue;
-		for (left = IVL_DRAIN_BUDGET; left > 0; left -= n) {
+		for (left = cap; left > 0; left -= n) {
 			local_bh_disable();
-			n = ivl_rx_ring(priv, p, NULL, min(left, NAPI_POLL_WEIGHT));
+			n = ivl_rx_ring(priv, p, NULL,
+					min_t(u32, left, NAPI_POLL_WEIGHT));
 			local_bh_enable();
 			if (!n)
 				break;
 			cond_resched();
 		}
 	}
+}
+
+/* Records still in the rings to us when we let go: counted, not read. */
+static void ivl_rx_count_lost(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	u32 cap = shm->ring_size / IVL_REC_ALIGN;
+	struct ivl_peer *p;
+	struct ivl_rec rec;
+	u32 id, n, lost = 0;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_slot || !p->attached || !p->rx_on ||
+		    test_bit(IVL_PEER_BROKEN, &p->flags))
+			continue;
+		for (n = 0; n < cap && !ivl_ring_peek(&p->rx, &rec); n++)
+			ivl_ring_consume(&p->rx, &rec);
+		lost += n;
+	}
+	if (!lost)
+		return;
+	ivl_stat_add_bh(priv, rx_leave_lost, lost);
+	netdev_warn(priv->dev, "%u frames still in the rings when the device left\n",
+		    lost);
+}
+
+/*
+ * Leaving for good (the device goes away): every UP peer acknowledges in
+ * its slot that it stopped sending to us (ivl_leave_ack_publish()), and
+ * we drain until all have, or IVL_LEAVE_ACK_MS passed.  What was sent
+ * before an ack is read by the last drain; with every ack in, nothing can
+ * arrive after it.
+ */
+static void ivl_leave_handshake(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	unsigned long deadline = jiffies + msecs_to_jiffies(IVL_LEAVE_ACK_MS);
+	u32 missing;
+
+	for (;;) {
+		ivl_rx_drain(priv, shm);
+		missing = ivl_peers_unacked(shm);
+		if (!missing || time_after(jiffies, deadline))
+			break;
+		usleep_range(500, 1000);
+	}
+	ivl_rx_drain(priv, shm);
+	if (missing) {
+		ivl_stat_add_bh(priv, leave_ack_timeouts, missing);
+		netdev_warn(priv->dev, "%u peers did not acknowledge our leaving within %u ms\n",
+			    missing, IVL_LEAVE_ACK_MS);
+	}
+	ivl_rx_count_lost(priv, shm);
 }
 
 /* ------------------------------------------------------------------ */
@@ -793,19 +957,48 @@ static rx_handler_result_t ivl_handle_frame(struct sk_buff **pskb)
 /* ------------------------------------------------------------------ */
 /* pairing with the PCI device (rtnl)                                 */
 
+static void ivl_napi_enable(struct ivl_priv *priv, struct ivl_shm *shm,
+			    bool on)
+{
+	u32 id;
+
+	if (priv->napi_on == on)
+		return;
+	for (id = 0; id < shm->max_peers; id++) {
+		if (id == shm->my_slot)
+			continue;
+		if (on)
+			napi_enable(&shm->peers[id].napi);
+		else
+			napi_disable(&shm->peers[id].napi);
+	}
+	priv->napi_on = on;
+}
+
+/*
+ * Announce ivl0's MAC in our slot.  Not one the server did not see on our
+ * NIC: it would evict us for the claim (and peers would not send to us).
+ */
+static void ivl_shm_publish_up(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	const u8 *mac = priv->dev->dev_addr;
+
+	if (shm->nic_mac_known && !ether_addr_equal(mac, shm->nic_mac)) {
+		netdev_warn(priv->dev, "MAC %pM is not the %pM the host knows for this NIC: shared memory off until it is\n",
+			    mac, shm->nic_mac);
+		ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
+		return;
+	}
+	ivl_slot_publish(shm, IVL_STATE_UP, mac);
+}
+
 static void ivl_shm_up(struct ivl_priv *priv, struct ivl_shm *shm)
 {
-	if (!priv->napi_on) {
-		napi_enable(&priv->napi);
-		priv->napi_on = true;
-	}
-	ivl_slot_publish(shm, IVL_STATE_UP, priv->dev->dev_addr);
+	ivl_napi_enable(priv, shm, true);
+	ivl_shm_publish_up(priv, shm);
 	ivl_notify_peers(shm);
+	/* frames already waiting in rings: the refresh schedules their NAPI */
 	queue_work(system_wq, &shm->refresh_work);
-	/* frames may already wait in rings from an earlier session */
-	local_bh_disable();
-	napi_schedule(&priv->napi);
-	local_bh_enable();
 }
 
 static void ivl_shm_down(struct ivl_priv *priv, struct ivl_shm *shm)
@@ -813,32 +1006,126 @@ static void ivl_shm_down(struct ivl_priv *priv, struct ivl_shm *shm)
 	/* peers stop sending; what they sent waits for the next ndo_open */
 	ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
 	ivl_notify_peers(shm);
-	if (priv->napi_on) {
-		napi_disable(&priv->napi);
-		priv->napi_on = false;
-	}
+	ivl_napi_enable(priv, shm, false);
 }
 
 /* Forget TX flow-control state: nothing may point into the rings. */
-static void ivl_tx_flow_reset(struct ivl_priv *priv)
+static void ivl_tx_flow_reset(struct ivl_priv *priv, struct ivl_shm *shm)
 {
-	struct netdev_queue *txq = ivl_txq(priv);
+	struct netdev_queue *txq;
+	struct ivl_peer *p;
+	u32 id;
 
-	hrtimer_cancel(&priv->tx_timer);
-	__netif_tx_lock_bh(txq);
-	bitmap_zero(priv->kick_pending, IVL_MAX_PEERS);
-	if (priv->stop_peer) {
-		WRITE_ONCE(priv->stop_peer, NULL);
-		/* when closed, ndo_open starts the queue again */
-		if (netif_running(priv->dev))
-			netif_tx_wake_queue(txq);
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_slot)
+			continue;
+		hrtimer_cancel(&p->tx_timer);
+		txq = ivl_peer_txq(priv, p);
+		__netif_tx_lock_bh(txq);
+		p->kick_pending = false;
+		if (p->tx_stopped) {
+			WRITE_ONCE(p->tx_stopped, false);
+			/* when closed, ndo_open starts the queues again */
+			if (netif_running(priv->dev))
+				netif_tx_wake_queue(txq);
+		}
+		__netif_tx_unlock_bh(txq);
 	}
-	__netif_tx_unlock_bh(txq);
+}
+
+static const struct page_pool_params ivl_rx_pool_params = {
+	.order		= IVL_RX_ORDER,
+	/*
+	 * The recycle ring: freed pages beyond it go back to the system.
+	 * With the pool's refill batch, at most about 192 pages (6 MiB) wait
+	 * for reuse when traffic stops.
+	 */
+	.pool_size	= 128,
+	.nid		= NUMA_NO_NODE,
+};
+
+/* A NAPI instance and a page pool for every other slot.  rtnl. */
+static void ivl_rx_init(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	struct page_pool_params pp = ivl_rx_pool_params;
+	struct ivl_peer *p;
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_slot)
+			continue;
+		netif_napi_add(priv->dev, &p->napi, ivl_napi_poll);
+		p->rx_pool = page_pool_create(&pp);
+		/* without one, frames take pages from the page allocator */
+		if (IS_ERR(p->rx_pool))
+			p->rx_pool = NULL;
+	}
+}
+
+static void ivl_rx_uninit(struct ivl_shm *shm)
+{
+	struct ivl_peer *p;
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id == shm->my_slot)
+			continue;
+		netif_napi_del(&p->napi);
+		/* pages still in skbs come back later; the pool waits for them */
+		if (p->rx_pool)
+			page_pool_destroy(p->rx_pool);
+		p->rx_pool = NULL;
+	}
+}
+
+/*
+ * rtnl.  Does @shm belong under @priv?  The server tells which of the
+ * guest's NICs is the data NIC; when it could not, any free upper will do.
+ */
+static bool ivl_pair_match(const struct ivl_priv *priv,
+			   const struct ivl_shm *shm)
+{
+	if (shm->upper || ivl_shm_rtnl(priv))
+		return false;
+	return !shm->nic_mac_known ||
+	       ether_addr_equal(priv->lower->dev_addr, shm->nic_mac);
+}
+
+void ivl_pair_shm(struct ivl_shm *shm)
+{
+	struct ivl_priv *priv;
+
+	ASSERT_RTNL();
+	list_for_each_entry(priv, &ivl_uppers, node) {
+		if (ivl_pair_match(priv, shm)) {
+			ivl_attach(priv, shm);
+			return;
+		}
+	}
+	dev_info(&shm->pdev->dev, "waiting for an ivloop link on the data NIC\n");
+}
+
+static void ivl_pair_upper(struct ivl_priv *priv)
+{
+	struct ivl_shm *shm;
+
+	ASSERT_RTNL();
+	list_for_each_entry(shm, &ivl_shms, node) {
+		if (ivl_pair_match(priv, shm)) {
+			ivl_attach(priv, shm);
+			return;
+		}
+	}
 }
 
 void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm)
 {
 	ASSERT_RTNL();
+	shm->upper = priv;
+	ivl_rx_init(priv, shm);
 	rcu_assign_pointer(priv->shm, shm);
 	ivl_peers_start(shm, priv);
 	if (netif_running(priv->dev))
@@ -868,13 +1155,12 @@ void ivl_detach(struct ivl_priv *priv, u32 state)
 	RCU_INIT_POINTER(priv->shm, NULL);
 	synchronize_rcu();
 
-	if (priv->napi_on) {
-		napi_disable(&priv->napi);
-		priv->napi_on = false;
-	}
-	if (drain)
+	ivl_napi_enable(priv, shm, false);
+	if (drain && state == IVL_STATE_LEAVING)
+		ivl_leave_handshake(priv, shm);
+	else if (drain)
 		ivl_rx_drain(priv, shm);
-	ivl_tx_flow_reset(priv);
+	ivl_tx_flow_reset(priv, shm);
 
 	/* the IRQ handlers read shm->priv without locks: wait them out */
 	mutex_lock(&shm->lock);
@@ -882,6 +1168,8 @@ void ivl_detach(struct ivl_priv *priv, u32 state)
 	mutex_unlock(&shm->lock);
 	synchronize_irq(pci_irq_vector(shm->pdev, IVL_VEC_MEMBERSHIP));
 	synchronize_irq(pci_irq_vector(shm->pdev, IVL_VEC_DATA));
+	ivl_rx_uninit(shm);
+	shm->upper = NULL;
 
 	netdev_info(priv->dev, "shared memory %s detached (%s)\n",
 		    pci_name(shm->pdev),
@@ -890,17 +1178,6 @@ void ivl_detach(struct ivl_priv *priv, u32 state)
 
 /* ------------------------------------------------------------------ */
 /* net_device_ops                                                     */
-
-static const struct page_pool_params ivl_rx_pool_params = {
-	.order		= IVL_RX_ORDER,
-	/*
-	 * The recycle ring: freed pages beyond it go back to the system.
-	 * With the pool's refill batch, at most about 192 pages (6 MiB) wait
-	 * for reuse when traffic stops.
-	 */
-	.pool_size	= 128,
-	.nid		= NUMA_NO_NODE,
-};
 
 static int ivl_ndo_init(struct net_device *dev)
 {
@@ -913,23 +1190,12 @@ static int ivl_ndo_init(struct net_device *dev)
 	/* our TX lock is held while the lower device takes its own */
 	netdev_lockdep_set_classes(dev);
 	netdev_hold(priv->lower, &priv->lower_tracker, GFP_KERNEL);
-	netif_napi_add(dev, &priv->napi, ivl_napi_poll);
-	hrtimer_init(&priv->tx_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_SOFT);
-	priv->tx_timer.function = ivl_tx_timer_fn;
-	priv->rx_pool = page_pool_create(&ivl_rx_pool_params);
-	if (IS_ERR(priv->rx_pool)) {
-		err = PTR_ERR(priv->rx_pool);
-		goto del_napi;
-	}
 	err = ivl_poll_init(priv);
 	if (err)
-		goto destroy_pool;
+		goto put_lower;
 	return 0;
 
-destroy_pool:
-	page_pool_destroy(priv->rx_pool);
-del_napi:
-	netif_napi_del(&priv->napi);
+put_lower:
 	netdev_put(priv->lower, &priv->lower_tracker);
 	free_percpu(priv->stats);
 	priv->stats = NULL;
@@ -953,12 +1219,7 @@ static void ivl_ndo_uninit(struct net_device *dev)
 		priv->upper_linked = false;
 	}
 	ivl_poll_uninit(priv);
-	hrtimer_cancel(&priv->tx_timer);
-	netif_napi_del(&priv->napi);
-	/* pages still in skbs come back later; the pool waits for them */
-	page_pool_destroy(priv->rx_pool);
-	if (ivl_the_upper == priv)
-		ivl_the_upper = NULL;
+	list_del_init(&priv->node);
 	netdev_put(priv->lower, &priv->lower_tracker);
 }
 
@@ -989,7 +1250,7 @@ static int ivl_open(struct net_device *dev)
 	if (shm)
 		ivl_shm_up(priv, shm);
 	netif_stacked_transfer_operstate(lower, dev);
-	netif_start_queue(dev);
+	netif_tx_start_all_queues(dev);
 	return 0;
 
 clear_allmulti:
@@ -1004,9 +1265,10 @@ static int ivl_stop(struct net_device *dev)
 	struct ivl_shm *shm = ivl_shm_rtnl(priv);
 	struct net_device *lower = priv->lower;
 
-	if (shm)
+	if (shm) {
 		ivl_shm_down(priv, shm);
-	ivl_tx_flow_reset(priv);
+		ivl_tx_flow_reset(priv, shm);
+	}
 	dev_uc_unsync(lower, dev);
 	dev_mc_unsync(lower, dev);
 	if (dev->flags & IFF_ALLMULTI)
@@ -1062,6 +1324,7 @@ static const struct net_device_ops ivl_netdev_ops = {
 	.ndo_open		= ivl_open,
 	.ndo_stop		= ivl_stop,
 	.ndo_start_xmit		= ivl_start_xmit,
+	.ndo_select_queue	= ivl_select_queue,
 	.ndo_get_stats64	= ivl_get_stats64,
 	.ndo_change_mtu		= ivl_change_mtu,
 	.ndo_set_rx_mode	= ivl_set_rx_mode,
@@ -1130,6 +1393,7 @@ static u32 ivl_get_priv_flags(struct net_device *dev)
 static int ivl_set_priv_flags(struct net_device *dev, u32 flags)
 {
 	struct ivl_priv *priv = netdev_priv(dev);
+	struct ivl_shm *shm;
 
 	if (flags & ~BIT(IVL_F_FORCE_LOWER))
 		return -EINVAL;
@@ -1137,7 +1401,42 @@ static int ivl_set_priv_flags(struct net_device *dev, u32 flags)
 	assign_bit(IVL_F_FORCE_LOWER, &priv->flags,
 		   flags & BIT(IVL_F_FORCE_LOWER));
 	/* a queue stopped on a full ring need not wait for it any more */
-	ivl_tx_wake_check(priv);
+	shm = ivl_shm_rtnl(priv);
+	if (shm)
+		ivl_tx_wake_check(priv, shm);
+	return 0;
+}
+
+/*
+ * rx-usecs: the longest ring-poll window (ivl_poll.c).  0 turns polling
+ * off: frames then always wait for a doorbell.
+ */
+static int ivl_get_coalesce(struct net_device *dev,
+			    struct ethtool_coalesce *ec,
+			    struct kernel_ethtool_coalesce *kec,
+			    struct netlink_ext_ack *extack)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	ec->rx_coalesce_usecs = READ_ONCE(priv->poll_max_us);
+	return 0;
+}
+
+static_assert(IVL_POLL_US_MAX == 10000);
+
+static int ivl_set_coalesce(struct net_device *dev,
+			    struct ethtool_coalesce *ec,
+			    struct kernel_ethtool_coalesce *kec,
+			    struct netlink_ext_ack *extack)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	if (ec->rx_coalesce_usecs > IVL_POLL_US_MAX) {
+		NL_SET_ERR_MSG_MOD(extack, "rx-usecs is at most 10000");
+		return -EINVAL;
+	}
+	/* read on every use; an open window ends at the new length */
+	WRITE_ONCE(priv->poll_max_us, ec->rx_coalesce_usecs);
 	return 0;
 }
 
@@ -1150,7 +1449,10 @@ static int ivl_get_link_ksettings(struct net_device *dev,
 }
 
 static const struct ethtool_ops ivl_ethtool_ops = {
+	.supported_coalesce_params = ETHTOOL_COALESCE_RX_USECS,
 	.get_drvinfo		= ivl_get_drvinfo,
+	.get_coalesce		= ivl_get_coalesce,
+	.set_coalesce		= ivl_set_coalesce,
 	.get_link		= ethtool_op_get_link,
 	.get_link_ksettings	= ivl_get_link_ksettings,
 	.get_sset_count		= ivl_get_sset_count,
@@ -1169,13 +1471,17 @@ static void ivl_setup(struct net_device *dev)
 
 	ether_setup(dev);
 	priv->dev = dev;
+	INIT_LIST_HEAD(&priv->node);
 	priv->flags = ivl_param_force_lower ? BIT(IVL_F_FORCE_LOWER) : 0;
+	priv->poll_max_us = ivl_param_poll_us;
 	dev->netdev_ops = &ivl_netdev_ops;
 	dev->ethtool_ops = &ivl_ethtool_ops;
 	dev->needs_free_netdev = true;
 	dev->priv_destructor = ivl_priv_destructor;
 	dev->priv_flags &= ~IFF_TX_SKB_SHARING;
-	/* a real qdisc: the queue is stopped while a ring is full */
+	/* extra unicast addresses go to the lower NIC's filter, not promisc */
+	dev->priv_flags |= IFF_UNICAST_FLT;
+	/* real qdiscs: a peer's queue is stopped while its ring is full */
 	dev->hw_features = IVL_FEATURES;
 	dev->features = IVL_FEATURES | NETIF_F_NETNS_LOCAL;
 	dev->vlan_features = IVL_FEATURES;
@@ -1206,9 +1512,9 @@ static int ivl_lower_check(struct net_device *lower,
 		NL_SET_ERR_MSG(extack, "ivloop cannot stack on ivloop");
 		return -ELOOP;
 	}
-	if (ivl_the_upper) {
-		NL_SET_ERR_MSG(extack, "there is already an ivloop device");
-		return -EEXIST;
+	if (netdev_is_rx_handler_busy(lower)) {
+		NL_SET_ERR_MSG(extack, "the lower device is already taken (bridge, bond, ivloop?)");
+		return -EBUSY;
 	}
 	return 0;
 }
@@ -1259,9 +1565,8 @@ static int ivl_newlink(struct net *src_net, struct net_device *dev,
 	priv->rx_handler_on = true;
 
 	netif_stacked_transfer_operstate(lower, dev);
-	ivl_the_upper = priv;
-	if (ivl_the_shm)
-		ivl_attach(priv, ivl_the_shm);
+	list_add_tail(&priv->node, &ivl_uppers);
+	ivl_pair_upper(priv);
 	return 0;
 
 unregister_netdev:
@@ -1282,8 +1587,14 @@ static struct net *ivl_get_link_net(const struct net_device *dev)
 	return dev_net(priv->lower);
 }
 
+static unsigned int ivl_get_num_tx_queues(void)
+{
+	return IVL_NUM_TXQ;
+}
+
 struct rtnl_link_ops ivl_link_ops __read_mostly = {
 	.kind		= IVL_LINK_KIND,
+	.get_num_tx_queues = ivl_get_num_tx_queues,
 	.priv_size	= sizeof(struct ivl_priv),
 	.setup		= ivl_setup,
 	.validate	= ivl_validate,
@@ -1305,9 +1616,8 @@ static void ivl_follow_addr(struct ivl_priv *priv)
 	eth_hw_addr_set(dev, priv->lower->dev_addr);
 	call_netdevice_notifiers(NETDEV_CHANGEADDR, dev);
 	if (shm && netif_running(dev)) {
-		/* through DOWN, so no peer reads a half-written MAC as UP */
-		ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
-		ivl_slot_publish(shm, IVL_STATE_UP, dev->dev_addr);
+		/* the slot's seq keeps peers from reading half of it */
+		ivl_shm_publish_up(priv, shm);
 		ivl_notify_peers(shm);
 	}
 }
@@ -1316,11 +1626,13 @@ static int ivl_netdev_event(struct notifier_block *nb, unsigned long event,
 			    void *ptr)
 {
 	struct net_device *dev = netdev_notifier_info_to_dev(ptr);
-	struct ivl_priv *priv = ivl_the_upper;
+	struct ivl_priv *priv;
 	LIST_HEAD(list_kill);
 
-	if (!priv || priv->lower != dev)
+	/* our rx_handler marks the lower devices we stack on */
+	if (rcu_access_pointer(dev->rx_handler) != ivl_handle_frame)
 		return NOTIFY_DONE;
+	priv = rtnl_dereference(dev->rx_handler_data);
 
 	switch (event) {
 	case NETDEV_UP:

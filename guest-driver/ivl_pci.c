@@ -40,9 +40,12 @@ static irqreturn_t ivl_data_irq(int irq, void *data)
 	struct ivl_shm *shm = data;
 	struct ivl_priv *priv = READ_ONCE(shm->priv);
 
-	/* NAPI reads the rings and wakes a queue stopped on a full one */
+	/*
+	 * NAPI reads the rings and wakes a queue stopped on a full one.  The
+	 * vector does not say who rang: every peer with work gets its poll.
+	 */
 	if (priv)
-		napi_schedule(&priv->napi);
+		ivl_napi_schedule_rx(priv, shm, true);
 	return IRQ_HANDLED;
 }
 
@@ -271,26 +274,21 @@ static int ivl_pci_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		goto free_data_irq;
 	/* a previous guest in this slot may have left UP behind */
 	ivl_slot_publish(shm, IVL_STATE_DOWN, NULL);
+	ivl_slot_read_nic(shm);
 
-	rtnl_lock();
-	if (ivl_the_shm) {
-		rtnl_unlock();
-		dev_err(&pdev->dev, "%s already drives the ivloop device\n",
-			pci_name(ivl_the_shm->pdev));
-		err = -EBUSY;
-		goto free_data_irq;
-	}
-	ivl_the_shm = shm;
-	ivl_peers_debugfs_add(shm);
-	if (ivl_the_upper)
-		ivl_attach(ivl_the_upper, shm);
-	rtnl_unlock();
-
-	dev_info(&pdev->dev, "ivloop region %llu MiB, slot %u of %u, peer id %u, rings %u KiB%s\n",
+	dev_info(&pdev->dev, "ivloop region %llu MiB, slot %u of %u, peer id %u, rings %u KiB\n",
 		 shm->region_size >> 20, shm->my_slot, shm->max_peers,
-		 shm->my_peer_id,
-		 shm->ring_size >> 10,
-		 ivl_the_upper ? "" : "; waiting for an ivloop link");
+		 shm->my_peer_id, shm->ring_size >> 10);
+	if (shm->nic_mac_known)
+		dev_info(&pdev->dev, "the server knows our data NIC as %pM\n",
+			 shm->nic_mac);
+	else
+		dev_info(&pdev->dev, "the server does not know our data NIC: pairing with any ivloop link\n");
+	rtnl_lock();
+	list_add_tail(&shm->node, &ivl_shms);
+	ivl_peers_debugfs_add(shm);
+	ivl_pair_shm(shm);
+	rtnl_unlock();
 	return 0;
 
 free_data_irq:
@@ -331,16 +329,16 @@ static void ivl_pci_remove(struct pci_dev *pdev)
 	struct ivl_shm *shm = pci_get_drvdata(pdev);
 
 	rtnl_lock();
-	if (shm->priv) {
-		ivl_detach(shm->priv, IVL_STATE_LEAVING);
+	if (shm->upper) {
+		ivl_detach(shm->upper, IVL_STATE_LEAVING);
 	} else {
 		ivl_slot_publish(shm, IVL_STATE_LEAVING, NULL);
 		ivl_notify_peers(shm);
 	}
-	ivl_the_shm = NULL;
+	list_del(&shm->node);
 	rtnl_unlock();
 
-	debugfs_remove(shm->dbg_peers);
+	debugfs_remove(shm->dbg_dir);
 	pci_free_irq(pdev, IVL_VEC_DATA, shm);
 	pci_free_irq(pdev, IVL_VEC_MEMBERSHIP, shm);
 	pci_free_irq_vectors(pdev);

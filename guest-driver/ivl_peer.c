@@ -29,36 +29,89 @@ struct ivl_slot_snap {
 	u64 gen;
 	u64 joined_gen;
 	u64 heartbeat;
+	u64 leave_ack;
 	u32 present;
 	u32 peer_id;
+	u32 srv_flags;
 	u32 state;
 	u8 mac[ETH_ALEN] __aligned(2);
+	u8 nic_mac[ETH_ALEN] __aligned(2);
 };
 
-static void ivl_slot_snap(const struct ivl_shm *shm, u32 id,
+/* A writer preempted mid-update keeps its seq odd for a while: give up soon. */
+#define IVL_SNAP_TRIES		4
+
+/*
+ * Copy slot @id under both halves' sequence counters (ivl_abi.h).  False
+ * when a half stayed odd or kept changing: the caller keeps its previous
+ * view of the slot, so a writer caught mid-update costs nothing and a peer
+ * that never settles only freezes its own entry.
+ */
+static bool ivl_slot_snap(const struct ivl_shm *shm, u32 id,
 			  struct ivl_slot_snap *s)
 {
 	const struct ivl_slot *slot = ivl_slot(shm, id);
+	u32 srv1, srv2, seq1, seq2;
+	unsigned int tries;
 
-	s->present = le32_to_cpu(READ_ONCE(slot->present));
-	s->peer_id = le32_to_cpu(READ_ONCE(slot->peer_id));
-	s->gen = le64_to_cpu(READ_ONCE(slot->generation));
-	/*
-	 * Acquire pairs with the store-release of state in the peer's
-	 * ivl_slot_publish(): its mac, joined_gen and heartbeat are read no
-	 * older than the state that announced them.
-	 */
-	s->state = le32_to_cpu(smp_load_acquire(&slot->state));
-	memcpy(s->mac, slot->mac, ETH_ALEN);
+	for (tries = 0; tries < IVL_SNAP_TRIES; tries++) {
+		/* acquire, both: the fields below are no older than these */
+		srv1 = le32_to_cpu(virt_load_acquire(&slot->srv_seq));
+		/* pairs with the virt_wmb() after the odd seq in ivl_slot_publish() */
+		seq1 = le32_to_cpu(virt_load_acquire(&slot->seq));
+		if ((srv1 | seq1) & 1) {
+			cpu_relax();
+			continue;
+		}
+		s->present = le32_to_cpu(READ_ONCE(slot->present));
+		s->peer_id = le32_to_cpu(READ_ONCE(slot->peer_id));
+		s->gen = le64_to_cpu(READ_ONCE(slot->generation));
+		s->srv_flags = le32_to_cpu(READ_ONCE(slot->srv_flags));
+		memcpy(s->nic_mac, slot->nic_mac, ETH_ALEN);
+		s->state = le32_to_cpu(READ_ONCE(slot->state));
+		memcpy(s->mac, slot->mac, ETH_ALEN);
+		s->joined_gen = le64_to_cpu(READ_ONCE(slot->joined_gen));
+		/* the copies above complete before the counters are reread */
+		virt_rmb();
+		srv2 = le32_to_cpu(READ_ONCE(slot->srv_seq));
+		seq2 = le32_to_cpu(READ_ONCE(slot->seq));
+		if (srv1 == srv2 && seq1 == seq2)
+			goto stable;
+		cpu_relax();
+	}
+	return false;
+
+stable:
+	/* single words, outside the protocol */
 	s->heartbeat = le64_to_cpu(READ_ONCE(slot->heartbeat));
-	s->joined_gen = le64_to_cpu(READ_ONCE(slot->joined_gen));
+	s->leave_ack = le64_to_cpu(READ_ONCE(slot->leave_ack));
+	return true;
 }
 
+/* Probe: what the server learned about our data NIC, if anything. */
+void ivl_slot_read_nic(struct ivl_shm *shm)
+{
+	struct ivl_slot_snap s;
+
+	shm->nic_mac_known = false;
+	if (!ivl_slot_snap(shm, shm->my_slot, &s) ||
+	    !(s.srv_flags & IVL_SLOT_F_MAC_KNOWN) ||
+	    !is_valid_ether_addr(s.nic_mac))
+		return;
+	ether_addr_copy(shm->nic_mac, s.nic_mac);
+	shm->nic_mac_known = true;
+}
+
+/* Callers serialise (rtnl, or the shutdown path with nothing else left). */
 void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 {
 	struct ivl_slot *slot = ivl_slot(shm, shm->my_slot);
 	u64 gen, hb;
 
+	/* odd: readers retry or keep their view until we are done */
+	WRITE_ONCE(slot->seq, cpu_to_le32(++shm->slot_seq));
+	/* the odd seq is seen before any field changes (ivl_slot_snap()) */
+	virt_wmb();
 	if (state == IVL_STATE_UP) {
 		memcpy(shm->my_mac, mac, ETH_ALEN);
 		memcpy(slot->mac, mac, ETH_ALEN);
@@ -67,11 +120,60 @@ void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 		hb = atomic64_inc_return(&shm->heartbeat);
 		WRITE_ONCE(slot->heartbeat, cpu_to_le64(hb));
 	}
-	/*
-	 * Release: a peer that loads state == UP with acquire (ivl_slot_snap)
-	 * also sees the mac, joined_gen and heartbeat written above.
-	 */
-	smp_store_release(&slot->state, cpu_to_le32(state));
+	WRITE_ONCE(slot->state, cpu_to_le32(state));
+	/* every field is written before seq is even again */
+	virt_wmb();
+	WRITE_ONCE(slot->seq, cpu_to_le32(++shm->slot_seq));
+}
+
+/*
+ * Acknowledge, in my slot, every LEAVING peer I no longer send to.  The
+ * caller has made sure no xmit still writes their rings (they left the TX
+ * table a grace period ago, or were never in it).  shm->lock.
+ */
+static void ivl_leave_ack_publish(struct ivl_shm *shm)
+{
+	struct ivl_slot *slot = ivl_slot(shm, shm->my_slot);
+	struct ivl_peer *p;
+	u64 ack = 0;
+	u32 id;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		p = &shm->peers[id];
+		if (id != shm->my_slot && p->leaving && !p->tx_on)
+			ack |= BIT_ULL(id);
+	}
+	if (ack == shm->leave_ack)
+		return;
+	shm->leave_ack = ack;
+	/* release: our last records in their rings before the ack */
+	virt_store_release(&slot->leave_ack, cpu_to_le64(ack));
+}
+
+/*
+ * Peers that may still send to me and have not acknowledged my LEAVING:
+ * present, joined and UP, without my bit in their leave_ack.  A slot that
+ * cannot be read stably counts as not acknowledged.
+ */
+u32 ivl_peers_unacked(struct ivl_shm *shm)
+{
+	struct ivl_slot_snap s;
+	u32 id, missing = 0;
+
+	for (id = 0; id < shm->max_peers; id++) {
+		if (id == shm->my_slot)
+			continue;
+		if (!ivl_slot_snap(shm, id, &s)) {
+			missing++;
+			continue;
+		}
+		if (s.present != 1 || s.srv_flags & IVL_SLOT_F_EVICTED ||
+		    s.joined_gen != s.gen || s.state != IVL_STATE_UP)
+			continue;
+		if (!(s.leave_ack & BIT_ULL(shm->my_slot)))
+			missing++;
+	}
+	return missing;
 }
 
 /* Ring the membership vector of every present peer, at its QEMU peer ID. */
@@ -104,7 +206,7 @@ void ivl_peer_broken(struct ivl_peer *peer, const char *why)
 	queue_work(system_wq, &peer->shm->refresh_work);
 }
 
-/* TX queue lock held. */
+/* The peer's TX queue lock held. */
 void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
 		      const char *why)
 {
@@ -123,9 +225,10 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 {
 	unsigned long timeout = msecs_to_jiffies(IVL_HEARTBEAT_TIMEOUT_MS);
 	struct ivl_slot_snap s;
-	bool joined, bad, up;
+	bool joined, bad, bad_mac, up;
 
-	ivl_slot_snap(shm, p->id, &s);
+	if (!ivl_slot_snap(shm, p->id, &s))
+		return;		/* mid-update: decide on the next look */
 
 	if (s.gen != p->seen_gen || s.peer_id != p->seen_peer_id) {
 		/* joined or left since we last looked: a fresh record */
@@ -146,10 +249,13 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 		p->hb_dead = false;
 	}
 
-	joined = s.present == 1 && s.joined_gen == s.gen;
+	/* an evicted occupant is absent, whatever it still writes */
+	joined = s.present == 1 && !(s.srv_flags & IVL_SLOT_F_EVICTED) &&
+		 s.joined_gen == s.gen;
 	up = joined && s.state == IVL_STATE_UP;
 	/* an ID the doorbell cannot address, or mine, is a broken entry */
 	bad = s.present > 1 || s.state > IVL_STATE_LEAVING ||
+	      s.srv_flags & ~IVL_SLOT_KNOWN_FLAGS ||
 	      (up && !is_valid_ether_addr(s.mac)) ||
 	      (joined && (s.peer_id > IVL_PEER_ID_MAX ||
 			  s.peer_id == shm->my_peer_id));
@@ -161,6 +267,22 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 	}
 	p->bad_entry = bad;
 
+	/*
+	 * The server saw this occupant's NIC: a slot claiming another MAC
+	 * (another host's VM, the gateway) would pull that traffic into its
+	 * ring.  It gets nothing, until the server evicts it.
+	 */
+	bad_mac = up && (s.srv_flags & IVL_SLOT_F_MAC_KNOWN) &&
+		  !ether_addr_equal(s.mac, s.nic_mac);
+	if (bad_mac && !p->bad_mac) {
+		ivl_stat_inc_bh(priv, peer_bad_mac);
+		dev_warn_ratelimited(&shm->pdev->dev,
+				     "peer %u: claims MAC %pM but its NIC is %pM; not sending to it\n",
+				     p->id, s.mac, s.nic_mac);
+	}
+	p->bad_mac = bad_mac;
+	p->leaving = joined && s.state == IVL_STATE_LEAVING;
+
 	if (up && !p->hb_dead && time_after(now, p->hb_stamp + timeout)) {
 		p->hb_dead = true;
 		ivl_stat_inc_bh(priv, peer_timeout);
@@ -170,7 +292,8 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 	}
 
 	/* a LEAVING peer still gets its last frames read, but none sent */
-	p->want_rx = joined && !bad && !test_bit(IVL_PEER_BROKEN, &p->flags) &&
+	p->want_rx = joined && !bad && !bad_mac &&
+		     !test_bit(IVL_PEER_BROKEN, &p->flags) &&
 		     (s.state == IVL_STATE_UP || s.state == IVL_STATE_LEAVING);
 	p->want_tx = p->want_rx && s.state == IVL_STATE_UP && !p->hb_dead;
 	memcpy(p->new_mac, s.mac, ETH_ALEN);
@@ -214,21 +337,20 @@ static int ivl_peer_attach(struct ivl_shm *shm, struct ivl_priv *priv,
 {
 	struct ivl_ring_ctrl *tx_ctrl = ivl_ring_base(shm, shm->my_slot, p->id);
 	void *rx_base = ivl_ring_base(shm, p->id, shm->my_slot);
-	struct netdev_queue *txq = ivl_txq(priv);
+	struct netdev_queue *txq = ivl_peer_txq(priv, p);
 	int err;
 
 	/* the TX flow-control timer may look at p->tx: take its lock */
 	__netif_tx_lock_bh(txq);
-	if (p->attached) {
-		/*
-		 * The peer rejoined: the server zeroed this ring, but we may
-		 * have published into it before we noticed.  The prod is
-		 * ours; restart it at the fresh consumer's cons so those
-		 * records are never parsed.
-		 */
-		WRITE_ONCE(tx_ctrl->prod, READ_ONCE(tx_ctrl->cons));
-	}
-	err = ivl_ring_attach_producer(&p->tx, tx_ctrl, shm->ring_size);
+	/*
+	 * The peer rejoined: the server zeroed this ring, but we may have
+	 * published into it before we noticed.  The prod is ours; restart
+	 * it at the fresh consumer's cons so those records are never parsed.
+	 */
+	if (p->attached)
+		err = ivl_ring_restart_producer(&p->tx, tx_ctrl, shm->ring_size);
+	else
+		err = ivl_ring_attach_producer(&p->tx, tx_ctrl, shm->ring_size);
 	p->tx_cons_seen = p->tx.prod;
 	p->tx_cons_stamp = jiffies;
 	/* checked <= IVL_PEER_ID_MAX by ivl_peer_assess() (want_rx) */
@@ -297,7 +419,8 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 		rx = p->want_rx && p->attached;
 		tx = ivl_peer_tx_wanted(p) && p->attached;
 		if (!final) {
-			rx = rx && p->rx_on && !p->reattach;
+			rx = rx && p->rx_on && !p->reattach &&
+			     ether_addr_equal(p->rx_mac, p->new_mac);
 			tx = tx && p->tx_on && !p->reattach &&
 			     ether_addr_equal(p->mac, p->new_mac);
 		}
@@ -307,8 +430,13 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 		}
 		/* downs show in the intermediate table, ups in the final */
 		ivl_peer_announce(shm, priv, p, tx);
-		if (rx)
+		if (rx) {
+			/* NAPI checks sources against it: set while out */
+			if (!p->rx_on)
+				memcpy(p->rx_mac, p->new_mac, ETH_ALEN);
 			t->rx[t->nr_rx++] = p;
+			t->rx_map |= BIT_ULL(id);
+		}
 		if (tx) {
 			memcpy(p->mac, p->new_mac, ETH_ALEN);
 			memcpy(t->tx[t->nr_tx].mac, p->mac, ETH_ALEN);
@@ -350,44 +478,52 @@ static bool ivl_peer_progressed(struct ivl_peer *p, unsigned long now)
 	return true;
 }
 
+/* The peer's TX queue lock held. */
+static void ivl_peer_tx_check(struct ivl_priv *priv, struct ivl_peer *p,
+			      unsigned long now, unsigned long stall)
+{
+	bool progressed;
+
+	if (ivl_ring_check_producer(&p->tx)) {
+		if (!test_bit(IVL_PEER_BROKEN, &p->flags))
+			ivl_stat_inc(priv, tx_bad_ring);
+		ivl_peer_broken(p, "bad consumer index in our ring");
+		p->want_rx = false;
+		p->want_tx = false;
+		return;
+	}
+	progressed = ivl_peer_progressed(p, now);
+	if (!test_bit(IVL_PEER_STALLED, &p->flags)) {
+		if (time_after(now, p->tx_cons_stamp + stall))
+			ivl_peer_stalled(priv, p, "does not read its ring");
+	} else if (progressed && ivl_ring_has_room(&p->tx, IVL_MAX_FRAME)) {
+		clear_bit(IVL_PEER_STALLED, &p->flags);
+	}
+}
+
 /*
- * After ivl_peer_assess(), under the TX lock: notice producer rings the
- * peer broke or stopped reading, and let stalled peers back once they
- * consume and their ring has room again.
+ * After ivl_peer_assess(), under each peer's TX queue lock: notice
+ * producer rings the peer broke or stopped reading, and let stalled peers
+ * back once they consume and their ring has room again.
  */
 static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 {
-	struct netdev_queue *txq = ivl_txq(priv);
+	struct netdev_queue *txq;
 	unsigned long stall = msecs_to_jiffies(ivl_param_stall_ms);
 	unsigned long now = jiffies;
 	struct ivl_peer *p;
-	bool progressed;
 	u32 id;
 
-	__netif_tx_lock_bh(txq);
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
 		/* a rejoined peer's ring was zeroed: it gets new rings anyway */
 		if (!p->attached || id == shm->my_slot || ivl_peer_moved(p))
 			continue;
-		if (ivl_ring_check_producer(&p->tx)) {
-			if (!test_bit(IVL_PEER_BROKEN, &p->flags))
-				ivl_stat_inc(priv, tx_bad_ring);
-			ivl_peer_broken(p, "bad consumer index in our ring");
-			p->want_rx = false;
-			p->want_tx = false;
-			continue;
-		}
-		progressed = ivl_peer_progressed(p, now);
-		if (!test_bit(IVL_PEER_STALLED, &p->flags)) {
-			if (time_after(now, p->tx_cons_stamp + stall))
-				ivl_peer_stalled(priv, p, "does not read its ring");
-		} else if (progressed &&
-			   ivl_ring_has_room(&p->tx, IVL_MAX_FRAME)) {
-			clear_bit(IVL_PEER_STALLED, &p->flags);
-		}
+		txq = ivl_peer_txq(priv, p);
+		__netif_tx_lock_bh(txq);
+		ivl_peer_tx_check(priv, p, now, stall);
+		__netif_tx_unlock_bh(txq);
 	}
-	__netif_tx_unlock_bh(txq);
 }
 
 static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
@@ -396,7 +532,7 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 	bool changed = shm->table_dirty;
 	bool drop = false;
 	struct ivl_peer *p;
-	bool tx, macs;
+	bool tx, macs, rx_macs;
 	u32 id;
 
 	for (id = 0; id < shm->max_peers; id++)
@@ -413,15 +549,18 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 		p->reattach = (p->want_rx || tx) &&
 			      (!p->attached || ivl_peer_moved(p));
 		macs = ether_addr_equal(p->mac, p->new_mac);
+		rx_macs = ether_addr_equal(p->rx_mac, p->new_mac);
 		if (p->rx_on != p->want_rx || p->tx_on != tx || p->reattach ||
-		    (tx && !macs))
+		    (tx && !macs) || (p->want_rx && !rx_macs))
 			changed = true;
-		if ((p->rx_on && (!p->want_rx || p->reattach)) ||
+		if ((p->rx_on && (!p->want_rx || p->reattach || !rx_macs)) ||
 		    (p->tx_on && (!tx || p->reattach || !macs)))
 			drop = true;
 	}
-	if (!changed)
+	if (!changed) {
+		ivl_leave_ack_publish(shm);
 		return;
+	}
 
 	if (drop) {
 		ivl_table_publish(shm, priv, false);
@@ -434,13 +573,15 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 			ivl_peer_attach(shm, priv, p);
 	}
 	shm->table_dirty = !ivl_table_publish(shm, priv, true);
+	/* a peer taken out above is a grace period behind us now */
+	ivl_leave_ack_publish(shm);
 
 	/* read what new rings already hold, and re-arm their kicks */
 	local_bh_disable();
-	napi_schedule(&priv->napi);
+	ivl_napi_schedule_rx(priv, shm, false);
 	local_bh_enable();
-	/* the ring that stopped the queue may belong to a peer now gone */
-	ivl_tx_wake_check(priv);
+	/* a ring that stopped a queue may belong to a peer now gone */
+	ivl_tx_wake_check(priv, shm);
 }
 
 static void ivl_refresh_work(struct work_struct *work)
@@ -478,6 +619,8 @@ void ivl_peers_init(struct ivl_shm *shm)
 		p = &shm->peers[id];
 		p->shm = shm;
 		p->id = id;
+		hrtimer_init(&p->tx_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_SOFT);
+		p->tx_timer.function = ivl_tx_timer_fn;
 		u64_stats_init(&p->tx_stats.syncp);
 		u64_stats_init(&p->rx_stats.syncp);
 	}
@@ -498,8 +641,13 @@ void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv)
 		p->attached = false;
 		p->rx_on = false;
 		p->tx_on = false;
+		p->leaving = false;
+		p->bad_mac = false;
 		eth_zero_addr(p->mac);
+		eth_zero_addr(p->rx_mac);
 	}
+	shm->leave_ack = 0;
+	WRITE_ONCE(ivl_slot(shm, shm->my_slot)->leave_ack, 0);
 	shm->table_dirty = false;
 	shm->stopping = false;
 	/* IRQ handlers read it locklessly: see ivl_detach() for the clear */
@@ -544,6 +692,8 @@ static const char *ivl_peer_state(const struct ivl_peer *p)
 		return "up";
 	if (p->bad_entry)
 		return "bad-entry";
+	if (p->bad_mac)
+		return "bad-mac";
 	if (p->dup_mac)
 		return "dup-mac";
 	if (p->hb_dead)
@@ -596,7 +746,7 @@ DEFINE_SHOW_ATTRIBUTE(ivl_peers);
 
 void ivl_peers_debugfs_add(struct ivl_shm *shm)
 {
-	/* one device per guest, so one fixed name */
-	shm->dbg_peers = debugfs_create_file("peers", 0444, ivl_debugfs_root,
-					     shm, &ivl_peers_fops);
+	/* ERR_PTR-tolerant, like the root: debugfs is optional */
+	shm->dbg_dir = debugfs_create_dir(pci_name(shm->pdev), ivl_debugfs_root);
+	debugfs_create_file("peers", 0444, shm->dbg_dir, shm, &ivl_peers_fops);
 }

@@ -15,11 +15,12 @@
  * whenever another task is runnable), and only as long as polling pays,
  * adapting the window the way KVM's halt-polling does: a frame we send
  * opens a window, each frame we receive while it is open extends it, an
- * answer that still needed a doorbell doubles it (up to poll_us), and a
+ * answer that still needed a doorbell doubles it (up to rx-usecs), and a
  * window that nothing came back in halves it (down to off).  So traffic
  * that never answers, a one-way UDP flow either way, stops polling after a
  * few frames.  What it costs is host CPU time while a window is open;
- * poll_us=0 turns it off.
+ * `ethtool -C ivl0 rx-usecs 0` turns it off (the poll_us module parameter
+ * is the default for new devices).
  *
  * Two flags, because an open window is not the same as someone watching.
  * IVL_F_POLL_OPEN means "a window is open: the poller should run".
@@ -51,16 +52,22 @@
 #define IVL_POLL_STARVED_NS	(10 * NSEC_PER_MSEC)
 /* ... so it hands over to doorbells whenever it yields, for this long. */
 #define IVL_POLL_STARVED_HOLD_NS	NSEC_PER_SEC
+/*
+ * The watchdog looks this often; frames wait unwatched for at most
+ * IVL_POLL_STARVED_NS plus one period.
+ */
+#define IVL_POLL_WATCHDOG_NS		(IVL_POLL_STARVED_NS / 2)
 
-static u64 ivl_poll_max_ns(void)
+/* ethtool -C ivl0 rx-usecs, read on every use */
+static u64 ivl_poll_max_ns(const struct ivl_priv *priv)
 {
-	return (u64)READ_ONCE(ivl_param_poll_us) * NSEC_PER_USEC;
+	return (u64)READ_ONCE(priv->poll_max_us) * NSEC_PER_USEC;
 }
 
-/* The window length in force: poll_us may have been lowered since. */
+/* The window length in force: rx-usecs may have been lowered since. */
 static u64 ivl_poll_window_ns(const struct ivl_priv *priv)
 {
-	return min(READ_ONCE(priv->poll_ns), ivl_poll_max_ns());
+	return min(READ_ONCE(priv->poll_ns), ivl_poll_max_ns(priv));
 }
 
 static bool ivl_poll_window_open(const struct ivl_priv *priv)
@@ -77,7 +84,17 @@ static void ivl_poll_resize(struct ivl_priv *priv, bool grow)
 		win = max_t(u64, win * 2, IVL_POLL_MIN_NS);
 	else
 		win = win / 2 < IVL_POLL_MIN_NS ? 0 : win / 2;
-	WRITE_ONCE(priv->poll_ns, min(win, ivl_poll_max_ns()));
+	WRITE_ONCE(priv->poll_ns, min(win, ivl_poll_max_ns(priv)));
+}
+
+/*
+ * Started, never forwarded: hrtimer_start() may race with the callback
+ * re-arming itself, hrtimer_forward() on a queued timer may not.
+ */
+static void ivl_poll_watchdog_arm(struct ivl_priv *priv)
+{
+	hrtimer_start(&priv->poll_watchdog, ns_to_ktime(IVL_POLL_WATCHDOG_NS),
+		      HRTIMER_MODE_REL_SOFT);
 }
 
 /* Was the poller starved lately?  Then doorbells whenever it yields. */
@@ -114,22 +131,30 @@ void ivl_poll_tx(struct ivl_priv *priv)
 	/* the poller watches from now on: the kicks go off */
 	if (!ivl_poll_starved(priv, now))
 		set_bit(IVL_F_POLLING, &priv->flags);
-	if (!test_and_set_bit(IVL_F_POLL_OPEN, &priv->flags))
+	if (!test_and_set_bit(IVL_F_POLL_OPEN, &priv->flags)) {
 		wake_up_process(priv->poller);
+		ivl_poll_watchdog_arm(priv);
+	}
 }
 
 /*
- * NAPI took frames from the rings.  While a window is open, each one
- * keeps it open.  Otherwise, a frame after one of ours is an answer that
- * had to wait for a doorbell: poll longer next time.  Frames that answer
- * nothing (a one-way stream to us) never start polling.
+ * NAPI took frames from the rings.  While a window is open, frames keep
+ * it open only if we sent something since it was last extended: an
+ * exchange goes on polling, while a peer that sends one unanswered frame
+ * per window cannot keep ours open for ever.  Otherwise, a frame after
+ * one of ours is an answer that had to wait for a doorbell: poll longer
+ * next time.  Frames that answer nothing (a one-way stream to us) never
+ * start polling.
  */
 void ivl_poll_rx(struct ivl_priv *priv)
 {
 	u64 now = local_clock();
 
 	if (test_bit(IVL_F_POLL_OPEN, &priv->flags)) {
-		WRITE_ONCE(priv->poll_last, now);
+		/* NAPI runs: frames are not waiting unwatched */
+		WRITE_ONCE(priv->poll_looked, now);
+		if (READ_ONCE(priv->poll_tx) >= READ_ONCE(priv->poll_last))
+			WRITE_ONCE(priv->poll_last, now);
 	} else if (READ_ONCE(priv->poll_tx) > READ_ONCE(priv->poll_rx)) {
 		WRITE_ONCE(priv->poll_missed, false);
 		ivl_poll_resize(priv, true);
@@ -154,12 +179,55 @@ static bool ivl_poll_pending(struct ivl_priv *priv)
 	return found;
 }
 
-/* Run NAPI here and now (softirqs run at local_bh_enable()). */
-static void ivl_poll_napi(struct ivl_priv *priv)
+/*
+ * Run NAPI here and now (softirqs run at local_bh_enable()): every peer's,
+ * or @only_busy those with records waiting.
+ */
+static void ivl_poll_napi(struct ivl_priv *priv, bool only_busy)
 {
+	struct ivl_shm *shm;
+
 	local_bh_disable();
-	napi_schedule(&priv->napi);
+	rcu_read_lock();
+	shm = ivl_shm_rcu(priv);
+	if (shm)
+		ivl_napi_schedule_rx(priv, shm, only_busy);
+	rcu_read_unlock();
 	local_bh_enable();
+}
+
+/*
+ * The poller runs at nice 19 and may be kept off the CPU by a task that
+ * never sends; ivl_poll_yield() only notices once it is back.  This timer
+ * bounds the wait for frames nobody watches: when the poller has not
+ * looked for IVL_POLL_STARVED_NS, it hands over to doorbells (NAPI
+ * re-arms the kicks) for IVL_POLL_STARVED_HOLD_NS.
+ */
+static enum hrtimer_restart ivl_poll_watchdog_fn(struct hrtimer *timer)
+{
+	struct ivl_priv *priv = container_of(timer, struct ivl_priv,
+					     poll_watchdog);
+	u64 now = local_clock();
+	struct ivl_shm *shm;
+
+	if (test_bit(IVL_F_POLLING, &priv->flags) &&
+	    now - READ_ONCE(priv->poll_looked) > IVL_POLL_STARVED_NS) {
+		ivl_stat_inc(priv, poll_watchdog);
+		WRITE_ONCE(priv->poll_starved, now + IVL_POLL_STARVED_HOLD_NS);
+		clear_bit(IVL_F_POLLING, &priv->flags);
+		/* pairs with the test_bit in ivl_napi_poll() */
+		smp_mb__after_atomic();
+		/* soft hrtimer: BH is disabled here already */
+		rcu_read_lock();
+		shm = ivl_shm_rcu(priv);
+		if (shm)
+			ivl_napi_schedule_rx(priv, shm, false);
+		rcu_read_unlock();
+	}
+	/* the window may have closed meanwhile: then the timer stops */
+	if (test_bit(IVL_F_POLL_OPEN, &priv->flags))
+		ivl_poll_watchdog_arm(priv);
+	return HRTIMER_NORESTART;
 }
 
 /*
@@ -178,7 +246,7 @@ static void ivl_poll_watch(struct ivl_priv *priv, bool on)
 		/* pairs with the test_bit in ivl_napi_poll() */
 		smp_mb__after_atomic();
 	}
-	ivl_poll_napi(priv);
+	ivl_poll_napi(priv, false);
 }
 
 /* Yield the CPU; note whether the poller was starved meanwhile. */
@@ -202,7 +270,7 @@ static void ivl_poll_window(struct ivl_priv *priv)
 	/* NAPI turns the peers' kicks off if we watch */
 	if (!ivl_poll_starved(priv, local_clock()))
 		set_bit(IVL_F_POLLING, &priv->flags);
-	ivl_poll_napi(priv);
+	ivl_poll_napi(priv, false);
 	while (ivl_poll_window_open(priv) && !kthread_should_stop()) {
 		if (!single_task_running()) {
 			/* only an otherwise idle CPU polls */
@@ -214,7 +282,7 @@ static void ivl_poll_window(struct ivl_priv *priv)
 			ivl_poll_watch(priv, true);
 		} else if (ivl_poll_pending(priv)) {
 			ivl_stat_inc_bh(priv, poll_hits);
-			ivl_poll_napi(priv);
+			ivl_poll_napi(priv, true);
 		} else {
 			cpu_relax();
 		}
@@ -243,8 +311,10 @@ static int ivl_poll_thread(void *data)
 		/* flag clear before reading poll_last; ivl_poll_tx() pairs */
 		smp_mb__after_atomic();
 		/* a frame since the window closed: keep polling */
-		if (ivl_poll_window_open(priv))
+		if (ivl_poll_window_open(priv)) {
 			set_bit(IVL_F_POLL_OPEN, &priv->flags);
+			ivl_poll_watchdog_arm(priv);
+		}
 	}
 	return 0;
 }
@@ -258,6 +328,8 @@ int ivl_poll_init(struct ivl_priv *priv)
 	if (IS_ERR(t))
 		return PTR_ERR(t);
 	sched_set_normal(t, MAX_NICE);
+	hrtimer_init(&priv->poll_watchdog, CLOCK_MONOTONIC, HRTIMER_MODE_REL_SOFT);
+	priv->poll_watchdog.function = ivl_poll_watchdog_fn;
 	priv->poller = t;
 	wake_up_process(t);
 	return 0;
@@ -270,5 +342,6 @@ void ivl_poll_uninit(struct ivl_priv *priv)
 	kthread_stop(priv->poller);
 	priv->poller = NULL;
 	clear_bit(IVL_F_POLL_OPEN, &priv->flags);
+	hrtimer_cancel(&priv->poll_watchdog);
 	clear_bit(IVL_F_POLLING, &priv->flags);
 }

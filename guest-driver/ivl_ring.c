@@ -82,6 +82,23 @@ int ivl_ring_attach_producer(struct ivl_ring *r, void *base, u32 size)
 	return 0;
 }
 
+int ivl_ring_restart_producer(struct ivl_ring *r, void *base, u32 size)
+{
+	int err = ivl_ring_attach(r, base, size);
+	u32 cons;
+
+	if (err)
+		return err;
+	cons = le32_to_cpu(READ_ONCE(r->ctrl->cons));
+	if (cons & (IVL_REC_ALIGN - 1))
+		return -EBADMSG;
+	r->prod = cons;
+	r->other = cons;
+	/* nothing new to publish: the release only keeps prod one store */
+	virt_store_release(&r->ctrl->prod, cpu_to_le32(cons));
+	return 0;
+}
+
 int ivl_ring_attach_consumer(struct ivl_ring *r, void *base, u32 size)
 {
 	int err = ivl_ring_attach(r, base, size);
@@ -110,7 +127,7 @@ static bool ivl_ring_prod_free(struct ivl_ring *r, u32 *free)
 	 * ivl_ring_consume(): the consumer's reads of the bytes it released
 	 * happen before our writes into them.
 	 */
-	cons = le32_to_cpu(smp_load_acquire(&r->ctrl->cons));
+	cons = le32_to_cpu(virt_load_acquire(&r->ctrl->cons));
 	if (unlikely(!ivl_ring_index_ok(r, r->prod, cons))) {
 		r->broken = true;
 		return false;
@@ -206,14 +223,14 @@ void ivl_ring_commit(struct ivl_ring *r, u32 len,
 	 * header are visible before the new prod.  Pairs with the
 	 * load-acquire of prod in ivl_ring_peek().
 	 */
-	smp_store_release(&r->ctrl->prod, cpu_to_le32(r->prod));
+	virt_store_release(&r->ctrl->prod, cpu_to_le32(r->prod));
 }
 
 bool ivl_ring_need_kick(struct ivl_ring *r)
 {
 	/*
 	 * Full barrier: our store of prod (in ivl_ring_commit()) is ordered
-	 * before our load of need_kick.  Pairs with the smp_mb() in
+	 * before our load of need_kick.  Pairs with the virt_mb() in
 	 * ivl_ring_enable_kick(), which orders the consumer's store of
 	 * need_kick before its load of prod.  Store-buffering with a full
 	 * barrier on both sides: either the consumer sees our prod and
@@ -221,7 +238,7 @@ bool ivl_ring_need_kick(struct ivl_ring *r)
 	 * release or acquire alone would allow both loads to miss both
 	 * stores, which is the lost wakeup.
 	 */
-	smp_mb();
+	virt_mb();
 	return READ_ONCE(r->ctrl->need_kick) != 0;
 }
 
@@ -248,7 +265,7 @@ static int ivl_ring_cons_avail(struct ivl_ring *r, u32 *avail)
 	 * the record headers and frame bytes below prod are visible before
 	 * we read them.
 	 */
-	prod = le32_to_cpu(smp_load_acquire(&r->ctrl->prod));
+	prod = le32_to_cpu(virt_load_acquire(&r->ctrl->prod));
 	if (unlikely(!ivl_ring_index_ok(r, prod, r->cons))) {
 		r->broken = true;
 		return -EBADMSG;
@@ -351,7 +368,7 @@ int ivl_ring_peek(struct ivl_ring *r, struct ivl_rec *rec)
 			 * up by a pad with nothing behind it yet.  Nothing
 			 * of the pad was read but its header, above.
 			 */
-			smp_store_release(&r->ctrl->cons, cpu_to_le32(r->cons));
+			virt_store_release(&r->ctrl->cons, cpu_to_le32(r->cons));
 			continue;
 		}
 
@@ -378,7 +395,7 @@ void ivl_ring_consume(struct ivl_ring *r, const struct ivl_rec *rec)
 	 * before the producer can see the space free and overwrite it.
 	 * Pairs with the load-acquire of cons in ivl_ring_prod_free().
 	 */
-	smp_store_release(&r->ctrl->cons, cpu_to_le32(r->cons));
+	virt_store_release(&r->ctrl->cons, cpu_to_le32(r->cons));
 }
 
 bool ivl_ring_empty(struct ivl_ring *r)
@@ -403,10 +420,10 @@ bool ivl_ring_enable_kick(struct ivl_ring *r)
 	WRITE_ONCE(r->ctrl->need_kick, cpu_to_le32(1));
 	/*
 	 * Full barrier: our store of need_kick is ordered before our load
-	 * of prod below.  Pairs with the smp_mb() in ivl_ring_need_kick();
+	 * of prod below.  Pairs with the virt_mb() in ivl_ring_need_kick();
 	 * see there why this cannot lose a wakeup.
 	 */
-	smp_mb();
+	virt_mb();
 	return !ivl_ring_empty(r);
 }
 

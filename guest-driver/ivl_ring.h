@@ -7,7 +7,7 @@
  * user space (see tests/ring/), the way tools/virtio/ tests virtio_ring.
  *
  * The peer may write anything anywhere at any time.  Every index and every
- * record header is read once with READ_ONCE/smp_load_acquire into a local,
+ * record header is read once with READ_ONCE/virt_load_acquire into a local,
  * checked, and only the local is used.  A check that fails returns -EBADMSG
  * and the caller drops the peer to the lower path.
  */
@@ -63,8 +63,14 @@ static inline u32 ivl_rec_span(u32 len)
  * follows it.  @size must be a power of two within IVL_RING_{MIN,MAX}_SIZE.
  * Does not write shared memory.  The producer starts from the shared prod,
  * the consumer from the shared cons (the server zeroed both on join).
+ * ivl_ring_restart_producer() is the producer's attach to a ring whose
+ * consumer started afresh while we may have published into it: it starts
+ * at the consumer's cons and publishes that as prod, so what we wrote
+ * before is never parsed.  Each reads the shared index once and keeps the
+ * local copy.
  */
 int ivl_ring_attach_producer(struct ivl_ring *r, void *base, u32 size);
+int ivl_ring_restart_producer(struct ivl_ring *r, void *base, u32 size);
 int ivl_ring_attach_consumer(struct ivl_ring *r, void *base, u32 size);
 
 /*

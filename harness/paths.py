@@ -1,9 +1,9 @@
 """Which road a guest's traffic takes, read from the driver itself.
 
-The driver publishes its peer table in debugfs
-(``/sys/kernel/debug/ivloop/peers``: ``id mac state gen tx_packets
-tx_bytes rx_packets rx_bytes``, ``#`` comments) and per-path counters
-through ``ethtool -S ivl0``.
+The driver publishes each device's peer table in debugfs
+(``/sys/kernel/debug/ivloop/<pci address>/peers``: ``id mac state gen
+tx_packets tx_bytes rx_packets rx_bytes peer_id``, ``#`` comments) and
+per-path counters through ``ethtool -S ivl0``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from .errors import GuestError
 from .guest import Guest
 
-PEERS = "/sys/kernel/debug/ivloop/peers"
-# The driver's knobs: append "on" or "off"; the ring poller's longest window.
+# A glob for the guest's shell: one file per ivshmem device (a guest has one).
+PEERS = "/sys/kernel/debug/ivloop/*/peers"
+# The driver's knobs: append "on" or "off"; append the ring poller's longest
+# window in microseconds (0: doorbells only).
 FORCE_LOWER = "ethtool --set-priv-flags ivl0 force-lower"
-POLL_US = "/sys/module/ivloop/parameters/poll_us"
+SET_POLL_US = "ethtool -C ivl0 rx-usecs"
+# Prints the current window in microseconds.
+GET_POLL_US = "ethtool -c ivl0 | sed -n 's/^rx-usecs: *//p'"
 
 
 @dataclass(frozen=True)

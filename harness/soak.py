@@ -188,7 +188,7 @@ def _diagnose(sd: StateDir, vms: tuple[str, ...]) -> dict[str, str]:
         try:
             with cluster.guest(sd, state, name, timeout=30) as g:
                 found[name] = g.run("dmesg | grep -iE 'ivloop|ivl0|warn|bug' | tail -n 60; "
-                                    "ethtool -S ivl0; cat /sys/kernel/debug/ivloop/peers; "
+                                    "ethtool -S ivl0; cat /sys/kernel/debug/ivloop/*/peers; "
                                     "ip neigh show dev ivl0; tc -s qdisc show dev ivl0",
                                     timeout=30, check=False)
         except HarnessError as exc:

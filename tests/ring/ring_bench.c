@@ -155,7 +155,7 @@ static void ring_send(struct ivl_ring *r, int efd, const void *src, u32 len,
 		}
 		WRITE_ONCE(ctl->want_space, 1);
 		/* orders the want_space store before the cons load in has_room */
-		smp_mb();
+		virt_mb();
 		if (ivl_ring_has_room(r, len)) {
 			WRITE_ONCE(ctl->want_space, 0);
 			continue;
@@ -195,7 +195,7 @@ static void child(int ncpu)
 		 * the driver kicks once per NAPI batch, not per record): while
 		 * more than half is in use, records remain and we come back.
 		 */
-		smp_mb();
+		virt_mb();
 		if (READ_ONCE(ctl->want_space) &&
 		    a.other - a.cons <= RING_SIZE / 2) {
 			WRITE_ONCE(ctl->want_space, 0);

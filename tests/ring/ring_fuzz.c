@@ -313,6 +313,28 @@ static void op_kick(void)
 	}
 }
 
+/*
+ * The peer rejoined: the server zeroed the ring, but we published into it
+ * before we noticed, and both sides attach again.  The producer restarts
+ * at the fresh cons, so nothing from before is ever parsed.
+ */
+static void op_restart(void)
+{
+	u32 stale = fz.p.prod + (get16() & ~(IVL_REC_ALIGN - 1));
+
+	fz.hook_budget = 0;
+	memset(fz.ctrl, 0, sizeof(*fz.ctrl));
+	fz.ctrl->prod = stale;
+	if (ivl_ring_attach_consumer(&fz.c, fz.mem, RING_SIZE) ||
+	    ivl_ring_restart_producer(&fz.p, fz.mem, RING_SIZE))
+		abort();
+	FUZZ_ASSERT(fz.p.prod == 0 && fz.ctrl->prod == 0);
+	FUZZ_ASSERT(ivl_ring_empty(&fz.c));
+	fz.tainted = false;
+	fz.q_head = 0;
+	fz.q_tail = 0;
+}
+
 int LLVMFuzzerTestOneInput(const u8 *in, size_t len);
 
 int LLVMFuzzerTestOneInput(const u8 *in, size_t len)
@@ -365,6 +387,10 @@ int LLVMFuzzerTestOneInput(const u8 *in, size_t len)
 			strike(get8());
 			break;
 		default:
+			if (op & 0x80) {
+				op_restart();
+				break;
+			}
 			/* arm the concurrent peer for the next calls */
 			fz.hook_budget = get8() % 8;
 			break;

@@ -121,6 +121,39 @@ static void test_attach(void)
 	passed++;
 }
 
+/*
+ * A peer rejoined: its consumer starts at a cons of its own while our
+ * shared prod still says what we published before.  The restart takes
+ * the consumer's cons once and never parses those records.
+ */
+static void test_restart_producer(void)
+{
+	void *mem = ring_mem();
+	struct ivl_ring p, c;
+	struct ivl_rec rec;
+
+	ctrl_of(mem)->prod = 4096;	/* published before the rejoin */
+	ctrl_of(mem)->cons = 512;	/* where the new consumer starts */
+	CHECK(ivl_ring_restart_producer(&p, mem, RING_SIZE) == 0, "restart");
+	CHECK(p.prod == 512, "local prod is the consumer's cons");
+	CHECK(ctrl_of(mem)->prod == 512, "shared prod rewound to cons");
+	CHECK(ivl_ring_attach_consumer(&c, mem, RING_SIZE) == 0, "attach");
+	CHECK(ivl_ring_empty(&c), "old records are gone");
+	/* the shared prod is not read back: a rewrite now changes nothing */
+	ctrl_of(mem)->prod = 8192;
+	CHECK(p.prod == 512, "local prod kept");
+	ctrl_of(mem)->prod = 512;
+	CHECK(produce(&p, 100, 7, NULL), "produce after restart");
+	CHECK(ivl_ring_peek(&c, &rec) == 0 && rec_matches(&rec, 100, 7),
+	      "the consumer reads what follows the restart");
+	ivl_ring_consume(&c, &rec);
+	ctrl_of(mem)->cons = 520;
+	CHECK(ivl_ring_restart_producer(&p, mem, RING_SIZE) == -EBADMSG,
+	      "misaligned cons refused");
+	free(mem);
+	passed++;
+}
+
 static void test_roundtrip(void)
 {
 	void *mem = ring_mem();
@@ -840,6 +873,7 @@ static void test_kick_litmus(void)
 int main(void)
 {
 	test_attach();
+	test_restart_producer();
 	test_roundtrip();
 	test_full();
 	test_pad();
