@@ -29,7 +29,7 @@ CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl
 KABI = $(shell images/resolve-kernel 2>/dev/null)
 KDIR = /usr/src/linux-headers-$(KABI)
 
-.PHONY: help deps apt venv driver image profile-image pycheck test unit-test vm-test demo lint fuzz bench soak clean
+.PHONY: help deps apt venv driver image profile-image pycheck test unit-test vm-test demo lint fuzz bench bench-smp soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
@@ -108,9 +108,14 @@ lint: pycheck  ## ruff, mypy, checkpatch
 fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)
 	$(MAKE) -C tests/ring fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-600}
 
-bench: deps image  ## shm vs forced-lower vs wire, plus the native ring (writes bench-results/)
+bench: deps image  ## shm vs forced-lower vs wire, the native ring, then bench-smp (writes bench-results/)
 	@mkdir -p bench-results
 	flock $(VM_LOCK) bash -c '$(MAKE) -s --no-print-directory -C tests/ring bench-native > bench-results/native.json && $(HARNESS) up && $(HARNESS) bench --out bench-results --native-json bench-results/native.json; rc=$$?; $(HARNESS) down; exit $$rc'
+	$(MAKE) --no-print-directory bench-smp
+
+bench-smp: deps image  ## 2-vCPU guests: 1 vs 4 streams, ivl0 vs no driver, a mixture (bench-results/smp/)
+	@mkdir -p bench-results/smp
+	flock $(VM_LOCK) bash -c '$(HARNESS) up --topology harness/topologies/bench-smp.toml && $(HARNESS) bench --suite smp --out bench-results/smp; rc=$$?; $(HARNESS) down; exit $$rc'
 
 soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traffic; not in `make test`
 	@mkdir -p build

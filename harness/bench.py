@@ -14,6 +14,10 @@ and :mod:`harness.bench_report` refuses to use it.
 
 The native ring benchmark (``make -C tests/ring bench-native``) runs first,
 and its JSON is stored under ``native``.
+
+``suite="smp"`` (:func:`run_smp`, on ``topologies/bench-smp.toml``) measures
+2-vCPU guests instead: 1 against 4 streams on shm and lower, the cross-host
+pair through ivl0 against a pair booted without the driver, and a mixture.
 """
 
 from __future__ import annotations
@@ -34,16 +38,23 @@ from typing import Any
 from . import cluster, paths
 from .bench_report import (
     BUSY_POLL_SUFFIX,
+    CLASSIC_SUITE,
     NO_RING_POLL_SUFFIX,
     PATHS,
     SCHEMA,
+    SMP_CELLS,
+    SMP_SCHEMA,
+    SMP_SUITE,
+    SUITES,
     VARIANT_SUFFIXES,
     WORKLOADS,
     path_matches,
+    smp_counters_problem,
 )
 from .errors import GuestError, HarnessError
 from .guest import Guest
-from .state import StateDir
+from .state import State, StateDir
+from .topology import Topology
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -56,8 +67,8 @@ SMALL, LARGE = 64, 16384  # sockperf message sizes (bytes)
 # Workloads named *_bp run with socket busy polling (net.core.busy_read and
 # busy_poll, in µs) on both guests of the pair, whatever the path.
 BUSY_POLL_US = int(os.environ.get("IVLOOP_BENCH_BUSY_POLL_US", "200"))
-# Workloads named *_irq run with the driver's ring poller off (paths.POLL_US)
-# on both guests.
+# Workloads named *_irq run with the driver's ring poller off (ethtool's
+# rx-usecs 0, paths.SET_POLL_US) on both guests.
 
 
 class BenchError(HarnessError):
@@ -348,10 +359,18 @@ def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Setting:
 
 
 def _ring_poll_off(gs: _Guests, names: tuple[str, str]) -> Setting:
-    """poll_us=0 on both ends (doorbells only); each guest's own value back afterwards."""
-    now = {name: gs[name].run(f"cat {paths.POLL_US}", timeout=20).strip() for name in names}
-    back = {name: f"echo {value} > {paths.POLL_US}" for name, value in now.items()}
-    return _set_on(gs, names, f"echo 0 > {paths.POLL_US}", back, "ring polling off")
+    """rx-usecs 0 on both ends (doorbells only); each guest's own value back afterwards."""
+    now = {name: _poll_us(gs[name]) for name in names}
+    back = {name: f"{paths.SET_POLL_US} {value}" for name, value in now.items()}
+    return _set_on(gs, names, f"{paths.SET_POLL_US} 0", back, "ring polling off")
+
+
+def _poll_us(g: Guest) -> int:
+    """The driver's longest ring-poll window on ivl0 (ethtool rx-usecs), in µs."""
+    text = g.run(paths.GET_POLL_US, timeout=20).strip()
+    if not text.isdigit():
+        raise BenchError(f"{g.vm}: ivl0 reports no rx-usecs (ring poll window): {text[:80]!r}")
+    return int(text)
 
 
 def _variant(gs: _Guests, workload: str, names: tuple[str, str]) -> Setting:
@@ -435,13 +454,22 @@ def _summary(sample: dict[str, Any]) -> str:
 def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
         cross: tuple[str, str] = ("vm1", "vm3"), reps: int = 5, quick: bool = False,
         out_dir: Path, say: Say | None = None, with_native: bool = True,
-        native_json: Path | None = None) -> Path:
+        native_json: Path | None = None, suite: str = CLASSIC_SUITE,
+        plain: tuple[str, str] = ("vm4", "vm5")) -> Path:
     """Benchmark the three paths; write ``out_dir/bench.json`` and return its path.
 
     *native_json*: results of ``make -C tests/ring bench-native`` taken earlier
     (e.g. before the VMs booted, so that idle guests do not share the cores);
     otherwise the native benchmark runs here unless *with_native* is false.
+
+    *suite* ``"smp"`` runs :func:`run_smp` instead (*plain* is its no-driver
+    pair; the native benchmark is the classic suite's, not run there).
     """
+    if suite not in SUITES:
+        raise BenchError(f"unknown benchmark suite {suite!r} (suites: {', '.join(SUITES)})")
+    if suite == SMP_SUITE:
+        return run_smp(sd, pair=pair, cross=cross, plain=plain, reps=reps, quick=quick,
+                       out_dir=out_dir, say=say)
     say = say or (lambda text: log.info("%s", text))
     if reps < 1:
         raise BenchError(f"reps must be at least 1, got {reps}")
@@ -469,7 +497,7 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
             "udp_rate": UDP_RATE,
             "sockperf_sizes": [SMALL, LARGE],
             "busy_poll_us": BUSY_POLL_US,
-            "ring_poll_us": int(gs[pair[0]].run(f"cat {paths.POLL_US}", timeout=20)),
+            "ring_poll_us": _poll_us(gs[pair[0]]),
         })  # fmt: skip
         doc: dict[str, Any] = {
             "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
@@ -517,6 +545,273 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
                 # Partial results survive an interrupted run.
                 json_path.write_text(json.dumps(doc, indent=1))
         json_path.write_text(json.dumps(doc, indent=1))
+    finally:
+        gs.close()
+    return json_path
+
+
+# ---------------------------------------------------------------------------
+# the smp suite: 2-vCPU guests (harness/topologies/bench-smp.toml)
+#
+# Three comparisons, every cell interleaved in every repetition (see
+# bench_report.SMP_CELLS): 1 against 4 iperf3 streams on shm and on the
+# forced-lower path; the cross-host pair through ivl0 against a pair placed
+# the same way that booted without the driver; and a mixture, the client
+# streaming to its co-resident peer and across hosts at once, against each
+# flow alone.  The no-driver pair is a second pair of VMs rather than the
+# cross pair rebooted: only two pairs up at once can be interleaved, and a
+# reboot between blocks would put minutes of this machine's drift between
+# the two sides of a 5 % comparison.
+
+SMP_TOPOLOGY = cluster.REPO / "harness" / "topologies" / "bench-smp.toml"
+SMP_MIN_CPUS = 2
+MIX_SEP = "--- ivl-mix ---"
+
+
+def check_smp_roles(topo: Topology, state: State, pair: tuple[str, str],
+                    cross: tuple[str, str], plain: tuple[str, str]) -> None:
+    """The smp suite's roles fit the recorded topology (no guest is asked)."""
+    names = list(dict.fromkeys([*pair, *cross, *plain]))
+    for name in names:
+        topo.vm(name)  # unknown VM -> TopologyError
+        if name not in state.vms:
+            raise BenchError(f"VM {name} is not running; 'harness up --topology "
+                             f"{SMP_TOPOLOGY.relative_to(cluster.REPO)}' starts the topology")
+    host = {name: state.vms[name].host for name in names}
+    if host[pair[0]] != host[pair[1]]:
+        raise BenchError(f"the pair {pair[0]}, {pair[1]} is not co-resident "
+                         f"(hosts {host[pair[0]]}, {host[pair[1]]})")
+    if cross[0] != pair[0]:
+        raise BenchError(f"the cross pair must start at the pair's client {pair[0]} "
+                         f"(the mixture streams from it), not {cross[0]}")
+    if host[cross[0]] == host[cross[1]]:
+        raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host "
+                         f"{host[cross[0]]}; it must span two hosts")
+    if {*plain} & {*pair, *cross} or plain[0] == plain[1]:
+        raise BenchError(f"the no-driver pair {plain[0]}, {plain[1]} must be two VMs of "
+                         "its own, apart from the pair and the cross pair")
+    if (host[plain[0]], host[plain[1]]) != (host[cross[0]], host[cross[1]]):
+        raise BenchError(
+            f"the no-driver pair {plain[0]} (host {host[plain[0]]}) -> {plain[1]} (host "
+            f"{host[plain[1]]}) must be placed like the cross pair ({host[cross[0]]} -> "
+            f"{host[cross[1]]})")
+    specs = {name: topo.vm(name) for name in names}
+    sizes = {(s.cpus, s.memory) for s in specs.values()}
+    if len(sizes) != 1:
+        raise BenchError("the smp suite compares like with like: every VM it uses needs the "
+                         "same cpus and memory, got " + ", ".join(
+                             f"{n} {s.cpus} vCPU/{s.memory} MiB" for n, s in specs.items()))
+    cpus = specs[pair[0]].cpus
+    if cpus < SMP_MIN_CPUS:
+        raise BenchError(f"the smp suite needs guests with cpus >= {SMP_MIN_CPUS}, the "
+                         f"topology gives {cpus} ('harness up --topology "
+                         f"{SMP_TOPOLOGY.relative_to(cluster.REPO)}')")
+    if not state.driver:
+        raise BenchError("the topology was started with --no-driver: there is no ivl0")
+    for name in dict.fromkeys([*pair, *cross]):
+        if not cluster.driver_for(state, specs[name]):
+            raise BenchError(f"{name} runs without the driver; the smp suite needs it there")
+    for name in plain:
+        if cluster.driver_for(state, specs[name]):
+            raise BenchError(f"{name} loads the driver; the no-driver pair needs "
+                             "'driver = false' in the topology")
+
+
+def _check_tools(g: Guest, tools: set[str]) -> None:
+    _, out = g.status(f"for t in {' '.join(sorted(tools))}; do command -v $t; done",
+                      timeout=20)
+    missing = [t for t in sorted(tools) if f"/{t}" not in out]
+    if missing:
+        raise BenchError(f"{g.vm}: missing in the guest: {', '.join(missing)} "
+                         "(rebuild the image: make image)")
+
+
+def _preflight_smp(gs: _Guests, pair: tuple[str, str], cross: tuple[str, str],
+                   plain: tuple[str, str]) -> None:
+    state = gs.state
+    topo = cluster.topology_of(state)
+    check_smp_roles(topo, state, pair, cross, plain)
+    cpus = topo.vm(pair[0]).cpus
+    for name in dict.fromkeys([*pair, *cross, *plain]):
+        g = gs[name]
+        _check_tools(g, {"iperf3", "netperf"})
+        seen = g.run("grep -c ^processor /proc/cpuinfo", timeout=20).strip()
+        if seen != str(cpus):
+            raise BenchError(f"{name}: the guest sees {seen} CPUs, the topology gives {cpus}")
+        code, text = g.status("ethtool -S ivl0", timeout=20)
+        if name in plain:
+            if code == 0:
+                raise BenchError(f"{name}: has an ivl0 although it booted without the driver")
+            addrs = g.run("ip -4 addr show dev eth0", timeout=20)
+            if f"{topo.vm(name).ip}/" not in addrs:
+                raise BenchError(f"{name}: eth0 does not carry {topo.vm(name).ip}: "
+                                 f"{addrs.strip()[-200:]}")
+            continue
+        if code != 0 or not {"shm_tx_bytes", "lower_tx_bytes"} <= paths.parse_ethtool(
+                text).keys():
+            raise BenchError(f"{name}: 'ethtool -S ivl0' gives no shm_tx_bytes/lower_tx_bytes "
+                             f"(is ivloop.ko loaded? check its console log): "
+                             f"{text.strip()[-200:]}")
+    for name in pair:
+        code, text = gs[name].status("ethtool --show-priv-flags ivl0", timeout=20)
+        if code != 0 or "force-lower" not in text:
+            raise BenchError(f"{name}: ivl0 has no 'force-lower' private flag: {text.strip()}")
+        gs[name].run(f"{paths.FORCE_LOWER} off", timeout=20)  # an interrupted run's
+    for src, dst in (pair, pair[::-1]):
+        try:
+            paths.wait_peer(gs[src], topo.vm(dst).mac, shm=True, timeout=60)
+        except GuestError as exc:
+            raise BenchError(f"{src} does not route {dst} over shared memory: {exc}") from exc
+
+
+def parse_mix(text: str) -> tuple[dict[str, float], dict[str, int]]:
+    """Two iperf3 -J reports (shm flow, MIX_SEP, wire flow): rates and bytes delivered."""
+    shm_text, sep, wire_text = text.partition(MIX_SEP)
+    if not sep:
+        raise ValueError(f"no '{MIX_SEP}' between the two iperf3 reports: {text[-300:]!r}")
+    metrics: dict[str, float] = {}
+    flows: dict[str, int] = {}
+    for flow, part in (("shm", shm_text), ("wire", wire_text)):
+        try:
+            received = _json(part)["end"]["sum_received"]
+        except ValueError as exc:
+            raise ValueError(f"{flow} flow: {exc}") from exc
+        metrics[f"{flow}_mbps"] = float(received["bits_per_second"]) / 1e6
+        flows[flow] = int(received["bytes"])
+    return metrics, flows
+
+
+def iperf3_mix(g: Guest, shm_ip: str, wire_ip: str,
+               secs: int) -> tuple[dict[str, float], dict[str, int]]:
+    """One iperf3 stream to each peer, both started at once from *g*."""
+    out = "/tmp/ivl-mix"
+    text = g.run(f"iperf3 -c {shm_ip} -t {secs} -J > {out}-shm.json 2>/dev/null & "
+                 f"iperf3 -c {wire_ip} -t {secs} -J > {out}-wire.json 2>/dev/null & wait; "
+                 f"cat {out}-shm.json; echo '{MIX_SEP}'; cat {out}-wire.json",
+                 timeout=secs + 60)
+    return parse_mix(text)
+
+
+def tx_counters(g: Guest, driver: bool) -> dict[str, int]:
+    """What the client sent so far: ivl0's per-path bytes, or eth0's without the driver."""
+    if driver:
+        c = paths.counters(g)
+        return {k: c.get(k, 0) for k in ("shm_tx_bytes", "lower_tx_bytes")}
+    text = g.run("cat /sys/class/net/eth0/statistics/tx_bytes", timeout=20).strip()
+    if not text.isdigit():
+        raise BenchError(f"{g.vm}: eth0's tx_bytes is not a number: {text[:80]!r}")
+    return {"eth0_tx_bytes": int(text)}
+
+
+def smp_ends(path: str, pair: tuple[str, str], cross: tuple[str, str],
+             plain: tuple[str, str]) -> tuple[str, str]:
+    """(client, server) of a path; for mix the server is the co-resident receiver."""
+    return {"shm": pair, "lower": pair, "mix": pair, "wire": cross, "nodriver": plain}[path]
+
+
+def measure_smp(gs: _Guests, path: str, workload: str, *, pair: tuple[str, str],
+                cross: tuple[str, str], plain: tuple[str, str], ips: dict[str, str],
+                secs: int, rep: int) -> dict[str, Any]:
+    """One sample of a cell: counters, the workload (retried once if it fails), counters."""
+    client, server = smp_ends(path, pair, cross, plain)
+    g = gs[client]
+    driver = path != "nodriver"
+    error: str | None = None
+    metrics: dict[str, float] = {}
+    flows: dict[str, int] | None = None
+    with _forced_lower(gs, pair) if path == "lower" else contextlib.nullcontext():
+        before = tx_counters(g, driver)
+        cpu_before = cpu_jiffies(g), cpu_jiffies(gs[server])
+        for attempt in (1, 2):
+            try:
+                if path == "mix":
+                    metrics, flows = iperf3_mix(g, ips[pair[1]], ips[cross[1]], secs)
+                else:
+                    metrics = RUNNERS[workload](g, ips[server], secs)
+                error = None
+                break
+            except (GuestError, ValueError, KeyError, TypeError) as exc:
+                error = f"{exc.__class__.__name__}: {exc}"
+                log.warning("%s/%s rep %d attempt %d failed: %s", path, workload, rep,
+                            attempt, error)
+                time.sleep(1)
+        cpu_after = cpu_jiffies(g), cpu_jiffies(gs[server])
+        after = tx_counters(g, driver)
+    counters = {k: after[k] - before.get(k, 0) for k in after}
+    if error is None:
+        error = smp_counters_problem(path, counters, flows)
+    sample: dict[str, Any] = {
+        "path": path, "workload": workload, "rep": rep, "client": client, "server": server,
+        "valid": error is None, "error": error, "metrics": metrics, "counters": counters,
+        "cpu": {"client_busy_pct": round(busy_percent(cpu_before[0], cpu_after[0]), 1),
+                "server_busy_pct": round(busy_percent(cpu_before[1], cpu_after[1]), 1)}}
+    if flows is not None:
+        sample["flow_bytes"] = flows
+    return sample
+
+
+def _smp_summary(sample: dict[str, Any]) -> str:
+    if sample["valid"] and sample["path"] == "mix":
+        m = sample["metrics"]
+        return f"{m['shm_mbps']:.0f} + {m['wire_mbps']:.0f} Mbit/s (shm + wire)"
+    return _summary(sample)
+
+
+def _module_hash(g: Guest) -> str | None:
+    """The first 12 hex digits of the guest's ivloop.ko: which driver was measured."""
+    code, out = g.status("sha256sum /lib/modules/ivl/ivloop.ko", timeout=20)
+    digest = out.split()[0] if code == 0 and out.split() else ""
+    return digest[:12] if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def run_smp(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
+            cross: tuple[str, str] = ("vm1", "vm3"), plain: tuple[str, str] = ("vm4", "vm5"),
+            reps: int = 5, quick: bool = False, out_dir: Path,
+            say: Say | None = None) -> Path:
+    """The smp suite on the running topology; write ``out_dir/bench.json``, return it."""
+    say = say or (lambda text: log.info("%s", text))
+    if reps < 1:
+        raise BenchError(f"reps must be at least 1, got {reps}")
+    secs = 1 if quick else int(os.environ.get("IVLOOP_BENCH_SECONDS", "3"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "bench.json"
+    gs = _Guests(sd)
+    try:
+        state = gs.state
+        topo = cluster.topology_of(state)
+        _preflight_smp(gs, pair, cross, plain)
+        names = list(dict.fromkeys([*pair, *cross, *plain]))
+        g = gs[pair[0]]
+        env = host_environment()
+        env.update({
+            "accelerator": state.accel,
+            "topology": state.topology_source,
+            "guest_kernel": g.run("uname -r", timeout=20).strip(),
+            "guest_vcpus": topo.vm(pair[0]).cpus,
+            "guest_memory_mib": topo.vm(pair[0]).memory,
+            "iperf3": g.run("iperf3 --version 2>&1 | head -n 1", timeout=20).strip(),
+            "driver_sha256": _module_hash(g),
+            "ring_poll_us": _poll_us(g),
+            "hosts": {name: state.vms[name].host for name in names},
+            "seconds": secs,
+        })  # fmt: skip
+        doc: dict[str, Any] = {
+            "schema": SMP_SCHEMA, "suite": SMP_SUITE, "reps": reps, "quick": quick,
+            "seconds": secs, "environment": env,
+            "roles": {"pair": list(pair), "cross": list(cross), "plain": list(plain)},
+            "cells": [list(c) for c in SMP_CELLS], "samples": [],
+        }  # fmt: skip
+        ips = {name: topo.vm(name).ip for name in names}
+        start = time.monotonic()
+        for rep in range(reps):
+            for path, w in SMP_CELLS:
+                sample = measure_smp(gs, path, w, pair=pair, cross=cross, plain=plain,
+                                     ips=ips, secs=secs, rep=rep)
+                doc["samples"].append(sample)
+                say(f"rep {rep + 1}/{reps} {w:<15} {path:<8} {_smp_summary(sample)}")
+            doc["duration_s"] = round(time.monotonic() - start, 1)
+            # Partial results survive an interrupted run.
+            json_path.write_text(json.dumps(doc, indent=1))
     finally:
         gs.close()
     return json_path

@@ -12,7 +12,9 @@ Pure functions over the JSON that :mod:`harness.bench` writes::
      "native": {...} | null}
 
 Nothing is printed from data that fails validation: :func:`validate` raises
-:class:`BenchReportError` naming every sample and field that is wrong.
+:class:`BenchReportError` naming every sample and field that is wrong.  A
+document with ``"suite": "smp"`` (2-vCPU guests) has its own cells and report:
+:func:`validate_smp`, :func:`smp_markdown`; :func:`write` picks by the suite.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, TypeGuard
 from .errors import HarnessError
 
 SCHEMA = 1
+CLASSIC_SUITE = "paths"  # shm / lower / wire over many workloads; no "suite" key in its JSON
 PATHS = ("shm", "lower", "wire")
 MIN_REPS = 5  # a full (not --quick) run needs at least this many per cell
 MAX_PROBLEMS = 20  # listed in one error message
@@ -68,7 +71,7 @@ WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
                                                         "lat_p99_us")),
     "sockperf_pp_small_bp": ("sockperf UDP ping-pong, 64 B, busy poll",
                              ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
-    # the same with the driver's ring poller off (poll_us=0) on both guests:
+    # the same with the driver's ring poller off (rx-usecs 0) on both guests:
     # every frame to an idle peer waits for a doorbell
     "iperf3_tcp_1_irq": ("iperf3 TCP, 1 stream, ring polling off", ("throughput_mbps",)),
     "netperf_tcp_rr_irq": ("netperf TCP_RR, ring polling off",
@@ -85,7 +88,7 @@ VARIANT_SUFFIXES = (BUSY_POLL_SUFFIX, NO_RING_POLL_SUFFIX)
 TARGET_VARIANTS = (("", "", "default settings"),
                    (BUSY_POLL_SUFFIX, "_busy_poll", "socket busy polling ({} µs) on both guests"),
                    (NO_RING_POLL_SUFFIX, "_no_ring_poll",
-                    "ring polling off (poll_us=0, doorbells only)"))
+                    "ring polling off (rx-usecs 0, doorbells only)"))
 
 CPU_KEYS = ("client_busy_pct", "server_busy_pct")
 
@@ -180,13 +183,12 @@ def validate(data: object) -> Bench:
     assert isinstance(data, dict)
     if data["schema"] != SCHEMA:
         problems.append(f"benchmark: schema {data['schema']} is not {SCHEMA}")
+    if data.get("suite", CLASSIC_SUITE) != CLASSIC_SUITE:
+        problems.append(f"benchmark: suite {data['suite']!r} is not {CLASSIC_SUITE!r} "
+                        "(the report reads it with validate_smp)")
     reps: int = data["reps"]
     quick: bool = data["quick"]
-    if reps < 1:
-        problems.append(f"benchmark: reps must be >= 1, got {reps}")
-    elif not quick and reps < MIN_REPS:
-        problems.append(f"benchmark: too few repetitions: reps is {reps}, a full run needs "
-                        f">= {MIN_REPS} (or 'quick': true)")
+    _check_reps(reps, quick, problems)
     workloads: list[str] = []
     for i, w in enumerate(data["workloads"]):
         if not isinstance(w, str) or w not in WORKLOADS:
@@ -231,20 +233,7 @@ def validate(data: object) -> Bench:
                 f"'{s['path']}' (shm_tx_bytes +{counters['shm_tx_bytes']}, "
                 f"lower_tx_bytes +{counters['lower_tx_bytes']})")
             continue
-        metrics: dict[str, float] = {}
-        for name in WORKLOADS[s["workload"]][1]:
-            v = s["metrics"].get(name)
-            if name not in s["metrics"]:
-                problems.append(f"{where}: missing metric '{name}'")
-            elif not _is_number(v):
-                problems.append(f"{where}: metric '{name}' must be a number, "
-                                f"got {type(v).__name__}")
-            elif not math.isfinite(v):
-                problems.append(f"{where}: metric '{name}' is not finite ({v})")
-            elif v < 0:
-                problems.append(f"{where}: metric '{name}' is negative ({v})")
-            else:
-                metrics[name] = float(v)
+        metrics = _check_metrics(s["metrics"], WORKLOADS[s["workload"]][1], where, problems)
         cpu = _check_cpu(s.get("cpu"), where, problems)
         if len(metrics) == len(WORKLOADS[s["workload"]][1]):
             samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
@@ -265,6 +254,34 @@ def validate(data: object) -> Bench:
                  samples=samples, invalid=invalid,
                  native=native if isinstance(native, dict) else None,
                  native_measured=str(data.get("native_measured") or ""))
+
+
+def _check_reps(reps: int, quick: bool, problems: list[str]) -> None:
+    if reps < 1:
+        problems.append(f"benchmark: reps must be >= 1, got {reps}")
+    elif not quick and reps < MIN_REPS:
+        problems.append(f"benchmark: too few repetitions: reps is {reps}, a full run needs "
+                        f">= {MIN_REPS} (or 'quick': true)")
+
+
+def _check_metrics(got: dict[str, Any], names: tuple[str, ...], where: str,
+                   problems: list[str]) -> dict[str, float]:
+    """The metrics *names* of a sample, each a finite non-negative number."""
+    metrics: dict[str, float] = {}
+    for name in names:
+        v = got.get(name)
+        if name not in got:
+            problems.append(f"{where}: missing metric '{name}'")
+        elif not _is_number(v):
+            problems.append(f"{where}: metric '{name}' must be a number, "
+                            f"got {type(v).__name__}")
+        elif not math.isfinite(v):
+            problems.append(f"{where}: metric '{name}' is not finite ({v})")
+        elif v < 0:
+            problems.append(f"{where}: metric '{name}' is negative ({v})")
+        else:
+            metrics[name] = float(v)
+    return metrics
 
 
 def _check_cpu(cpu: object, where: str, problems: list[str]) -> dict[str, float] | None:
@@ -292,14 +309,17 @@ def _error(problems: list[str]) -> BenchReportError:
         + "\n".join(shown) + (f"\n... and {more} more" if more else ""))
 
 
-def load(path: Path) -> Bench:
+def read_json(path: Path) -> object:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise BenchReportError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
         raise BenchReportError(f"{path}: not readable JSON: {exc}") from exc
-    return validate(data)
+
+
+def load(path: Path) -> Bench:
+    return validate(read_json(path))
 
 
 # ---------------------------------------------------------------------------
@@ -387,8 +407,9 @@ def markdown(b: Bench) -> str:
         f"(shm, lower, wire, shm, ...); median of {b.reps} per cell, [min-max]; "
         f"{env.get('seconds', '?')} s per sample"
         + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "") + "."
-        + (f" The driver's ring poller runs with poll_us={env['ring_poll_us']} except in rows "
-           "marked 'ring polling off' (poll_us=0)." if "ring_poll_us" in env else ""),
+        + (f" The driver's ring poller runs with a {env['ring_poll_us']} µs window (ethtool "
+           "rx-usecs; the module's poll_us before) except in rows marked 'ring polling "
+           "off' (0: doorbells only)." if "ring_poll_us" in env else ""),
         "Ratios: how many times better shm is (throughput shm/other, latency other/shm).",
         "",
         "| workload | metric | shm | lower | wire | shm vs lower | shm vs wire |",
@@ -575,10 +596,412 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
     return written
 
 
+# ---------------------------------------------------------------------------
+# the SMP suite: 2-vCPU guests (``harness bench --suite smp``)
+#
+# Its JSON has its own cells, one sample per cell and repetition::
+#
+#     {"schema": 1, "suite": "smp", "reps": 5, "quick": false, "seconds": 3,
+#      "environment": {...}, "duration_s": 260.5,
+#      "roles": {"pair": ["vm1", "vm2"], "cross": ["vm1", "vm3"], "plain": ["vm4", "vm5"]},
+#      "samples": [{"path": "mix", "workload": "iperf3_mix", "rep": 0, "valid": true,
+#                   "error": null, "metrics": {"shm_mbps": 900.0, "wire_mbps": 700.0},
+#                   "counters": {"shm_tx_bytes": N, "lower_tx_bytes": N},
+#                   "flow_bytes": {"shm": N, "wire": N}, "cpu": {...}}, ...]}
+#
+# Paths: shm and lower are the co-resident pair (lower: force-lower on both);
+# wire is the cross pair through ivl0 (the driver loaded, nothing to
+# accelerate); nodriver is a second pair placed like the cross pair but booted
+# without the driver (eth0, counted from eth0's own statistics); mix is the
+# pair's client streaming to its co-resident peer and across hosts at once.
+
+SMP_SUITE = "smp"
+SUITES = (CLASSIC_SUITE, SMP_SUITE)
+SMP_SCHEMA = 1
+SMP_WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "iperf3_tcp_1": WORKLOADS["iperf3_tcp_1"],
+    "iperf3_tcp_4": WORKLOADS["iperf3_tcp_4"],
+    "netperf_tcp_rr": WORKLOADS["netperf_tcp_rr"],
+    "iperf3_mix": ("iperf3 TCP, one stream to each of two peers at once",
+                   ("shm_mbps", "wire_mbps")),
+}
+SMP_PATHS = ("shm", "lower", "wire", "nodriver", "mix")
+# Measured in this order in every repetition, so that each comparison's two
+# sides run next to each other.
+SMP_CELLS: tuple[tuple[str, str], ...] = (
+    ("shm", "iperf3_tcp_1"), ("lower", "iperf3_tcp_1"),
+    ("shm", "iperf3_tcp_4"), ("lower", "iperf3_tcp_4"),
+    ("wire", "iperf3_tcp_1"), ("nodriver", "iperf3_tcp_1"),
+    ("wire", "netperf_tcp_rr"), ("nodriver", "netperf_tcp_rr"),
+    ("mix", "iperf3_mix"),
+)
+SMP_ROLES = ("pair", "cross", "plain")
+SCALING_TARGET = 1.5  # shm: 4 streams at least this many times one stream
+COST_TOLERANCE = 0.05  # ivl0 within this share of no driver, across hosts
+
+
+def smp_counters_problem(path: str, counters: Mapping[str, Any],
+                         flow_bytes: object = None) -> str | None:
+    """Why a sample's counter deltas do not show its traffic on *path* (None: they do).
+
+    *flow_bytes* (mix only): bytes each flow delivered, by iperf3's receivers.
+    """
+    if path == "nodriver":
+        v = counters.get("eth0_tx_bytes")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return "counter eth0_tx_bytes missing or not a non-negative integer"
+        return None if v > 0 else "eth0_tx_bytes +0: no traffic left the client"
+    bad = [k for k in ("shm_tx_bytes", "lower_tx_bytes")
+           if not _is_int(counters.get(k)) or counters[k] < 0]
+    if bad:
+        return f"counters {', '.join(bad)} missing or not a non-negative integer"
+    shm, lower = int(counters["shm_tx_bytes"]), int(counters["lower_tx_bytes"])
+    if path != "mix":
+        if path_matches(path, shm, lower):
+            return None
+        return (f"the sender's counters contradict path '{path}' (shm_tx_bytes +{shm}, "
+                f"lower_tx_bytes +{lower})")
+    if not isinstance(flow_bytes, dict) or not all(
+            _is_int(flow_bytes.get(f)) and flow_bytes[f] > 0 for f in ("shm", "wire")):
+        return f"'flow_bytes' must give positive byte counts for shm and wire, got {flow_bytes!r}"
+    # Each flow's frames (payload plus headers) must have left through its own
+    # path: a co-resident flow bypassed to the lower NIC would not be a mixture.
+    if shm < SHM_MIN_SHARE * flow_bytes["shm"] or lower < SHM_MIN_SHARE * flow_bytes["wire"]:
+        return (f"the sender's counters do not carry both flows (shm_tx_bytes +{shm} for "
+                f"{flow_bytes['shm']} bytes to the co-resident peer, lower_tx_bytes "
+                f"+{lower} for {flow_bytes['wire']} bytes across hosts)")
+    return None
+
+
+@dataclass(frozen=True)
+class SmpBench:
+    reps: int
+    quick: bool
+    environment: dict[str, Any]
+    roles: dict[str, tuple[str, str]]
+    samples: list[Sample]  # valid ones only
+    invalid: int
+    duration_s: float | None = None  # the measurements' wall time
+
+
+def validate_smp(data: object) -> SmpBench:
+    """Check an smp-suite document (parsed JSON); its valid samples, or raise."""
+    problems: list[str] = []
+    top = {"schema": int, "suite": str, "reps": int, "quick": bool, "environment": dict,
+           "roles": dict, "samples": list}
+    if not _check_keys(data, "benchmark", top, problems):
+        raise _error(problems)
+    assert isinstance(data, dict)
+    if data["suite"] != SMP_SUITE:
+        problems.append(f"benchmark: suite {data['suite']!r} is not {SMP_SUITE!r}")
+    if data["schema"] != SMP_SCHEMA:
+        problems.append(f"benchmark: schema {data['schema']} is not {SMP_SCHEMA}")
+    reps: int = data["reps"]
+    quick: bool = data["quick"]
+    _check_reps(reps, quick, problems)
+    roles: dict[str, tuple[str, str]] = {}
+    for role in SMP_ROLES:
+        v = data["roles"].get(role)
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(isinstance(n, str) and n for n in v)):
+            problems.append(f"benchmark: roles '{role}' must be a list of two VM names, "
+                            f"got {v!r}")
+        else:
+            roles[role] = (v[0], v[1])
+    duration = data.get("duration_s")
+    if duration is not None and (not _is_number(duration) or not math.isfinite(duration)
+                                 or duration < 0):
+        problems.append(f"benchmark: 'duration_s' must be a non-negative number, "
+                        f"got {duration!r}")
+
+    samples: list[Sample] = []
+    seen: set[tuple[str, str, int]] = set()
+    invalid = 0
+    skeys = {"path": str, "workload": str, "rep": int, "valid": bool, "metrics": dict,
+             "counters": dict}
+    for i, s in enumerate(data["samples"]):
+        where = f"samples[{i}]"
+        if not _check_keys(s, where, skeys, problems):
+            continue
+        assert isinstance(s, dict)
+        where += f" ({s['path']}/{s['workload']} rep {s['rep']})"
+        if (s["path"], s["workload"]) not in SMP_CELLS:
+            problems.append(f"{where}: not a cell of the smp suite (cells: "
+                            + ", ".join(f"{p}/{w}" for p, w in SMP_CELLS) + ")")
+            continue
+        if not 0 <= s["rep"] < reps:
+            problems.append(f"{where}: rep must be in 0..{reps - 1}")
+            continue
+        if not s["valid"]:
+            invalid += 1
+            continue
+        problem = smp_counters_problem(s["path"], s["counters"], s.get("flow_bytes"))
+        if problem:
+            problems.append(f"{where}: marked valid but {problem}")
+            continue
+        key = (s["path"], s["workload"], s["rep"])
+        if key in seen:
+            problems.append(f"{where}: a second valid sample for this cell and rep")
+            continue
+        names = SMP_WORKLOADS[s["workload"]][1]
+        metrics = _check_metrics(s["metrics"], names, where, problems)
+        cpu = _check_cpu(s.get("cpu"), where, problems)
+        if len(metrics) == len(names):
+            seen.add(key)
+            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
+    if not problems:
+        for p, w in SMP_CELLS:
+            n = sum(1 for s in samples if s.path == p and s.workload == w)
+            if n < reps:
+                problems.append(f"{p}/{w}: {n} valid sample(s), need {reps}")
+    if problems:
+        raise _error(problems)
+    return SmpBench(reps=reps, quick=quick, environment=data["environment"], roles=roles,
+                    samples=samples, invalid=invalid,
+                    duration_s=float(duration) if _is_number(duration) else None)
+
+
+def smp_values(b: SmpBench, path: str, workload: str, metric: str) -> dict[int, float]:
+    """rep -> the cell's value of *metric* (``sum_mbps``: both mix flows added)."""
+    if metric == "sum_mbps":
+        return {s.rep: s.metrics["shm_mbps"] + s.metrics["wire_mbps"] for s in b.samples
+                if s.path == path and s.workload == workload}
+    return {s.rep: s.metrics[metric] for s in b.samples
+            if s.path == path and s.workload == workload}
+
+
+def smp_stat(b: SmpBench, path: str, workload: str, metric: str) -> Stat:
+    return stat(list(smp_values(b, path, workload, metric).values()))
+
+
+Cell = tuple[str, str, str]  # path, workload, metric
+
+
+def _div(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def paired(b: SmpBench, num: Cell, den: Cell) -> Stat | None:
+    """num / den repetition by repetition (the two were measured next to each other)."""
+    a, d = smp_values(b, *num), smp_values(b, *den)
+    ratios = [r for rep in sorted(a.keys() & d.keys())
+              if (r := _div(a[rep], d[rep])) is not None]
+    return stat(ratios) if ratios else None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One ratio of the smp report: num's median over den's, against a goal or none."""
+
+    key: str  # headline key, e.g. "scaling_shm"
+    num: Cell
+    den: Cell
+    goal: str = ""  # "≥ 1.5x"; empty: informative, no target
+    at_least: float | None = None  # met when the ratio is >= this
+    at_most: float | None = None  # met when the ratio is <= this
+
+    def value(self, b: SmpBench) -> float | None:
+        return _div(smp_stat(b, *self.num).median, smp_stat(b, *self.den).median)
+
+    def met(self, b: SmpBench) -> bool | None:
+        """None when there is no target or the ratio is undefined."""
+        v = self.value(b)
+        if v is None or (self.at_least is None and self.at_most is None):
+            return None
+        return ((self.at_least is None or v >= self.at_least)
+                and (self.at_most is None or v <= self.at_most))
+
+
+TPUT = "throughput_mbps"
+SMP_COMPARISONS = (
+    Comparison("scaling_shm", ("shm", "iperf3_tcp_4", TPUT), ("shm", "iperf3_tcp_1", TPUT),
+               f"≥ {SCALING_TARGET}x", at_least=SCALING_TARGET),
+    Comparison("scaling_lower", ("lower", "iperf3_tcp_4", TPUT),
+               ("lower", "iperf3_tcp_1", TPUT)),
+    Comparison("cost_throughput", ("wire", "iperf3_tcp_1", TPUT),
+               ("nodriver", "iperf3_tcp_1", TPUT), f"≥ {1 - COST_TOLERANCE:.2f}x",
+               at_least=1 - COST_TOLERANCE),
+    Comparison("cost_tcp_rr_latency", ("wire", "netperf_tcp_rr", "lat_mean_us"),
+               ("nodriver", "netperf_tcp_rr", "lat_mean_us"), f"≤ {1 + COST_TOLERANCE:.2f}x",
+               at_most=1 + COST_TOLERANCE),
+    Comparison("cost_tcp_rr_p99", ("wire", "netperf_tcp_rr", "lat_p99_us"),
+               ("nodriver", "netperf_tcp_rr", "lat_p99_us")),
+    Comparison("cost_tcp_rr_rate", ("wire", "netperf_tcp_rr", "transactions_per_s"),
+               ("nodriver", "netperf_tcp_rr", "transactions_per_s")),
+    Comparison("mix_shm", ("mix", "iperf3_mix", "shm_mbps"), ("shm", "iperf3_tcp_1", TPUT)),
+    Comparison("mix_wire", ("mix", "iperf3_mix", "wire_mbps"), ("wire", "iperf3_tcp_1", TPUT)),
+)
+_COMPARE = {c.key: c for c in SMP_COMPARISONS}
+
+
+def smp_headline(b: SmpBench) -> dict[str, float | bool | None]:
+    """Every ratio (``<key>_x``) and, where there is a target, whether it is met."""
+    out: dict[str, float | bool | None] = {}
+    for c in SMP_COMPARISONS:
+        out[f"{c.key}_x"] = c.value(b)
+        if c.goal:
+            out[f"{c.key}_met"] = c.met(b)
+    return out
+
+
+def _cell(s: Stat) -> str:
+    return f"{_fmt(s.median)} [{_fmt(s.lo)}-{_fmt(s.hi)}]"
+
+
+def _ratio_text(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}x"
+
+
+def _spread(s: Stat | None, digits: int = 2) -> str:
+    return "-" if s is None else f"{s.lo:.{digits}f}-{s.hi:.{digits}f}"
+
+
+def _verdict(c: Comparison, b: SmpBench, digits: int = 2) -> str:
+    v, met = c.value(b), c.met(b)
+    if v is None:
+        return "**-** (not measurable: a zero median)"
+    return (f"**{v:.{digits}f}x** (target {c.goal}: {'met' if met else 'not met'}; "
+            f"{_spread(paired(b, c.num, c.den), digits)} repetition by repetition)")
+
+
+def smp_markdown(b: SmpBench) -> str:
+    env = b.environment
+    pair, cross, plain = (b.roles[r] for r in SMP_ROLES)
+    hosts = env.get("hosts", {})
+
+    def at(vm: str) -> str:
+        return f"{vm} (host {hosts[vm]})" if vm in hosts else vm
+
+    lines = [
+        "## ivloop benchmark: 2-vCPU guests",
+        "",
+        f"Machine: {env.get('cpu_model', '?')}, {env.get('cores', '?')} cores, "
+        f"host kernel {env.get('host_kernel', '?')}, {env.get('qemu_version', '?')}, "
+        f"accelerator {env.get('accelerator', '?')}; guests: kernel "
+        f"{env.get('guest_kernel', '?')}, {env.get('guest_vcpus', '?')} vCPUs, "
+        f"{env.get('guest_memory_mib', '?')} MiB each. Run {env.get('date', '?')}"
+        + (f", commit {env['commit']}" if env.get("commit") else "") + ".",
+        "",
+        f"Paths: **shm** = {at(pair[0])} -> {at(pair[1])} over the shared ring; **lower** = "
+        "the same pair with `force-lower` on both (virtio-net, tap, bridge); **wire** = "
+        f"{at(cross[0])} -> {at(cross[1])} through ivl0 (the driver loaded on both, nothing "
+        f"to accelerate); **no driver** = {at(plain[0])} -> {at(plain[1])}, placed and sized "
+        "like the wire pair but booted with the driver off (`driver = false`: IP on eth0); "
+        f"**mix** = {pair[0]} streaming to {pair[1]} (shm) and to {cross[1]} (wire) at once. "
+        f"Every cell is measured once per repetition, in the same order, {b.reps} "
+        f"repetition(s); median [min-max]; {env.get('seconds', '?')} s per sample"
+        + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "")
+        + (f"; {b.duration_s:.0f} s of measurement" if b.duration_s is not None else "")
+        + "." + (f" Guest ivloop.ko sha256 {env['driver_sha256']}."
+                 if env.get("driver_sha256") else "")
+        + (f" Ring poller: a {env['ring_poll_us']} µs window (ethtool rx-usecs)."
+           if "ring_poll_us" in env else ""),
+        "Ratios are of the medians; *per repetition* gives the min-max of the same ratio "
+        "taken within each repetition, whose two cells ran next to each other.",
+        "",
+        "### Parallel streams (iperf3 TCP)",
+        "",
+        "| path | 1 stream (Mbit/s) | 4 streams (Mbit/s) | 4 streams / 1 stream "
+        "| per repetition |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for path in ("shm", "lower"):
+        c = _COMPARE[f"scaling_{path}"]
+        lines.append(f"| {path} | {_cell(smp_stat(b, *c.den))} | {_cell(smp_stat(b, *c.num))} "
+                     f"| {_ratio_text(c.value(b))} | {_spread(paired(b, c.num, c.den))} |")
+    lines += [
+        "",
+        f"- Target shm 4 streams ≥ {SCALING_TARGET}x one stream: "
+        f"{_verdict(_COMPARE['scaling_shm'], b)}.",
+        "",
+        "### Traffic ivloop does not accelerate (across hosts)",
+        "",
+        "| workload | wire, through ivl0 | no driver, eth0 | ivl0 / no driver "
+        "| per repetition |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in (("cost_throughput", "iperf3 TCP, 1 stream: throughput (Mbit/s)"),
+                       ("cost_tcp_rr_latency", "netperf TCP_RR: mean round trip (µs)"),
+                       ("cost_tcp_rr_p99", "netperf TCP_RR: p99 round trip (µs)"),
+                       ("cost_tcp_rr_rate", "netperf TCP_RR: transactions (trans/s)")):
+        c = _COMPARE[key]
+        lines.append(f"| {label} | {_cell(smp_stat(b, *c.num))} | "
+                     f"{_cell(smp_stat(b, *c.den))} | {_ratio_text(c.value(b), 3)} | "
+                     f"{_spread(paired(b, c.num, c.den), 3)} |")
+    lines += [
+        "",
+        f"- Target within {100 * COST_TOLERANCE:.0f}% of no driver, iperf3 throughput: "
+        f"ivl0 / no driver = {_verdict(_COMPARE['cost_throughput'], b, 3)}.",
+        f"- Target within {100 * COST_TOLERANCE:.0f}% of no driver, TCP_RR mean round "
+        f"trip: ivl0 / no driver = {_verdict(_COMPARE['cost_tcp_rr_latency'], b, 3)}.",
+        "",
+        f"### Mixture: {pair[0]} -> {pair[1]} (shm) and {pair[0]} -> {cross[1]} (wire) at once",
+        "",
+        "| flow | alone (Mbit/s) | together (Mbit/s) | together / alone | per repetition |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in (("mix_shm", f"{pair[0]} -> {pair[1]}, shm"),
+                       ("mix_wire", f"{pair[0]} -> {cross[1]}, wire through ivl0")):
+        c = _COMPARE[key]
+        lines.append(f"| {label} | {_cell(smp_stat(b, *c.den))} | "
+                     f"{_cell(smp_stat(b, *c.num))} | {_ratio_text(c.value(b))} | "
+                     f"{_spread(paired(b, c.num, c.den))} |")
+    lines += [
+        f"| both flows, sum | - | {_cell(smp_stat(b, 'mix', 'iperf3_mix', 'sum_mbps'))} "
+        "| - | - |",
+        "",
+        "Alone: the same run's 1-stream shm and wire cells. No target is set for the "
+        "mixture; it shows what each flow keeps when both share the sender.",
+    ]
+    lines += smp_cpu_markdown(b)
+    return "\n".join(lines) + "\n"
+
+
+def smp_cpu_busy(b: SmpBench) -> dict[tuple[str, str], tuple[float, float]]:
+    """(path, workload) -> median busy % of the client and the server guest."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for p, w in SMP_CELLS:
+        loads = [s.cpu for s in b.samples if s.workload == w and s.path == p and s.cpu]
+        if loads:
+            out[(p, w)] = (statistics.median(c["client_busy_pct"] for c in loads),
+                           statistics.median(c["server_busy_pct"] for c in loads))
+    return out
+
+
+def smp_cpu_markdown(b: SmpBench) -> list[str]:
+    busy = smp_cpu_busy(b)
+    if not busy:
+        return []
+    lines = ["", "### Guest CPU", "",
+             "Busy % of the client / server guest (all its vCPUs, /proc/stat) during each "
+             "sample, median; for mix the server is the co-resident receiver.", "",
+             "| path | workload | client / server busy % |", "|---|---|---:|"]
+    for p, w in SMP_CELLS:
+        if (p, w) in busy:
+            client, server = busy[(p, w)]
+            lines.append(f"| {p} | {SMP_WORKLOADS[w][0]} | {client:.0f} / {server:.0f} |")
+    return lines
+
+
 def write(json_path: Path, out_dir: Path | None = None) -> list[Path]:
-    """Validate *json_path*, then write bench.md and the charts next to it."""
-    b = load(json_path)
+    """Validate *json_path*, then write bench.md (and the charts) next to it.
+
+    The JSON's ``suite`` says which report: none (or "paths") the classic
+    shm / lower / wire table with its charts, "smp" the 2-vCPU rows.
+    """
+    data = read_json(json_path)
+    suite = data.get("suite", CLASSIC_SUITE) if isinstance(data, dict) else CLASSIC_SUITE
+    if suite not in SUITES:
+        raise BenchReportError(f"{json_path}: unknown suite {suite!r} "
+                               f"(suites: {', '.join(SUITES)})")
     out_dir = out_dir or json_path.parent
+    if suite == SMP_SUITE:
+        sb = validate_smp(data)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md = out_dir / "bench.md"
+        md.write_text(smp_markdown(sb))
+        return [md]
+    b = validate(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "bench.md"
     md.write_text(markdown(b))

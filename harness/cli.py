@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-native", action="store_true", help="skip the native ring benchmark")
     s.add_argument("--native-json", type=Path, default=None, metavar="JSON",
                    help="use these bench-native results instead of running it with the VMs up")
+    s.add_argument("--suite", choices=bench_report.SUITES, default=bench_report.CLASSIC_SUITE,
+                   help="paths: shm vs lower vs wire (default); smp: 2-vCPU guests, 1 vs 4 "
+                        "streams, ivl0 vs no driver across hosts, a mixture (needs "
+                        "harness/topologies/bench-smp.toml up; no native benchmark)")
 
     s = add("soak", "migrate a VM back and forth N times with traffic running; count "
                     "lost connections and kernel warnings",
@@ -387,7 +391,7 @@ def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
             json_path = bench_mod.run(
                 sd, reps=1 if args.quick else args.reps, quick=args.quick,
                 out_dir=args.out or Path("bench-results"), with_native=not args.no_native,
-                native_json=args.native_json,
+                native_json=args.native_json, suite=args.suite,
                 say=lambda text: out.print(text, markup=False, highlight=False))
     written = bench_report.write(json_path, args.out)
     out.print(written[0].read_text(), markup=False, highlight=False)

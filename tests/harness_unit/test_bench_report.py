@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness import bench, bench_report, cli
+from harness import bench, bench_report, cli, paths
 from harness.bench_report import BenchReportError, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +100,7 @@ def with_rr_variant(suffix: str, shm_latency_factor: float) -> dict[str, Any]:
         ("_bp", 0.1, {"busy_poll_us": 200}, "busy_poll",
          "busy polling (200 µs) on both guests: lower/shm = **38.10x** (met)"),
         ("_irq", 2, {"ring_poll_us": 500}, "no_ring_poll",
-         "ring polling off (poll_us=0, doorbells only): lower/shm = **1.90x** (not met)"),
+         "ring polling off (rx-usecs 0, doorbells only): lower/shm = **1.90x** (not met)"),
     ],
 )
 def test_variant_workloads_get_their_own_target_lines(
@@ -125,7 +125,8 @@ def test_report_names_the_ring_poll_setting_of_the_run() -> None:
     assert "ring poller" not in bench_report.markdown(validate(data))  # older runs
     data["environment"]["ring_poll_us"] = 500
     md = bench_report.markdown(validate(data))
-    assert "The driver's ring poller runs with poll_us=500 except in rows marked" in md
+    assert ("The driver's ring poller runs with a 500 µs window (ethtool rx-usecs; the "
+            "module's poll_us before) except in rows marked 'ring polling off'") in md
 
 
 def test_guest_cpu_table() -> None:
@@ -433,3 +434,28 @@ def test_every_variant_workload_runs_its_plain_workloads_runner() -> None:
         for sfx in bench_report.VARIANT_SUFFIXES:
             if w.endswith(sfx):
                 assert bench.RUNNERS[w] is bench.RUNNERS[w.removesuffix(sfx)], w
+
+
+class _PollGuest:
+    """Answers the driver's rx-usecs knob (paths.GET_POLL_US / SET_POLL_US)."""
+
+    def __init__(self, vm: str, usecs: str) -> None:
+        self.vm, self.usecs = vm, usecs
+        self.commands: list[str] = []
+
+    def run(self, command: str, timeout: float = 0) -> str:
+        self.commands.append(command)
+        if command == paths.GET_POLL_US:
+            return f"{self.usecs}\n"
+        assert command.startswith(f"{paths.SET_POLL_US} "), command
+        self.usecs = command.rsplit(maxsplit=1)[-1]
+        return ""
+
+
+def test_ring_polling_off_sets_rx_usecs_0_and_restores_each_guests_own() -> None:
+    gs: Any = {"vm1": _PollGuest("vm1", "500"), "vm2": _PollGuest("vm2", "250")}
+    with bench._ring_poll_off(gs, ("vm1", "vm2")):
+        assert (gs["vm1"].usecs, gs["vm2"].usecs) == ("0", "0")
+    assert (gs["vm1"].usecs, gs["vm2"].usecs) == ("500", "250")
+    with pytest.raises(bench.BenchError, match="vm1: ivl0 reports no rx-usecs"):
+        bench._poll_us(_PollGuest("vm1", "ethtool: bad command line argument(s)"))  # type: ignore[arg-type]
