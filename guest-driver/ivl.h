@@ -309,17 +309,29 @@ static inline struct ivl_peer_table *ivl_table_locked(const struct ivl_shm *shm)
 }
 
 /*
- * TX queues: 0 for the lower NIC, 1 + slot for each peer, so a full ring
- * stops only the queue of the peer it belongs to.
+ * TX queues: 0 for the lower NIC, then one per peer slot, so a full ring
+ * stops only the queue of the peer it belongs to.  Each queue costs a
+ * qdisc (fq_codel: ~70 KiB), so ivl0 has 1 + 16 by default, enough for a
+ * region of 16 slots; `ip link add ... numtxqueues N` gives up to 1 + 64.
+ * In a bigger region, slots share queues modulo their number: a shared
+ * queue's lock is still the producer lock of each of its rings, but its
+ * peers then wait for each other's rings.
  */
 #define IVL_TXQ_LOWER		0U
 #define IVL_TXQ_PEER0		1U
-#define IVL_NUM_TXQ		(IVL_TXQ_PEER0 + IVL_MAX_PEERS)
+#define IVL_DEF_TXQ		(IVL_TXQ_PEER0 + 16U)
+#define IVL_MAX_TXQ		(IVL_TXQ_PEER0 + IVL_MAX_PEERS)
+
+static inline u16 ivl_peer_qid(const struct ivl_priv *priv, u32 slot)
+{
+	return IVL_TXQ_PEER0 +
+	       slot % (priv->dev->real_num_tx_queues - IVL_TXQ_PEER0);
+}
 
 static inline struct netdev_queue *ivl_peer_txq(const struct ivl_priv *priv,
 						const struct ivl_peer *peer)
 {
-	return netdev_get_tx_queue(priv->dev, IVL_TXQ_PEER0 + peer->id);
+	return netdev_get_tx_queue(priv->dev, ivl_peer_qid(priv, peer->id));
 }
 
 /* --- region geometry (offsets validated at probe) --- */

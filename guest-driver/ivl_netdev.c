@@ -315,7 +315,7 @@ static u16 ivl_select_queue(struct net_device *dev, struct sk_buff *skb,
 		ivl_stat_inc(priv, tx_stalled_lower);
 		return IVL_TXQ_LOWER;
 	}
-	return IVL_TXQ_PEER0 + peer->id;
+	return ivl_peer_qid(priv, peer->id);
 }
 
 /* Peer TX queue lock held.  Ring the doorbell deferred by xmit_more. */
@@ -450,7 +450,11 @@ static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
 		return false;
 	buf = ivl_ring_reserve(r, len);
 	if (unlikely(!buf)) {
-		/* the queue stops before this; only a broken ring gets here */
+		/*
+		 * The queue stops before this, so only a broken ring, or a
+		 * full one whose queue another peer's room restarted (shared
+		 * queues), gets here.
+		 */
 		ivl_stat_inc(priv, tx_no_room);
 		if (ivl_ring_check_producer(r)) {
 			ivl_stat_inc(priv, tx_bad_ring);
@@ -499,10 +503,21 @@ static void ivl_xmit_lower(struct ivl_priv *priv, struct sk_buff *skb)
 	}
 }
 
+/* Queue @qid's lock held: ring what its peers' batches deferred. */
+static void ivl_tx_kick_flush_queue(struct ivl_priv *priv, struct ivl_shm *shm,
+				    u16 qid)
+{
+	u32 id, nq = priv->dev->real_num_tx_queues - IVL_TXQ_PEER0;
+
+	for (id = qid - IVL_TXQ_PEER0; id < shm->max_peers; id += nq)
+		ivl_tx_kick_flush(priv, shm, &shm->peers[id]);
+}
+
 /*
- * Queue 0 goes lower.  A peer queue holds its peer's TX lock, the one
- * producer lock of that ring: the frame goes into the ring only if the
- * table still routes it there (it may have changed since select_queue).
+ * Queue 0 goes lower.  A peer queue's lock is the one producer lock of
+ * its peer's ring: the frame goes into the ring only if the table still
+ * routes it to a peer of this queue (it may have changed since
+ * select_queue).
  */
 static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
 {
@@ -512,15 +527,13 @@ static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
 	bool more = netdev_xmit_more();
 	u16 qid = skb_get_queue_mapping(skb);
 	struct netdev_queue *txq = netdev_get_tx_queue(dev, qid);
-	struct ivl_peer *peer = NULL, *owner = NULL;
+	struct ivl_peer *peer = NULL;
 
-	if (shm && qid >= IVL_TXQ_PEER0 && qid - IVL_TXQ_PEER0 < shm->max_peers)
-		owner = &shm->peers[qid - IVL_TXQ_PEER0];
-	if (owner) {
+	if (shm && qid != IVL_TXQ_LOWER) {
 		peer = ivl_route_lookup(priv, shm, skb);
-		if (peer != owner) {
+		if (peer && ivl_peer_qid(priv, peer->id) != qid) {
 			peer = NULL;
-		} else if (!ivl_peer_usable_tx(peer)) {
+		} else if (peer && !ivl_peer_usable_tx(peer)) {
 			/* queued before the peer was marked stalled */
 			ivl_stat_inc(priv, tx_stalled_lower);
 			peer = NULL;
@@ -529,8 +542,8 @@ static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
 	if (!peer || !ivl_xmit_shm(priv, shm, peer, skb, txq, more))
 		ivl_xmit_lower(priv, skb);
 	/* a batch that ended with a frame sent lower still rings once */
-	if (owner && !more)
-		ivl_tx_kick_flush(priv, shm, owner);
+	if (shm && qid != IVL_TXQ_LOWER && !more)
+		ivl_tx_kick_flush_queue(priv, shm, qid);
 	return NETDEV_TX_OK;
 }
 
@@ -1531,6 +1544,12 @@ static int ivl_newlink(struct net *src_net, struct net_device *dev,
 		NL_SET_ERR_MSG(extack, "ivloop needs a lower device (link DEV)");
 		return -EINVAL;
 	}
+	static_assert(IVL_MAX_TXQ == 65);
+	if (dev->num_tx_queues < IVL_TXQ_PEER0 + 1 ||
+	    dev->num_tx_queues > IVL_MAX_TXQ) {
+		NL_SET_ERR_MSG(extack, "ivloop needs numtxqueues between 2 and 65");
+		return -EINVAL;
+	}
 	lower = __dev_get_by_index(src_net, nla_get_u32(tb[IFLA_LINK]));
 	if (!lower)
 		return -ENODEV;
@@ -1589,7 +1608,7 @@ static struct net *ivl_get_link_net(const struct net_device *dev)
 
 static unsigned int ivl_get_num_tx_queues(void)
 {
-	return IVL_NUM_TXQ;
+	return IVL_DEF_TXQ;
 }
 
 struct rtnl_link_ops ivl_link_ops __read_mostly = {
