@@ -272,7 +272,9 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 	 * (another host's VM, the gateway) would pull that traffic into its
 	 * ring.  It gets nothing, until the server evicts it.
 	 */
-	bad_mac = up && (s.srv_flags & IVL_SLOT_F_MAC_KNOWN) &&
+	bad_mac = joined &&
+		  (s.state == IVL_STATE_UP || s.state == IVL_STATE_LEAVING) &&
+		  (s.srv_flags & IVL_SLOT_F_MAC_KNOWN) &&
 		  !ether_addr_equal(s.mac, s.nic_mac);
 	if (bad_mac && !p->bad_mac) {
 		ivl_stat_inc_bh(priv, peer_bad_mac);

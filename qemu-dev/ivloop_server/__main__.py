@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from . import __version__, abi
 from .errors import ConfigError, IvloopServerError
+from .nic import load_nic_map
 from .region import Region, find_server_region, format_size, is_power_of_two
 from .server import (
     DEFAULT_MAX_PEERS,
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tell clients when a peer leaves (the protocol's ID-without-fd message); off by "
         "default because QEMU's ivshmem double-frees on it when its device is later unplugged",
     )
+    parser.add_argument(
+        "--nic-macs",
+        type=Path,
+        metavar="FILE",
+        help="data-NIC MAC of QEMUs whose command line does not tell (several NICs, or a NIC "
+        "without mac=): lines 'NAME MAC', NAME being QEMU's -name (guest=NAME or NAME), '#' "
+        "comments; the map wins over the command line; SIGHUP rereads it",
+    )
     parser.add_argument("-p", "--pidfile", type=Path, metavar="PATH", help="write the PID here")
     parser.add_argument(
         "--ready-fd",
@@ -207,20 +216,44 @@ def _signal_ready(fd: int) -> None:
         os.close(fd)
 
 
-async def serve(config: ServerConfig, pidfile: Path | None, ready_fd: int | None) -> int:
-    """Run a server until SIGTERM or SIGINT."""
+async def serve(
+    config: ServerConfig,
+    pidfile: Path | None,
+    ready_fd: int | None,
+    nic_macs: Path | None = None,
+) -> int:
+    """Run a server until SIGTERM or SIGINT; SIGHUP rereads the ``nic_macs`` file."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason = ["stop requested"]
+    server = IvshmemServer(config)
 
     def on_signal(sig: signal.Signals) -> None:
         reason[0] = f"received {sig.name}"
         stop.set()
 
+    def on_hup() -> None:
+        if nic_macs is None:
+            log.info("SIGHUP: no --nic-macs file to reread", extra={"event": "reload"})
+            return
+        try:
+            mapping = load_nic_map(nic_macs)
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; keeping the previous map", exc,
+                      extra={"event": "reload", "reason": str(exc)})  # fmt: skip
+            return
+        server.set_nic_map(mapping)
+        log.info(
+            "SIGHUP: reread %s: %d QEMUs mapped (applies to QEMUs that connect from now on)",
+            nic_macs,
+            len(mapping),
+            extra={"event": "reload", "entries": len(mapping)},
+        )
+
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
-    server = IvshmemServer(config)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await server.start()
         if pidfile is not None:
@@ -232,7 +265,7 @@ async def serve(config: ServerConfig, pidfile: Path | None, ready_fd: int | None
         await server.stop(reason[0])
         if pidfile is not None:
             _remove_pidfile(pidfile)
-        for sig in signals:
+        for sig in (*signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return EXIT_OK
 
@@ -260,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILURE
     if args.socket is None:
         return usage_error("--socket PATH is required")
+    nic_macs: dict[str, bytes] = {}
+    if args.nic_macs is not None:
+        try:
+            nic_macs = load_nic_map(args.nic_macs)
+        except ConfigError as exc:
+            return usage_error(str(exc))
     config = ServerConfig(
         socket_path=args.socket,
         size=args.size,
@@ -267,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         vectors=args.vectors,
         ring_size=args.ring_size,
         leave_notices=args.leave_notices,
+        nic_macs=nic_macs,
     )
     try:
         config.validate()
@@ -280,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = setup_logging(args.log_format, args.verbose)
     try:
-        return asyncio.run(serve(config, args.pidfile, args.ready_fd))
+        return asyncio.run(serve(config, args.pidfile, args.ready_fd, args.nic_macs))
     except IvloopServerError as exc:
         log.error("%s", exc, extra={"event": "error", "reason": str(exc)})
         return EXIT_FAILURE

@@ -15,7 +15,7 @@ import enum
 from typing import Final
 
 IVL_MAGIC: Final = 0x504C5649  # "IVLP" in memory order
-IVL_ABI_VERSION: Final = 1
+IVL_ABI_VERSION: Final = 2
 
 IVL_CACHELINE: Final = 64
 IVL_HDR_SIZE: Final = 4096  # the header owns the first page
@@ -37,6 +37,17 @@ IVL_REG_INTRMASK: Final = 0x00
 IVL_REG_INTRSTATUS: Final = 0x04
 IVL_REG_IVPOSITION: Final = 0x08
 IVL_REG_DOORBELL: Final = 0x0C
+
+# srv_flags.  MAC_KNOWN: the server learned nic_mac from the occupant's QEMU
+# (its command line or the operator's map); guests send to the slot only while
+# its mac equals nic_mac.  EVICTED: the server caught the occupant claiming a
+# MAC that is not its NIC's and cut it off; guests treat the slot as absent.
+IVL_SLOT_F_MAC_KNOWN: Final = 0x0001
+IVL_SLOT_F_EVICTED: Final = 0x0002
+IVL_SLOT_KNOWN_FLAGS: Final = 0x0003
+
+# A leaver waits this long for every UP peer's leave_ack bit.
+IVL_LEAVE_ACK_MS: Final = 500
 
 IVL_HEARTBEAT_MS: Final = 100
 IVL_HEARTBEAT_TIMEOUT_MS: Final = 1000
@@ -116,32 +127,50 @@ class IvlSlot(ctypes.LittleEndianStructure):
     array and then reuses it), so the server never reuses an ID; a guest
     finds its slot as the present slot whose ``peer_id`` equals its
     IVPosition, and rings a peer at that slot's ``peer_id``.
+
+    Both halves are read with a sequence protocol (ABI 2): the writer makes
+    its half's seq (``srv_seq``, ``seq``) odd, writes the fields, then makes
+    it even again; a reader retries, or keeps its previous view, while the
+    seq is odd or changed across its copy.  ``heartbeat`` and ``leave_ack``
+    are single aligned words outside the protocol.
     """
 
+    # written by the server only
     present: int
     peer_id: int  # QEMU peer ID (IVPosition) of the occupant
     generation: int
+    srv_seq: int  # odd while the server rewrites this half
+    srv_flags: int  # IVL_SLOT_F_*
+    nic_mac: ctypes.Array[ctypes.c_uint8]  # the occupant's data-NIC MAC, if MAC_KNOWN
+    reserved0: int
     pad0: ctypes.Array[ctypes.c_uint8]
+    # written by the guest at IVPosition i only
     mac: ctypes.Array[ctypes.c_uint8]
     reserved1: int
     state: int
-    reserved2: int
+    seq: int  # odd while the guest rewrites mac/state/joined_gen
     heartbeat: int
     joined_gen: int
+    leave_ack: int  # bit j: slot j is LEAVING and I no longer send to it
     pad1: ctypes.Array[ctypes.c_uint8]
 
     _fields_ = (
         ("present", _le32),
         ("peer_id", _le32),
         ("generation", _le64),
-        ("pad0", _u8 * 48),
+        ("srv_seq", _le32),
+        ("srv_flags", _le32),
+        ("nic_mac", _u8 * 6),
+        ("reserved0", _le16),
+        ("pad0", _u8 * 32),
         ("mac", _u8 * 6),
         ("reserved1", _le16),
         ("state", _le32),
-        ("reserved2", _le32),
+        ("seq", _le32),
         ("heartbeat", _le64),
         ("joined_gen", _le64),
-        ("pad1", _u8 * 32),
+        ("leave_ack", _le64),
+        ("pad1", _u8 * 24),
     )
 
 
@@ -197,6 +226,9 @@ STRUCTS: Final[dict[str, type[ctypes.LittleEndianStructure]]] = {
 
 # Checked at import so a mistyped field never reaches a region.
 assert ctypes.sizeof(IvlSlot) == IVL_SLOT_SIZE
+# Server and guest never write the same cache line of a slot.
+assert getattr(IvlSlot, "pad0").offset + getattr(IvlSlot, "pad0").size == IVL_CACHELINE  # noqa: B009
+assert getattr(IvlSlot, "mac").offset == IVL_CACHELINE  # noqa: B009
 assert ctypes.sizeof(IvlRingCtrl) == IVL_RING_CTRL_SIZE
 assert ctypes.sizeof(IvlRecHdr) == IVL_REC_ALIGN
 assert ctypes.sizeof(IvlRegionHdr) <= IVL_HDR_SIZE

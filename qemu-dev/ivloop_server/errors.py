@@ -6,6 +6,7 @@ caller can catch them all at once::
     IvloopServerError
      +-- ConfigError          a value given by the user cannot work
      |    +-- LayoutError     the region cannot hold the rings asked for
+     |    +-- NicMapError     the --nic-macs file has bad lines
      +-- SocketPathError      the listening socket path cannot be used
      |    +-- SocketInUseError  another server is listening on it
      +-- RegionError          a region (memfd or mapped file) is unusable
@@ -28,6 +29,15 @@ class ConfigError(IvloopServerError):
 
 class LayoutError(ConfigError):
     """The requested region size, peer count and ring size do not fit together."""
+
+
+class NicMapError(ConfigError):
+    """The operator's NIC map cannot be used; ``problems`` has one entry per bad line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"bad --nic-macs file {source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
 
 
 class SocketPathError(IvloopServerError):

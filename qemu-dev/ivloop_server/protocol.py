@@ -13,6 +13,14 @@ On connect the server sends, in order:
 
 Afterwards a peer ID with an fd announces (one vector of) a new peer, and
 a peer ID without an fd announces that the peer left.
+
+A connection the server refuses gets :data:`REFUSED` in place of the
+version, and EOF once it has read that.  EOF alone is not enough: QEMU reads its setup messages
+synchronously, and ``ivshmem_recv_msg`` retries a read that returns 0
+forever, so a QEMU refused by a bare close spins in device realize with the
+big lock held (seen with QEMU 7.2; the loop is unchanged upstream).  A
+wrong version fails realize at once ("server sent version -1, expecting
+0"): the QEMU exits at start-up, or its device_add returns that error.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Final
 PROTOCOL_VERSION: Final = 0
 SHM_MESSAGE: Final = -1
 MAX_PEER_ID: Final = 0xFFFF  # the doorbell register holds 16 bits of ID
+REFUSED: Final = -1  # sent as the "version" of a refused connection
 
 _MSG: Final = struct.Struct("<q")
 MESSAGE_SIZE: Final = _MSG.size

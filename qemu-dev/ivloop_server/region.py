@@ -8,18 +8,35 @@
 :class:`Region` creates the memfd (or attaches to an existing region, for
 introspection) and reads and writes the fields the server owns.
 
-Field writes go through ``struct.pack_into`` on the mapping, one aligned
-store per field, in program order.  Where a guest reads a group of fields
-guarded by a generation number, the payload is written first and the
-generation last; on x86-64 (TSO) stores become visible in program order, so
-a guest that reads the generation with acquire semantics sees the payload.
+The server half of a slot is written only by :meth:`Region._write_server_half`,
+under the ABI-2 sequence protocol: ``srv_seq`` odd, the fields, ``srv_seq``
+even.  The header's ``nr_present`` and ``generation`` follow, generation
+last.  The server keeps its own state (generation, presence, each slot's
+seq) in Python and never reads it back from the region: every byte of the
+region is untrusted, and a guest that scribbles over the header or a
+server half must not steer the server; :meth:`Region.repair` puts back
+what a member overwrote.  Guest halves are read with the same protocol by
+:meth:`Region.read_guest_half`.
+
+Why plain stores are enough: on x86-64 (TSO) stores from one thread become
+visible to other CPUs in program order, and loads are not reordered with
+other loads, so the guest's barriers (smp_wmb/smp_rmb are compiler
+barriers there) have nothing to add on this side.  What Python must supply
+is program order and single, untorn word accesses: each access here is its
+own C call (``struct.pack_into``/``unpack_from``), so nothing is reordered
+across it, and the *native* formats ("I", "Q") copy the word with one
+fixed-size memcpy, which compiles to one aligned mov.  (The "<I" standard
+formats store byte by byte; a reader could then see a half-updated seq.)
+Native equals the ABI's little-endian on every host this runs on, which
+:data:`_NATIVE_OK` checks.
 
 A slot's index (its place in the directory and the ring matrix) is not the
 QEMU peer ID of its occupant: the server never gives a peer ID out twice
 (QEMU's ivshmem cannot take one back), while slots are reused.  Each slot
-records its occupant's ID in ``peer_id``.  On a leave only ``present`` is
-cleared; ``peer_id`` keeps the departed occupant's ID (useful when reading
-a dump) until the next join overwrites it.  Since IDs are never reused, a
+records its occupant's ID in ``peer_id``.  A leave clears ``present`` (and
+may add IVL_SLOT_F_EVICTED); ``peer_id``, ``nic_mac`` and MAC_KNOWN keep
+the departed occupant's values (useful when reading a dump) until the next
+join overwrites them.  Since IDs are never reused, a
 stale ``peer_id`` can never equal the IVPosition of a live guest.
 """
 
@@ -28,10 +45,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import mmap
 import os
+import platform
 import stat
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +62,23 @@ from . import abi
 from .errors import LayoutError, RegionError
 from .protocol import MAX_PEER_ID
 
+log = logging.getLogger(__name__)
+
 PAGE_SIZE: Final = 4096
 DEFAULT_MEMFD_NAME: Final = "ivloop"
 _ZERO_CHUNK: Final = 1 << 20
 
 _HDR = abi.IvlRegionHdr
 _SLOT = abi.IvlSlot
+MAC_LEN: Final = 6
+#: Reads of a guest half before giving up for this round (the guest driver
+#: uses the same bound): a writer caught mid-update is retried at once, one
+#: that stays odd is skipped.
+GUEST_HALF_TRIES: Final = 4
+
+# The ordering argument in the module docstring holds for x86-64 only; the
+# native formats equal the ABI's byte order only on little-endian hosts.
+_NATIVE_OK: Final = sys.byteorder == "little" and platform.machine() in ("x86_64", "AMD64")
 
 
 def is_power_of_two(value: int) -> bool:
@@ -154,27 +185,51 @@ def compute_layout(size: int, max_peers: int, ring_size: int | None = None) -> L
     )
 
 
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
 @dataclass(frozen=True)
 class SlotView:
-    """A snapshot of one directory slot, decoded.
+    """A snapshot of one directory slot, decoded, copied in one go.
 
-    ``index`` is the slot (directory and ring index); ``peer_id`` the QEMU
-    peer ID (IVPosition) of its occupant, meaningful while ``present`` (after
-    a leave it still holds the departed occupant's ID).
+    It is not taken under the sequence protocol (it is for dumps and
+    tests); decisions use :meth:`Region.read_guest_half`.  ``index`` is the
+    slot (directory and ring index); ``peer_id`` the QEMU peer ID
+    (IVPosition) of its occupant, meaningful while ``present`` (after a
+    leave it still holds the departed occupant's ID, as ``nic_mac`` and
+    ``srv_flags`` keep theirs).
     """
 
     index: int
     present: bool
     peer_id: int
     generation: int
+    srv_seq: int
+    srv_flags: int
+    nic_mac: bytes
     mac: bytes
     state: abi.IvlSlotState | int  # an int when the guest wrote an unknown value
+    seq: int
     heartbeat: int
     joined_gen: int
+    leave_ack: int
 
     @property
     def mac_str(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.mac)
+        return format_mac(self.mac)
+
+    @property
+    def nic_mac_str(self) -> str:
+        return format_mac(self.nic_mac)
+
+    @property
+    def mac_known(self) -> bool:
+        return bool(self.srv_flags & abi.IVL_SLOT_F_MAC_KNOWN)
+
+    @property
+    def evicted(self) -> bool:
+        return bool(self.srv_flags & abi.IVL_SLOT_F_EVICTED)
 
     @classmethod
     def from_struct(cls, index: int, raw: abi.IvlSlot) -> SlotView:
@@ -188,11 +243,46 @@ class SlotView:
             present=raw.present != 0,
             peer_id=raw.peer_id,
             generation=raw.generation,
+            srv_seq=raw.srv_seq,
+            srv_flags=raw.srv_flags,
+            nic_mac=bytes(raw.nic_mac),
             mac=bytes(raw.mac),
             state=state,
+            seq=raw.seq,
             heartbeat=raw.heartbeat,
             joined_gen=raw.joined_gen,
+            leave_ack=raw.leave_ack,
         )
+
+
+@dataclass(frozen=True)
+class ServerHalf:
+    """What the server publishes in a slot's first cache line."""
+
+    present: bool = False
+    peer_id: int = 0
+    generation: int = 0
+    flags: int = 0  # IVL_SLOT_F_*
+    nic_mac: bytes = bytes(MAC_LEN)
+
+
+@dataclass(frozen=True)
+class GuestHalf:
+    """A consistent copy of the fields a guest publishes under its ``seq``."""
+
+    mac: bytes
+    state: int  # raw: a hostile guest may write any value
+    joined_gen: int
+    seq: int
+
+    @property
+    def mac_str(self) -> str:
+        return format_mac(self.mac)
+
+
+def _offset(cls: type[ctypes.LittleEndianStructure], name: str) -> int:
+    offset: int = getattr(cls, name).offset
+    return offset
 
 
 def _field(cls: type[ctypes.LittleEndianStructure], name: str, fmt: str) -> tuple[int, str]:
@@ -201,12 +291,43 @@ def _field(cls: type[ctypes.LittleEndianStructure], name: str, fmt: str) -> tupl
     return descr.offset, fmt
 
 
-# (offset within its struct, struct format) of each field the server writes.
-_HDR_GENERATION = _field(_HDR, "generation", "<Q")
-_HDR_NR_PRESENT = _field(_HDR, "nr_present", "<I")
-_SLOT_PRESENT = _field(_SLOT, "present", "<I")
-_SLOT_PEER_ID = _field(_SLOT, "peer_id", "<I")
-_SLOT_GENERATION = _field(_SLOT, "generation", "<Q")
+# (offset within its struct, native struct format) of each word the server
+# writes or the seq protocol reads: native, so that each is one untorn access.
+_HDR_GENERATION = _field(_HDR, "generation", "Q")
+_HDR_NR_PRESENT = _field(_HDR, "nr_present", "I")
+_SLOT_PRESENT = _field(_SLOT, "present", "I")
+_SLOT_PEER_ID = _field(_SLOT, "peer_id", "I")
+_SLOT_GENERATION = _field(_SLOT, "generation", "Q")
+_SLOT_SRV_SEQ = _field(_SLOT, "srv_seq", "I")
+_SLOT_SRV_FLAGS = _field(_SLOT, "srv_flags", "I")
+_SLOT_NIC_MAC: Final = _offset(_SLOT, "nic_mac")
+_SLOT_RESERVED0: Final = _offset(_SLOT, "reserved0")
+_SLOT_SEQ = _field(_SLOT, "seq", "I")
+_SLOT_STATE = _field(_SLOT, "state", "I")
+_SLOT_JOINED_GEN = _field(_SLOT, "joined_gen", "Q")
+_SLOT_MAC: Final = _offset(_SLOT, "mac")
+# The guest half's seq-protected fields, copied in one go: mac .. joined_gen.
+_GUEST_SPAN: Final = (_SLOT_MAC, _SLOT_JOINED_GEN[0] + struct.calcsize(_SLOT_JOINED_GEN[1]))
+_U32_MASK: Final = 0xFFFFFFFF
+# A slot's whole server cache line: present, peer_id, generation, srv_seq,
+# srv_flags, nic_mac, reserved0, pad0 (zero).
+_SERVER_LINE: Final = struct.Struct("<IIQII6sH32x")
+assert _SERVER_LINE.size == abi.IVL_CACHELINE
+
+
+def _store(buf: mmap.mmap, offset: int, fmt: str, value: int) -> None:
+    """One aligned native store (see the module docstring)."""
+    struct.pack_into(fmt, buf, offset, value)
+
+
+def _load(buf: mmap.mmap, offset: int, fmt: str) -> int:
+    """One aligned native load."""
+    value: int = struct.unpack_from(fmt, buf, offset)[0]
+    return value
+
+
+def _store_bytes(buf: mmap.mmap, offset: int, data: bytes) -> None:
+    buf[offset : offset + len(data)] = data
 
 
 class Region:
@@ -223,6 +344,13 @@ class Region:
         self.layout = layout
         self._owner = owner
         self._closed = False
+        # The server's own view of what it published; never read back from
+        # the region (guests can write there).
+        self._generation = 0
+        self._nr_present = 0
+        self._halves = [ServerHalf() for _ in range(layout.max_peers)]
+        self._srv_seq = [0] * layout.max_peers
+        self._hdr_shadow: abi.IvlRegionHdr | None = None  # set by _init_header
 
     # -- construction ---------------------------------------------------
 
@@ -237,6 +365,13 @@ class Region:
     ) -> Self:
         """Create, size, seal and initialise a new memfd region."""
         layout = compute_layout(size, max_peers, ring_size)
+        if not _NATIVE_OK:
+            log.warning(
+                "this host is %s/%s-endian: the directory's sequence protocol relies on x86-64 "
+                "store ordering, guests may see torn directory entries",
+                platform.machine(),
+                sys.byteorder,
+            )
         try:
             fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as exc:
@@ -333,8 +468,11 @@ class Region:
         )
         # A fresh memfd reads as zeroes, so the directory and rings are zero
         # already; write them anyway so the invariant does not rest on that.
+        # No QEMU has the fd yet, so this is the one write of server halves
+        # that needs no sequence protocol (and it matches the zeroed shadow).
         self._zero(lay.dir_offset, lay.max_peers * abi.IVL_SLOT_SIZE)
         self._map[0 : ctypes.sizeof(hdr)] = bytes(hdr)
+        self._hdr_shadow = hdr
 
     # -- lifetime -------------------------------------------------------
 
@@ -416,25 +554,52 @@ class Region:
                     "present": s.present,
                     "peer_id": s.peer_id,
                     "generation": s.generation,
+                    "srv_seq": s.srv_seq,
+                    "srv_flags": s.srv_flags,
+                    "mac_known": s.mac_known,
+                    "evicted": s.evicted,
+                    "nic_mac": s.nic_mac_str,
                     "mac": s.mac_str,
                     "state": s.state.name if isinstance(s.state, abi.IvlSlotState) else s.state,
+                    "seq": s.seq,
                     "heartbeat": s.heartbeat,
                     "joined_gen": s.joined_gen,
+                    "leave_ack": s.leave_ack,
                 }
                 for s in self.directory()
             ],
         }
 
+    def read_guest_half(self, index: int, tries: int = GUEST_HALF_TRIES) -> GuestHalf | None:
+        """The guest half of slot ``index`` under its seq, or None if it never settled.
+
+        Up to ``tries`` attempts: load seq; odd means the guest is mid-update;
+        else copy the fields and load seq again; equal means the copy is one
+        the guest published.  No sleeping in between: a guest preempted
+        mid-update is simply skipped this round.
+        """
+        self._check_open()
+        base = self.layout.slot_offset(index)
+        start, end = _GUEST_SPAN
+        for _ in range(tries):
+            seq1 = _load(self._map, base + _SLOT_SEQ[0], _SLOT_SEQ[1])
+            if seq1 & 1:
+                continue
+            raw = self._map[base + start : base + end]
+            seq2 = _load(self._map, base + _SLOT_SEQ[0], _SLOT_SEQ[1])
+            if seq1 != seq2:
+                continue
+            state_off = _SLOT_STATE[0] - start
+            jg_off = _SLOT_JOINED_GEN[0] - start
+            return GuestHalf(
+                mac=raw[:MAC_LEN],
+                state=struct.unpack_from("<I", raw, state_off)[0],
+                joined_gen=struct.unpack_from("<Q", raw, jg_off)[0],
+                seq=seq1,
+            )
+        return None
+
     # -- writing (server side) -------------------------------------------
-
-    def _put(self, base: int, field: tuple[int, str], value: int) -> None:
-        offset, fmt = field
-        struct.pack_into(fmt, self._map, base + offset, value)
-
-    def _get(self, base: int, field: tuple[int, str]) -> int:
-        offset, fmt = field
-        value: int = struct.unpack_from(fmt, self._map, base + offset)[0]
-        return value
 
     def _zero(self, offset: int, length: int) -> None:
         zeros = bytes(min(length, _ZERO_CHUNK))
@@ -453,41 +618,138 @@ class Region:
             if other != slot:
                 self._zero(lay.ring_offset(other, slot), lay.ring_stride)
 
-    def _set_presence(self, index: int, peer_id: int | None) -> int:
-        """Join (``peer_id`` given) or leave (None) slot ``index``."""
+    def _check_writer(self) -> None:
         self._check_open()
         if not self._owner:
             raise RegionError("only the server that created a region writes its directory")
-        present = peer_id is not None
-        slot = self.layout.slot_offset(index)
-        generation = self._get(0, _HDR_GENERATION) + 1
-        nr_present = self._get(0, _HDR_NR_PRESENT) + (1 if present else -1)
-        # Payload first, generations last: the header's generation is what a
-        # guest polls, so it is the very last store.  A leave keeps peer_id.
-        if peer_id is not None:
-            self._put(slot, _SLOT_PEER_ID, peer_id)
-        self._put(slot, _SLOT_PRESENT, 1 if present else 0)
-        self._put(0, _HDR_NR_PRESENT, nr_present)
-        self._put(slot, _SLOT_GENERATION, generation)
-        self._put(0, _HDR_GENERATION, generation)
-        return generation
 
-    def mark_present(self, index: int, peer_id: int) -> int:
+    def server_half(self, index: int) -> ServerHalf:
+        """What the server last published in slot ``index`` (its own record, not the region)."""
+        self.layout.slot_offset(index)  # range check
+        return self._halves[index]
+
+    def _write_server_half(self, index: int, half: ServerHalf) -> None:
+        """Publish ``half`` in slot ``index``: the only writer of present, peer_id,
+        generation, srv_flags and nic_mac.
+
+        srv_seq goes odd first (readers retry, or keep their previous view),
+        then the fields, then srv_seq goes even.  The stores become visible
+        in this order (module docstring), so a reader that saw the same even
+        srv_seq before and after its copy saw exactly one published half.
+        """
+        self._check_writer()
+        if len(half.nic_mac) != MAC_LEN:
+            raise RegionError(f"nic_mac must be {MAC_LEN} bytes, not {len(half.nic_mac)}")
+        if half.flags & ~abi.IVL_SLOT_KNOWN_FLAGS:
+            raise RegionError(f"unknown slot flags {half.flags:#x}")
+        base = self.layout.slot_offset(index)
+        seq = self._srv_seq[index]
+        m = self._map
+        _store(m, base + _SLOT_SRV_SEQ[0], _SLOT_SRV_SEQ[1], (seq + 1) & _U32_MASK)
+        _store(m, base + _SLOT_PEER_ID[0], _SLOT_PEER_ID[1], half.peer_id)
+        _store(m, base + _SLOT_PRESENT[0], _SLOT_PRESENT[1], 1 if half.present else 0)
+        _store(m, base + _SLOT_GENERATION[0], _SLOT_GENERATION[1], half.generation)
+        _store(m, base + _SLOT_SRV_FLAGS[0], _SLOT_SRV_FLAGS[1], half.flags)
+        _store_bytes(m, base + _SLOT_NIC_MAC, half.nic_mac)
+        # reserved0 and pad0 too, so a scribbled line is restored whole.
+        _store_bytes(m, base + _SLOT_RESERVED0, bytes(abi.IVL_CACHELINE - _SLOT_RESERVED0))
+        seq = (seq + 2) & _U32_MASK
+        _store(m, base + _SLOT_SRV_SEQ[0], _SLOT_SRV_SEQ[1], seq)
+        self._srv_seq[index] = seq
+        self._halves[index] = half
+
+    def _publish_generation(self, nr_present: int, generation: int) -> None:
+        # The header's generation is what a guest polls: the very last store.
+        _store(self._map, _HDR_NR_PRESENT[0], _HDR_NR_PRESENT[1], nr_present)
+        _store(self._map, _HDR_GENERATION[0], _HDR_GENERATION[1], generation)
+        self._nr_present = nr_present
+        self._generation = generation
+        assert self._hdr_shadow is not None
+        self._hdr_shadow.nr_present = nr_present
+        self._hdr_shadow.generation = generation
+
+    def _expected_server_line(self, index: int) -> bytes:
+        half = self._halves[index]
+        return _SERVER_LINE.pack(
+            1 if half.present else 0,
+            half.peer_id,
+            half.generation,
+            self._srv_seq[index],
+            half.flags,
+            half.nic_mac,
+            0,
+        )
+
+    def repair(self) -> tuple[bool, dict[int, SlotView]]:
+        """Undo what region members wrote over the server's own bytes.
+
+        Any member can write anywhere, including a slot's server half (to
+        rewrite its own nic_mac or MAC_KNOWN, or fake a rejoin) and the
+        header.  Each call compares the header and every slot's server
+        cache line with what the server published and rewrites whatever
+        differs (slots through :meth:`_write_server_half`).  Returns whether
+        the header was restored and, by slot, the slot as it was found.
+        """
+        self._check_writer()
+        assert self._hdr_shadow is not None
+        expected_hdr = bytes(self._hdr_shadow)
+        header = self._map[0 : len(expected_hdr)] != expected_hdr
+        if header:
+            self._map[0 : len(expected_hdr)] = expected_hdr
+        found: dict[int, SlotView] = {}
+        for index in range(self.layout.max_peers):
+            base = self.layout.slot_offset(index)
+            if self._map[base : base + _SERVER_LINE.size] != self._expected_server_line(index):
+                found[index] = self.slot(index)
+                self._write_server_half(index, self._halves[index])
+        return header, found
+
+    def mark_present(self, index: int, peer_id: int, nic_mac: bytes | None = None) -> int:
         """Record that QEMU peer ``peer_id`` joined in slot ``index``; return the new generation.
 
-        ``peer_id`` is written before ``present`` and the generations.
+        ``nic_mac``, when the server knows the occupant's data-NIC MAC, is
+        published with IVL_SLOT_F_MAC_KNOWN; without it the flag is clear
+        and nic_mac is zero.
         """
+        self._check_writer()
         if not 0 <= peer_id <= MAX_PEER_ID:
             raise RegionError(f"peer ID {peer_id} is outside 0..{MAX_PEER_ID}")
-        if self._get(self.layout.slot_offset(index), _SLOT_PRESENT):
+        if self.server_half(index).present:
             raise RegionError(f"slot {index} is already present")
-        return self._set_presence(index, peer_id)
+        if nic_mac is not None and len(nic_mac) != MAC_LEN:
+            raise RegionError(f"nic_mac must be {MAC_LEN} bytes, not {len(nic_mac)}")
+        generation = self._generation + 1
+        self._write_server_half(
+            index,
+            ServerHalf(
+                present=True,
+                peer_id=peer_id,
+                generation=generation,
+                flags=abi.IVL_SLOT_F_MAC_KNOWN if nic_mac is not None else 0,
+                nic_mac=nic_mac if nic_mac is not None else bytes(MAC_LEN),
+            ),
+        )
+        self._publish_generation(self._nr_present + 1, generation)
+        return generation
 
-    def mark_absent(self, index: int) -> int:
-        """Record a leave in slot ``index`` (``peer_id`` is kept); return the new generation."""
-        if not self._get(self.layout.slot_offset(index), _SLOT_PRESENT):
+    def mark_absent(self, index: int, *, evicted: bool = False) -> int:
+        """Record a leave in slot ``index``; return the new generation.
+
+        peer_id, nic_mac and MAC_KNOWN are kept (useful in a dump) until the
+        next join overwrites them.  ``evicted`` adds IVL_SLOT_F_EVICTED in
+        the same update, so no reader sees the leave without the reason.
+        """
+        self._check_writer()
+        old = self.server_half(index)
+        if not old.present:
             raise RegionError(f"slot {index} is not present")
-        return self._set_presence(index, None)
+        generation = self._generation + 1
+        flags = old.flags | (abi.IVL_SLOT_F_EVICTED if evicted else 0)
+        self._write_server_half(
+            index, ServerHalf(False, old.peer_id, generation, flags, old.nic_mac)
+        )
+        self._publish_generation(self._nr_present - 1, generation)
+        return generation
 
 
 def find_server_region(pid: int, name: str = DEFAULT_MEMFD_NAME) -> Path:

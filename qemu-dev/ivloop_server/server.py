@@ -27,29 +27,53 @@ Each peer has two numbers:
 Sends never block: messages are 8 bytes, and a peer whose socket buffer is
 full is not reading, so it is dropped like a peer whose socket failed.
 Only that peer is dropped; the others carry on.
+
+Impersonation.  When a QEMU connects the server learns its data-NIC MAC
+(:mod:`ivloop_server.nic`: SO_PEERCRED, /proc/PID/cmdline, the operator's
+map) and publishes it in the slot with IVL_SLOT_F_MAC_KNOWN; guests send to
+a slot only while its MAC equals that.  Every ``police_interval`` the
+server also checks each live peer itself: first it restores any server
+bytes a region member overwrote (the header, a slot's server half -- a
+guest could otherwise rewrite its own nic_mac to match a lie), then it
+reads each guest half under its seq.  A joined peer, UP or LEAVING, that
+publishes a MAC other than its NIC's -- or, when its own NIC is unknown,
+the NIC MAC of another peer -- is evicted: one WARNING, IVL_SLOT_F_EVICTED
+in its slot with the leave, its connection closed.  QEMU takes a closed
+server connection quietly once set up: its ivshmem registers no chardev
+event handler, so the socket chardev just disconnects and the device keeps
+its BAR2 mapping and eventfds (``_evict``).  During setup it does not: a
+refusal must be a message QEMU reads, never a bare close (``_turn_away``).
+The same QEMU process is refused for a hold-off that doubles with each
+eviction, so a reconnecting chardev cannot turn join-lie-evict into a log
+flood.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import enum
 import errno
+import fcntl
 import logging
 import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import termios
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 from . import abi, protocol
 from .errors import ConfigError, SocketInUseError, SocketPathError, StateError
+from .nic import NicIdentity, NicResolver, ProcNicResolver, check_unicast, format_mac
 from .protocol import MAX_PEER_ID
-from .region import Layout, Region, compute_layout, format_size
+from .region import Layout, Region, SlotView, compute_layout, format_size
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +85,17 @@ SOCKET_MODE: Final = 0o600
 LISTEN_BACKLOG: Final = 64
 _PROBE_TIMEOUT: Final = 1.0
 _ACCEPT_RETRY_DELAY: Final = 0.2
+DEFAULT_POLICE_INTERVAL: Final = 0.1
+DEFAULT_EVICT_HOLDOFF: Final = 5.0
+DEFAULT_EVICT_HOLDOFF_MAX: Final = 600.0
+#: Rounds a guest half may stay mid-update before the server says so (once).
+_STUCK_ROUNDS: Final = 10
+#: At most one WARNING per slot per this many seconds about restored bytes.
+_REPAIR_LOG_INTERVAL: Final = 60.0
+_MAX_STRIKES: Final = 4096
+#: Refused connections held open until their refusal is read, at most.
+_MAX_REFUSED: Final = 64
+DEFAULT_REFUSE_LINGER: Final = 60.0
 
 
 class Runstate(enum.Enum):
@@ -119,9 +154,37 @@ class ServerConfig:
     #: price is that each QEMU keeps two stale eventfds per departed peer
     #: (IDs are never reused, so they are never confused with a new peer).
     leave_notices: bool = False
+    #: QEMU -name -> data-NIC MAC (6 bytes), the operator's --nic-macs map.
+    nic_macs: Mapping[str, bytes] = field(default_factory=dict)
+    #: Seconds between checks of what every peer publishes.
+    police_interval: float = DEFAULT_POLICE_INTERVAL
+    #: An evicted QEMU process may rejoin after this many seconds, doubled
+    #: on each further eviction up to ``evict_holdoff_max``.
+    evict_holdoff: float = DEFAULT_EVICT_HOLDOFF
+    evict_holdoff_max: float = DEFAULT_EVICT_HOLDOFF_MAX
+    #: Seconds a refused connection stays open waiting for its QEMU to read
+    #: the refusal (see :meth:`IvshmemServer._turn_away`).
+    refuse_linger: float = DEFAULT_REFUSE_LINGER
 
     def validate(self) -> Layout:
         """Check every value; return the region layout or raise ConfigError."""
+        if not 0 < self.police_interval <= 10:
+            raise ConfigError(
+                f"police interval must be above 0 and at most 10 s, not {self.police_interval}"
+            )
+        if not 0 < self.refuse_linger <= 3600:
+            raise ConfigError(
+                f"refuse linger must be above 0 and at most 3600 s, not {self.refuse_linger}"
+            )
+        if not 0 <= self.evict_holdoff <= self.evict_holdoff_max:
+            raise ConfigError(
+                f"eviction hold-off {self.evict_holdoff} s must be between 0 and its maximum "
+                f"{self.evict_holdoff_max} s"
+            )
+        for name, mac in self.nic_macs.items():
+            why = "is not 6 bytes" if len(mac) != 6 else check_unicast(mac)
+            if why is not None:
+                raise ConfigError(f"NIC MAC for {name!r} {why}")
         if not 0 <= self.first_peer_id <= MAX_PEER_ID:
             raise ConfigError(
                 f"first peer ID must be between 0 and {MAX_PEER_ID}, not {self.first_peer_id}"
@@ -147,7 +210,14 @@ class Peer:
     """
 
     def __init__(
-        self, peer_id: int, slot: int, sock: socket.socket, vectors: list[int], pid: int
+        self,
+        peer_id: int,
+        slot: int,
+        sock: socket.socket,
+        vectors: list[int],
+        pid: int,
+        *,
+        identity: NicIdentity | None = None,
     ) -> None:
         self.id = peer_id
         self.slot = slot
@@ -159,6 +229,23 @@ class Peer:
         self.known: set[int] = set()
         self.log = log.getChild(f"peer{peer_id}")
         self._reading = False
+        #: What the server learned about this peer's QEMU, and its data-NIC MAC.
+        self.identity = identity or NicIdentity(pid, None, "not resolved")
+        #: Slot generation of this peer's join (the server's own record).
+        self.join_generation = 0
+        self.evicted = False
+        #: Consecutive checks that found the guest half mid-update.
+        self.unsettled = 0
+        #: One-time notes already logged ("unchecked", "stuck").
+        self.noted: set[str] = set()
+
+    @property
+    def nic_mac(self) -> bytes | None:
+        return self.identity.mac
+
+    @property
+    def qemu_name(self) -> str:
+        return self.identity.name or "?"
 
     def __repr__(self) -> str:
         return f"<Peer {self.id} slot={self.slot} {self.state.value} pid={self.pid}>"
@@ -185,6 +272,16 @@ def _peer_pid(sock: socket.socket) -> int:
         return 0
     pid: int = struct.unpack("3i", creds)[0]
     return pid
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer has not read yet (SIOCOUTQ)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    except OSError:
+        return 0
+    return buf[0]
 
 
 def prepare_socket_path(path: Path) -> None:
@@ -230,17 +327,45 @@ def prepare_socket_path(path: Path) -> None:
     )
 
 
+@dataclass
+class _Refused:
+    sock: socket.socket
+    deadline: float
+
+
+@dataclass
+class _Strike:
+    """Evictions of one QEMU process, for the rejoin hold-off."""
+
+    count: int
+    until: float  # monotonic time before which a rejoin is refused
+    forget: float  # when the count may be dropped
+    evicted_at: float
+    refusals: int = 0
+
+
 class IvshmemServer:
     """An ivshmem server on one socket path, with one region.
 
     Use as ``async with IvshmemServer(config) as server: ...`` or call
     :meth:`start` and :meth:`stop` (stop is idempotent).  Every method must
     be called from the event loop the server was started in.
+
+    ``resolver`` tells the server each connecting QEMU's data-NIC MAC; the
+    default reads /proc and ``config.nic_macs``.  Tests inject their own.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, resolver: NicResolver | None = None) -> None:
         self.config = config
         self.layout = config.validate()
+        self._resolver: NicResolver = resolver or ProcNicResolver(dict(config.nic_macs))
+        self._strikes: dict[tuple[int, int], _Strike] = {}
+        self._police_handle: asyncio.TimerHandle | None = None
+        #: Completed checks of the peers (tests wait on it).
+        self.police_rounds = 0
+        self._repair_logged: dict[int | None, tuple[float, int]] = {}
+        #: Refused connections waiting for their refusal to be read, by fd.
+        self._refused: dict[int, _Refused] = {}
         self._runstate = Runstate.IDLE
         self._region: Region | None = None
         self._listener: socket.socket | None = None
@@ -309,6 +434,7 @@ class IvshmemServer:
             self._stopped.set()
             raise
         self._transition(Runstate.RUNNING)
+        self._police_handle = self._loop.call_later(self.config.police_interval, self._police_tick)
         lay = self.layout
         log.info(
             "listening on %s: region %s, %d peers, rings of %s, %d vectors",
@@ -354,6 +480,9 @@ class IvshmemServer:
         nr_peers = len(self._peers)
         if self._loop is not None and self._listener is not None:
             self._loop.remove_reader(self._listener.fileno())
+        if self._police_handle is not None:
+            self._police_handle.cancel()
+            self._police_handle = None
         # One at a time, so each remaining peer is told and rung about each
         # leave, and its guest falls back to the lower path in order.
         for peer in sorted(self._peers.values(), key=lambda p: p.id):
@@ -370,6 +499,11 @@ class IvshmemServer:
         self._stopped.set()
 
     def _teardown(self) -> None:
+        for fd in list(self._refused):
+            self._close_refused(fd)
+        if self._police_handle is not None:
+            self._police_handle.cancel()
+            self._police_handle = None
         if self._accept_retry is not None:
             self._accept_retry.cancel()
             self._accept_retry = None
@@ -428,7 +562,7 @@ class IvshmemServer:
                 self._admit(conn)
             except Exception:
                 log.exception("unexpected error admitting a connection")
-                conn.close()
+                self._turn_away(conn)
             finally:
                 self._reap()
 
@@ -464,7 +598,50 @@ class IvshmemServer:
             reason,
             extra={"event": "refuse", "reason": reason, "pid": pid},
         )
-        conn.close()
+        self._turn_away(conn)
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """Refuse ``conn`` so that its QEMU fails cleanly instead of hanging.
+
+        QEMU reads its setup synchronously in device realize and retries a
+        read that returns 0 forever (ivshmem_recv_msg), so it must find a
+        message, never EOF.  :data:`protocol.REFUSED` where the version
+        belongs fails realize at once.  The connection then stays open until
+        the message has been read: with a hot-plug (chardev-add, then
+        device_add) the chardev is connected before the device reads, and if
+        the server closed in between, QEMU's HUP handler would drop the
+        connection, message and all, and device_add would spin for ever.
+        It is closed when the peer has read everything (SIOCOUTQ is 0), or
+        closes its end, or after ``refuse_linger`` seconds.
+        """
+        try:
+            protocol.send_message(conn, protocol.REFUSED)
+        except OSError:
+            conn.close()
+            return
+        if self._loop is None or self._runstate is not Runstate.RUNNING:
+            conn.close()
+            return
+        while len(self._refused) >= _MAX_REFUSED:
+            self._close_refused(next(iter(self._refused)))
+        fd = conn.fileno()
+        self._refused[fd] = _Refused(conn, time.monotonic() + self.config.refuse_linger)
+        # A QEMU never sends: readable means it closed (or misbehaves).
+        self._loop.add_reader(fd, self._close_refused, fd)
+
+    def _close_refused(self, fd: int) -> None:
+        refused = self._refused.pop(fd, None)
+        if refused is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(fd)
+        refused.sock.close()
+
+    def _sweep_refused(self) -> None:
+        now = time.monotonic()
+        for fd, refused in list(self._refused.items()):
+            if now >= refused.deadline or _unread(refused.sock) == 0:
+                self._close_refused(fd)
 
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
@@ -483,6 +660,9 @@ class IvshmemServer:
         if slot is None:
             self._refuse(conn, pid, f"all {self.layout.max_peers} peer slots are in use")
             return
+        identity = self._identify(pid)
+        if self._held_off(conn, identity):
+            return
         vectors: list[int] = []
         try:
             for _ in range(self.config.vectors):
@@ -496,27 +676,31 @@ class IvshmemServer:
         # The ID is spent from here on, even if the setup below fails.
         peer_id = self._next_id
         self._next_id += 1
-        peer = Peer(peer_id, slot, conn, vectors, pid)
+        peer = Peer(peer_id, slot, conn, vectors, pid, identity=identity)
         others = self._live_peers()
         self._peers[peer_id] = peer
         region = self.region
         region.zero_rings_of(slot)
-        generation = region.mark_present(slot, peer_id)
+        generation = region.mark_present(slot, peer_id, identity.mac)
+        peer.join_generation = generation
         peer.log.info(
-            "peer %d joined in slot %d (pid %d, generation %d)",
+            "peer %d joined in slot %d (pid %d, QEMU %s, generation %d)",
             peer_id,
             slot,
             pid,
+            peer.qemu_name,
             generation,
             extra={
                 "event": "join",
                 "peer": peer_id,
                 "slot": slot,
                 "pid": pid,
+                "qemu_name": identity.name,
                 "generation": generation,
                 "nr_present": len(self._peers),
             },
         )
+        self._log_identity(peer)
 
         setup = protocol.setup_messages(
             peer_id, region.fd, vectors, [(o.id, o.vectors) for o in others]
@@ -607,7 +791,7 @@ class IvshmemServer:
         peer.transition(PeerState.LEAVING)
         if self._loop is not None and peer.sock.fileno() >= 0:
             self._loop.remove_reader(peer.sock.fileno())
-        generation = self.region.mark_absent(peer.slot)
+        generation = self.region.mark_absent(peer.slot, evicted=peer.evicted)
         notified = (self._announce_leave(peer.id, self._live_peers())
                     if self.config.leave_notices else 0)
         self._ring_membership(exclude=peer)
@@ -642,3 +826,217 @@ class IvshmemServer:
                 other.known.discard(peer_id)
                 notified += 1
         return notified
+
+    # -- who is behind a connection ---------------------------------------
+
+    def set_nic_map(self, nic_macs: Mapping[str, bytes]) -> None:
+        """Use a new operator map for QEMUs that connect from now on."""
+        if not isinstance(self._resolver, ProcNicResolver):
+            raise ConfigError(
+                f"this server learns NIC MACs from a {type(self._resolver).__name__}, "
+                "which has no operator map to replace"
+            )
+        for name, mac in nic_macs.items():
+            why = "is not 6 bytes" if len(mac) != 6 else check_unicast(mac)
+            if why is not None:
+                raise ConfigError(f"NIC MAC for {name!r} {why}")
+        self._resolver.nic_map = dict(nic_macs)
+
+    def _identify(self, pid: int) -> NicIdentity:
+        try:
+            return self._resolver.resolve(pid)
+        except Exception as exc:
+            # A parser bug must cost this peer its check, not everyone the server.
+            log.exception("cannot work out the NIC of pid %d", pid)
+            return NicIdentity(pid, None, f"internal error: {exc}")
+
+    def _log_identity(self, peer: Peer) -> None:
+        ident = peer.identity
+        extra = {
+            "event": "nic",
+            "peer": peer.id,
+            "slot": peer.slot,
+            "pid": peer.pid,
+            "qemu_name": ident.name,
+            "nic_mac": format_mac(ident.mac) if ident.mac is not None else None,
+            "source": ident.source,
+        }
+        if ident.warning is not None:
+            peer.log.warning("peer %d (QEMU %s): %s", peer.id, peer.qemu_name, ident.warning,
+                             extra={**extra, "event": "nic_map_mismatch"})  # fmt: skip
+        if ident.mac is not None:
+            peer.log.info(
+                "peer %d: data NIC %s (%s)", peer.id, format_mac(ident.mac), ident.source,
+                extra=extra,
+            )  # fmt: skip
+        else:
+            peer.log.info(
+                "peer %d (pid %d, QEMU %s): data-NIC MAC unknown (%s); the MAC it claims cannot "
+                "be checked (give its -device a mac= or map it with --nic-macs)",
+                peer.id, peer.pid, peer.qemu_name, ident.source, extra=extra,
+            )  # fmt: skip
+
+    # -- eviction hold-off ------------------------------------------------
+
+    def _held_off(self, conn: socket.socket, identity: NicIdentity) -> bool:
+        """Refuse an evicted QEMU process that comes back too soon."""
+        key = identity.key
+        if key is None:
+            return False
+        now = time.monotonic()
+        strike = self._strikes.get(key)
+        if strike is None or now >= strike.until:
+            return False
+        strike.refusals += 1
+        # A reconnecting chardev retries every few seconds: say it once.
+        level = logging.WARNING if strike.refusals == 1 else logging.DEBUG
+        self._refuse(
+            conn,
+            identity.pid,
+            f"QEMU {identity.name or '?'} was evicted {now - strike.evicted_at:.0f} s ago for "
+            f"publishing a MAC that is not its NIC's; it may rejoin in {strike.until - now:.0f} s",
+            level,
+        )
+        return True
+
+    def _strike(self, identity: NicIdentity) -> float | None:
+        """Record an eviction; return the hold-off it earns (None: process unknown)."""
+        key = identity.key
+        if key is None:
+            return None
+        now = time.monotonic()
+        if len(self._strikes) >= _MAX_STRIKES:
+            for k in [k for k, v in self._strikes.items() if v.forget <= now]:
+                del self._strikes[k]
+            while len(self._strikes) >= _MAX_STRIKES:
+                del self._strikes[next(iter(self._strikes))]
+        old = self._strikes.get(key)
+        count = old.count + 1 if old is not None and old.forget > now else 1
+        cfg = self.config
+        hold = min(cfg.evict_holdoff * float(1 << min(count - 1, 30)), cfg.evict_holdoff_max)
+        self._strikes[key] = _Strike(count, now + hold, now + hold + cfg.evict_holdoff_max, now)
+        return hold
+
+    # -- policing ---------------------------------------------------------
+
+    def _police_tick(self) -> None:
+        self._police_handle = None
+        if self._runstate is not Runstate.RUNNING:
+            return
+        try:
+            self._sweep_refused()
+            self._police()
+        except Exception:
+            log.exception("unexpected error checking the peers")
+        finally:
+            self._reap()
+            self.police_rounds += 1
+            if self._runstate is Runstate.RUNNING and self._loop is not None:
+                self._police_handle = self._loop.call_later(
+                    self.config.police_interval, self._police_tick
+                )
+
+    def _police(self) -> None:
+        """Restore the server's bytes, then check what every live peer claims."""
+        region = self.region
+        header, tampered = region.repair()
+        self._log_repairs(header, tampered)
+        live = self._live_peers()
+        owners = {p.nic_mac: p for p in live if p.nic_mac is not None}
+        for peer in live:
+            half = region.read_guest_half(peer.slot)
+            if half is None:
+                peer.unsettled += 1
+                if peer.unsettled == _STUCK_ROUNDS and "stuck" not in peer.noted:
+                    peer.noted.add("stuck")
+                    peer.log.warning(
+                        "peer %d (QEMU %s): its slot has been mid-update for %d checks in a "
+                        "row; what it publishes is not checked while that lasts",
+                        peer.id, peer.qemu_name, peer.unsettled,
+                        extra={"event": "stuck", "peer": peer.id, "slot": peer.slot},
+                    )  # fmt: skip
+                continue
+            peer.unsettled = 0
+            if half.state not in (abi.IVL_STATE_UP, abi.IVL_STATE_LEAVING):
+                continue
+            # Joined as its peers judge it: the guest went UP in this
+            # occupancy (the server's own generation), or in a rejoin faked
+            # by overwriting the slot's generation, which guests believed
+            # until repair() restored it.
+            found = tampered.get(peer.slot)
+            forged = found.generation if found is not None else None
+            if half.joined_gen not in (peer.join_generation, forged):
+                continue
+            claimed = half.mac
+            if peer.nic_mac is not None:
+                if claimed != peer.nic_mac:
+                    self._evict(peer, claimed, f"its NIC is {format_mac(peer.nic_mac)}")
+                continue
+            owner = owners.get(claimed)
+            if owner is not None:
+                self._evict(
+                    peer, claimed, f"that is the NIC of peer {owner.id} (QEMU {owner.qemu_name})"
+                )
+            elif "unchecked" not in peer.noted:
+                peer.noted.add("unchecked")
+                peer.log.info(
+                    "peer %d (QEMU %s) publishes MAC %s; its NIC is unknown, so that is not "
+                    "checked", peer.id, peer.qemu_name, half.mac_str,
+                    extra={"event": "unchecked", "peer": peer.id, "mac": half.mac_str},
+                )  # fmt: skip
+
+    def _evict(self, peer: Peer, claimed: bytes, why: str) -> None:
+        """Cut ``peer`` off for publishing ``claimed``: EVICTED, then a leave.
+
+        Closing the connection is safe for its QEMU: ivshmem installs no
+        event handler on its server chardev (qemu_chr_fe_set_handlers with
+        a NULL event callback, 7.2 to current), so EOF only disconnects the
+        socket chardev (tcp_chr_disconnect); the device keeps BAR2 and its
+        eventfds and nothing is freed.  Unless its chardev has reconnect=,
+        that QEMU never connects again on its own; a re-plug does, and meets
+        the hold-off.
+        """
+        if peer.evicted:
+            return
+        peer.evicted = True
+        hold = self._strike(peer.identity)
+        nic = format_mac(peer.nic_mac) if peer.nic_mac is not None else None
+        peer.log.warning(
+            "evicting peer %d (slot %d, pid %d, QEMU %s): it publishes MAC %s but %s; "
+            "%s",
+            peer.id, peer.slot, peer.pid, peer.qemu_name, format_mac(claimed), why,
+            f"this QEMU may rejoin in {hold:.0f} s" if hold is not None
+            else "its process is unknown, so it may rejoin at once",
+            extra={
+                "event": "evict", "peer": peer.id, "slot": peer.slot, "pid": peer.pid,
+                "qemu_name": peer.identity.name, "claimed_mac": format_mac(claimed),
+                "nic_mac": nic, "holdoff": hold,
+            },
+        )  # fmt: skip
+        self._doom(peer, f"evicted for publishing MAC {format_mac(claimed)}", logging.INFO)
+
+    def _log_repairs(self, header: bool, tampered: dict[int, SlotView]) -> None:
+        now = time.monotonic()
+        what: list[tuple[int | None, str]] = []
+        if header:
+            what.append((None, "the region header"))
+        for index, found in tampered.items():
+            what.append(
+                (
+                    index,
+                    f"slot {index}'s server half (found present {found.present} peer_id "
+                    f"{found.peer_id} generation {found.generation} flags {found.srv_flags:#x} "
+                    f"nic_mac {found.nic_mac_str})",
+                )
+            )
+        for key, text in what:
+            last, suppressed = self._repair_logged.get(key, (-_REPAIR_LOG_INTERVAL, 0))
+            if now - last < _REPAIR_LOG_INTERVAL:
+                self._repair_logged[key] = (last, suppressed + 1)
+                continue
+            more = f" ({suppressed} more times since the last report)" if suppressed else ""
+            log.warning(
+                "a region member overwrote %s; restored%s", text, more,
+                extra={"event": "repair", "slot": key, "suppressed": suppressed},
+            )  # fmt: skip
+            self._repair_logged[key] = (now, 0)

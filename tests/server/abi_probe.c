@@ -38,6 +38,10 @@ int main(void)
 	CONST(IVL_REG_INTRSTATUS);
 	CONST(IVL_REG_IVPOSITION);
 	CONST(IVL_REG_DOORBELL);
+	CONST(IVL_SLOT_F_MAC_KNOWN);
+	CONST(IVL_SLOT_F_EVICTED);
+	CONST(IVL_SLOT_KNOWN_FLAGS);
+	CONST(IVL_LEAVE_ACK_MS);
 	CONST(IVL_HEARTBEAT_MS);
 	CONST(IVL_HEARTBEAT_TIMEOUT_MS);
 	CONST(IVL_REC_PAD);
@@ -71,13 +75,18 @@ int main(void)
 	FIELD(ivl_slot, present);
 	FIELD(ivl_slot, peer_id);
 	FIELD(ivl_slot, generation);
+	FIELD(ivl_slot, srv_seq);
+	FIELD(ivl_slot, srv_flags);
+	FIELD(ivl_slot, nic_mac);
+	FIELD(ivl_slot, reserved0);
 	FIELD(ivl_slot, pad0);
 	FIELD(ivl_slot, mac);
 	FIELD(ivl_slot, reserved1);
 	FIELD(ivl_slot, state);
-	FIELD(ivl_slot, reserved2);
+	FIELD(ivl_slot, seq);
 	FIELD(ivl_slot, heartbeat);
 	FIELD(ivl_slot, joined_gen);
+	FIELD(ivl_slot, leave_ack);
 	FIELD(ivl_slot, pad1);
 
 	SIZE(ivl_ring_ctrl);

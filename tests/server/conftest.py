@@ -7,9 +7,11 @@ fixture closes what it opened, on every path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,12 +23,14 @@ from typing import Any, TypeVar
 
 import pytest
 
+from ivloop_server.nic import NicResolver
 from ivloop_server.server import IvshmemServer, ServerConfig
 
 from .fakeclient import FakeQemu
 
 T = TypeVar("T")
 STARTUP_TIMEOUT = 15.0
+HERE = Path(__file__).resolve().parent
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
@@ -41,8 +45,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = 
 class ServerThread:
     """An IvshmemServer running on its own event loop in a background thread."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, resolver: NicResolver | None = None) -> None:
         self.config = config
+        self.resolver = resolver
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -50,7 +55,7 @@ class ServerThread:
         self.run(self.server.start())
 
     async def _create(self) -> IvshmemServer:
-        return IvshmemServer(self.config)
+        return IvshmemServer(self.config, resolver=self.resolver)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -70,6 +75,12 @@ class ServerThread:
         message of one, settle() makes the whole of it visible.
         """
         self.call(lambda: None)
+
+    def rounds(self, n: int = 3, timeout: float = 5.0) -> None:
+        """Return after ``n`` more complete checks of the peers (police rounds)."""
+        start = self.call(lambda: self.server.police_rounds)
+        wait_until(lambda: self.server.police_rounds >= start + n, timeout, f"{n} police rounds")
+        self.settle()
 
     @property
     def path(self) -> Path:
@@ -96,7 +107,8 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
         # Most tests check the documented protocol, leave notices included;
         # test_leave_without_notices.py checks the (QEMU-safe) default.
         kwargs.setdefault("leave_notices", True)
-        st = ServerThread(ServerConfig(**kwargs))
+        resolver = kwargs.pop("resolver", None)
+        st = ServerThread(ServerConfig(**kwargs), resolver)
         servers.append(st)
         return st
 
@@ -198,3 +210,32 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         sp.proc.wait(10)
         if sp.proc.stdout is not None:
             sp.proc.stdout.close()
+
+
+# -- clients that are real processes -------------------------------------------
+
+
+@contextlib.contextmanager
+def qemu_process(path: Path, *qemu_args: str) -> Iterator[tuple[FakeQemu, int]]:
+    """A client whose connecting process has ``qemu_args`` as its argv."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "procclient.py"), str(path), str(theirs.fileno()),
+         *qemu_args],
+        pass_fds=(theirs.fileno(),),
+    )  # fmt: skip
+    theirs.close()
+    client: FakeQemu | None = None
+    try:
+        ours.settimeout(10)
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+        assert len(fds) == 1, "the helper did not pass its connection"
+        sock = socket.socket(fileno=fds[0])
+        client = FakeQemu(sock)
+        client.handshake()
+        yield client, proc.pid
+    finally:
+        if client is not None:
+            client.close()
+        ours.close()
+        proc.wait(10)

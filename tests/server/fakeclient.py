@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import mmap
 import os
 import select
 import socket
@@ -17,10 +18,19 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypedDict
 
 TIMEOUT = 5.0
 _MAX_FDS = 4  # more than one fd per message is a server bug; leave room to see it
+
+
+class ServerHalf(TypedDict):
+    present: int
+    peer_id: int
+    generation: int
+    srv_seq: int
+    srv_flags: int
+    nic_mac: bytes
 
 
 class ProtocolViolation(AssertionError):
@@ -44,6 +54,7 @@ class FakeQemu:
     peers: dict[int, list[int]] = field(default_factory=dict)
     gone: list[int] = field(default_factory=list)
     _fds: set[int] = field(default_factory=set)
+    _map: mmap.mmap | None = None
 
     @classmethod
     def connect(cls, path: Path, vectors: int = 2) -> Self:
@@ -98,6 +109,22 @@ class FakeQemu:
             return self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
+
+    def refused(self, timeout: float = TIMEOUT) -> bool:
+        """True if the server turned us away so that QEMU fails cleanly.
+
+        That is -1 where the version belongs (QEMU: "server sent version -1,
+        expecting 0"), then EOF.  A bare EOF would leave a real QEMU spinning
+        in its synchronous setup read, so it counts as a violation here.
+        """
+        self.sock.settimeout(timeout)
+        first = self.sock.recv(8, socket.MSG_PEEK)
+        if first == b"":
+            raise ProtocolViolation("refused by a bare EOF: QEMU would hang in device realize")
+        msg = self.recv(timeout)
+        if msg.value != -1 or msg.fd is not None:
+            raise ProtocolViolation(f"expected the refusal message -1, got {msg}")
+        return self.at_eof(timeout)
 
     def pending(self) -> bool:
         readable, _, _ = select.select([self.sock], [], [], 0)
@@ -168,6 +195,73 @@ class FakeQemu:
         except BlockingIOError:
             return 0
 
+    # -- the guest's side of the region ------------------------------------
+    #
+    # What a guest (driver or hostile) does through BAR2.  Offsets are the
+    # header's (guest-driver/ivl_abi.h), written out here rather than taken
+    # from ivloop_server.abi, so a mirror gone wrong cannot hide itself.
+
+    SLOT_BASE = 4096
+    SLOT_SIZE = 128
+    MAC_OFF, STATE_OFF, SEQ_OFF, JOINED_GEN_OFF = 64, 72, 76, 88
+    STATE_DOWN, STATE_UP, STATE_LEAVING = 0, 1, 2
+
+    @property
+    def region(self) -> mmap.mmap:
+        """The shared region, mapped read-write as QEMU maps BAR2."""
+        if self._map is None:
+            if self.shm_fd is None:
+                raise AssertionError("no shared memory received yet")
+            self._map = mmap.mmap(self.shm_fd, os.fstat(self.shm_fd).st_size)
+        return self._map
+
+    def slot_base(self, slot: int) -> int:
+        return self.SLOT_BASE + slot * self.SLOT_SIZE
+
+    def server_half(self, slot: int) -> ServerHalf:
+        """Slot ``slot``'s server half as the header lays it out (a raw copy)."""
+        present, peer_id, gen, srv_seq, flags, nic_mac = struct.unpack_from(
+            "<IIQII6s", self.region, self.slot_base(slot)
+        )
+        return {"present": present, "peer_id": peer_id, "generation": gen,
+                "srv_seq": srv_seq, "srv_flags": flags, "nic_mac": nic_mac}  # fmt: skip
+
+    def my_slot(self, max_peers: int = 64) -> int:
+        """The present slot whose peer_id is my IVPosition, as a guest finds it."""
+        for slot in range(max_peers):
+            if (self.SLOT_BASE + (slot + 1) * self.SLOT_SIZE) > len(self.region):
+                break
+            half = self.server_half(slot)
+            if half["present"] == 1 and half["peer_id"] == self.own_id:
+                return slot
+        raise AssertionError(f"no present slot holds peer {self.own_id}")
+
+    def begin_update(self, slot: int) -> int:
+        """Make the guest seq of ``slot`` odd (mid-update); return the new value."""
+        base = self.slot_base(slot)
+        seq = struct.unpack_from("<I", self.region, base + self.SEQ_OFF)[0]
+        seq = (seq | 1) if seq & 1 == 0 else seq
+        struct.pack_into("<I", self.region, base + self.SEQ_OFF, seq)
+        return int(seq)
+
+    def publish(self, mac: bytes, state: int = 1, joined_gen: int | None = None,
+                slot: int | None = None, finish: bool = True) -> None:
+        """Write my guest half under its seq: odd, mac/state/joined_gen, even.
+
+        ``joined_gen`` defaults to the slot's generation (a guest going UP);
+        ``finish=False`` leaves seq odd, as a guest stopped mid-update would.
+        """
+        slot = self.my_slot() if slot is None else slot
+        base = self.slot_base(slot)
+        if joined_gen is None:
+            joined_gen = self.server_half(slot)["generation"]
+        seq = self.begin_update(slot)
+        self.region[base + self.MAC_OFF : base + self.MAC_OFF + 6] = mac
+        struct.pack_into("<I", self.region, base + self.STATE_OFF, state)
+        struct.pack_into("<Q", self.region, base + self.JOINED_GEN_OFF, joined_gen)
+        if finish:
+            struct.pack_into("<I", self.region, base + self.SEQ_OFF, (seq + 1) & 0xFFFFFFFF)
+
     # -- cleanup ----------------------------------------------------------
 
     def _close_fd(self, fd: int) -> None:
@@ -176,6 +270,9 @@ class FakeQemu:
             os.close(fd)
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         with contextlib.suppress(OSError):
             self.sock.close()
         for fd in sorted(self._fds):

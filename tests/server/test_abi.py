@@ -103,14 +103,39 @@ def test_slot_state_enum_matches_constants() -> None:
     assert abi.IVL_STATE_LEAVING is abi.IvlSlotState.IVL_STATE_LEAVING
 
 
-def test_slot_peer_id_took_reserved0s_place(probe: list[list[str]]) -> None:
-    """peer_id (QEMU peer ID of the occupant) sits where reserved0 was; nothing moved."""
+# ABI 2 slot, as the header spells it: (offset, size) of every field.
+SLOT_V2 = {
+    "present": (0, 4), "peer_id": (4, 4), "generation": (8, 8),
+    "srv_seq": (16, 4), "srv_flags": (20, 4), "nic_mac": (24, 6), "reserved0": (30, 2),
+    "pad0": (32, 32),
+    "mac": (64, 6), "reserved1": (70, 2), "state": (72, 4), "seq": (76, 4),
+    "heartbeat": (80, 8), "joined_gen": (88, 8), "leave_ack": (96, 8), "pad1": (104, 24),
+}  # fmt: skip
+
+
+def test_slot_layout_is_abi_2(probe: list[list[str]]) -> None:
+    """The slot as the compiler lays it out, field by field, and the mirror agrees.
+
+    Fields ABI 1 had kept their places (a version check, not a moved field,
+    is what turns an ABI-1 guest away); each half stays in its own cache line.
+    """
     slot = {row[2]: (int(row[3]), int(row[4])) for row in probe if row[:2] == ["field", "ivl_slot"]}
-    assert "reserved0" not in slot
-    assert slot["peer_id"] == (4, 4)
-    assert (slot["present"], slot["generation"], slot["pad0"]) == ((0, 4), (8, 8), (16, 48))
-    assert (slot["mac"], slot["state"], slot["pad1"]) == ((64, 6), (72, 4), (96, 32))
-    name = "peer_id"
-    descr = getattr(abi.IvlSlot, name)
-    assert (descr.offset, descr.size) == (4, 4)
+    assert slot == SLOT_V2
+    mirrored = {name: (getattr(abi.IvlSlot, name).offset, getattr(abi.IvlSlot, name).size)
+                for name, *_ in abi.IvlSlot._fields_}  # fmt: skip
+    assert mirrored == SLOT_V2
+    server_half = {"present", "peer_id", "generation", "srv_seq", "srv_flags", "nic_mac"}
+    guest_half = {"mac", "state", "seq", "heartbeat", "joined_gen", "leave_ack"}
+    assert all(off + size <= abi.IVL_CACHELINE for name, (off, size) in slot.items()
+               if name in server_half)  # fmt: skip
+    assert all(off >= abi.IVL_CACHELINE for name, (off, size) in slot.items()
+               if name in guest_half)  # fmt: skip
     assert ["sizeof", "ivl_slot", "128"] in probe
+
+
+def test_abi_2_constants(probe: list[list[str]]) -> None:
+    consts = {row[1]: int(row[2]) for row in probe if row[0] == "const"}
+    assert consts["IVL_ABI_VERSION"] == abi.IVL_ABI_VERSION == 2
+    assert (consts["IVL_SLOT_F_MAC_KNOWN"], consts["IVL_SLOT_F_EVICTED"]) == (1, 2)
+    assert consts["IVL_SLOT_KNOWN_FLAGS"] == abi.IVL_SLOT_F_MAC_KNOWN | abi.IVL_SLOT_F_EVICTED
+    assert consts["IVL_LEAVE_ACK_MS"] == abi.IVL_LEAVE_ACK_MS == 500

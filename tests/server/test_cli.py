@@ -19,7 +19,7 @@ import pytest
 
 from ivloop_server import abi
 
-from .conftest import ServerProcess, server_command, wait_until
+from .conftest import ServerProcess, qemu_process, server_command, wait_until
 from .fakeclient import FakeQemu
 
 
@@ -139,6 +139,61 @@ def test_bad_values_give_one_line_and_status_2(
     assert not path.exists()
 
 
+def test_bad_nic_map_gives_one_line_and_status_2(tmp_path: Path) -> None:
+    path = tmp_path / "ivl.sock"
+    nics = tmp_path / "nics"
+    nics.write_text("vm1 52:54:00:00:00:01\nvm2\nvm3 52:54:00:00:00:01\nvm4 ff:ff:ff:ff:ff:ff\n")
+    result = run_cli("--socket", str(path), "--nic-macs", str(nics))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"ivloop-server: error: bad --nic-macs file {nics}: line 2: ")
+    assert "line 3: 52:54:00:00:00:01 is already vm1's" in lines[0]
+    assert "line 4: ff:ff:ff:ff:ff:ff is a multicast address" in lines[0]
+    assert not path.exists()
+    result = run_cli("--socket", str(path), "--nic-macs", str(tmp_path / "absent"))
+    assert result.returncode == 2
+    assert "cannot read --nic-macs file" in result.stderr and "No such file" in result.stderr
+
+
+def test_nic_map_is_used_and_reread_on_sighup(
+    spawn: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    nics = tmp_path / "nics"
+    nics.write_text("# two-NIC guests\nvm5 52:54:00:00:00:0b\n")
+    sp = spawn("--log-format", "json", "--nic-macs", str(nics))
+    qemu = ["-name", "guest=vm5", "-netdev", "tap,id=a", "-netdev", "tap,id=b",
+            "-device", "e1000,netdev=a,mac=52:54:00:00:00:0a",
+            "-device", "e1000,netdev=b,mac=52:54:00:00:00:0b"]  # fmt: skip
+
+    def records(event: str) -> list[dict[str, object]]:
+        out = [json.loads(line) for line in sp.stderr().splitlines()]
+        return [r for r in out if r.get("event") == event]
+
+    with qemu_process(sp.socket_path, *qemu):
+        wait_until(lambda: len(records("nic")) == 1, what="the first peer's NIC")
+    assert records("nic")[0]["nic_mac"] == "52:54:00:00:00:0b"
+    assert records("nic")[0]["source"] == "--nic-macs map"
+    data = json.loads(run_cli("--dump", str(sp.proc.pid)).stdout)
+    assert data["directory"][0]["nic_mac"] == "52:54:00:00:00:0b"
+    assert data["directory"][0]["mac_known"] is True
+
+    nics.write_text("vm5 not-a-mac\n")
+    sp.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(records("reload")) == 1, what="a rejected reload")
+    bad = records("reload")[0]
+    assert bad["level"] == "error" and "keeping the previous map" in str(bad["msg"])
+    nics.write_text("vm5 52:54:00:00:00:0a\n")
+    sp.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(records("reload")) == 2, what="a reload")
+    assert records("reload")[1]["entries"] == 1
+    with qemu_process(sp.socket_path, *qemu):
+        wait_until(lambda: len(records("nic")) == 2, what="the second peer's NIC")
+    assert records("nic")[1]["nic_mac"] == "52:54:00:00:00:0a"
+    assert sp.terminate() == 0, sp.stderr()
+    assert "Traceback" not in sp.stderr()
+
+
 def test_socket_is_required() -> None:
     result = run_cli()
     assert result.returncode == 2
@@ -154,7 +209,7 @@ def test_json_logs(
     clients += [a, b]
     refused = FakeQemu.connect(sp.socket_path)
     clients.append(refused)
-    assert refused.at_eof()
+    assert refused.refused()
     b.sock.send(b"x")
     a.expect_join(1)
     a.expect_leave(1)
@@ -164,7 +219,9 @@ def test_json_logs(
     assert events == [
         ("start", None),
         ("join", 0),
+        ("nic", 0),  # the test process has no NIC: unknown, claims unchecked
         ("join", 1),
+        ("nic", 1),
         ("refuse", None),
         ("leave", 1),
         ("leave", 0),
@@ -177,7 +234,11 @@ def test_json_logs(
     assert by_event["stop"]["reason"] == "received SIGTERM"
     assert by_event["join"]["logger"] == "ivloop_server.server.peer1"
     slots = [(r["event"], r["peer"], r["slot"]) for r in records if "slot" in r]
-    assert slots == [("join", 0, 0), ("join", 1, 1), ("leave", 1, 1), ("leave", 0, 0)]
+    assert slots == [("join", 0, 0), ("nic", 0, 0), ("join", 1, 1), ("nic", 1, 1),
+                     ("leave", 1, 1), ("leave", 0, 0)]  # fmt: skip
+    nic = next(r for r in records if r.get("event") == "nic")
+    assert (nic["level"], nic["nic_mac"]) == ("info", None)
+    assert "cannot be checked" in nic["msg"] and "no NIC on its command line" in nic["source"]
     # 2 peers in 32M: 4 rings of just under 8M each, so 4M rings.
     assert by_event["start"]["ring_size"] == 4 << 20
     assert by_event["join"]["pid"] == os.getpid()
