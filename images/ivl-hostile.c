@@ -5,31 +5,57 @@
  * Runs in a guest whose ivshmem device has NO driver bound (boot it with
  * `driver = false` in the topology): it maps BAR0 and BAR2 through sysfs
  * (resource0, resource2) and writes whatever a misbehaving peer could.
+ * It speaks ABI IVL_ABI_VERSION and refuses a region of another version.
  *
- *   ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED] MODE
+ *   ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED]
+ *               [-o ON_MS] [-f OFF_MS] MODE
  *
  * Modes:
- *   info         print my IVPosition, slot and the directory
- *   up           behave: publish UP with my MAC (-m, default eth0's) and a
- *                heartbeat for -t seconds (victims attach their rings)
- *   bad-records  for every present peer: fake a rejoin (bump my own slot's
- *                generation), then publish one crafted bad record (huge
- *                len, len past prod, crossing the ring end, bad flags, bad
- *                gso, bad csum, runt, prod out of range, misaligned prod),
- *                plus a bad cons in the peer's ring to me
+ *   info         print my IVPosition, slot and the directory (both halves)
+ *   up, deaf     publish UP with my MAC (-m, default eth0's) and a live
+ *                heartbeat for -t seconds, and never consume: a wedged peer
+ *                (victims attach their rings to it, then must bypass it)
+ *   flaky        like deaf, but in a loop: consume every ring to my slot
+ *                for -o ON_MS (default 100), then nothing for -f OFF_MS
+ *                (default 1500), for -t seconds; a peer that stalls and
+ *                recovers for a moment, again and again
+ *   claim        publish UP with the MAC given by -m (required: another
+ *                VM's) and a live heartbeat, and consume every ring to my
+ *                slot continuously for -t seconds (cons := prod every
+ *                millisecond), so no stall detection ever fires: frames a
+ *                victim routes to that MAC vanish into my rings
+ *   bad-records  for every present peer: fake a rejoin (forge my own slot's
+ *                generation until the server restores it: fake_rejoin()),
+ *                then publish one crafted bad record (huge len, len past
+ *                prod, crossing the ring end, bad flags, bad gso, bad csum,
+ *                runt, prod out of range, misaligned prod), plus a bad cons
+ *                in the peer's ring to me
  *   scribble     random bytes over every ring to and from my slot and
  *                over my own directory slot, for -t seconds
  *   lying-dir    my slot claims UP with a victim's MAC, the broadcast MAC,
- *                garbage state, huge heartbeat jumps, a bad present/peer_id
- *   sane         my slot DOWN, its guest line zeroed, my rings zeroed
+ *                garbage state (written torn, outside the seq protocol),
+ *                huge heartbeat jumps, a bad present/peer_id
+ *   sane         my slot DOWN, its guest half zeroed (seq kept, even), my
+ *                rings zeroed
  *
- * Every mode ends with a line "ivl-hostile: MODE done N" (N = actions).
+ * My guest half is written with the seq protocol of ivl_abi.h (seq odd,
+ * fields, seq even) wherever a mode publishes a state: the lies are in
+ * what it says, which a victim must check, not in torn writes, which the
+ * protocol already catches.  Only scribble and lying-dir's garbage state
+ * bypass it.
+ *
+ * SIGINT or SIGTERM ends a timed mode early, its summary lines printed.
+ * flaky and claim print "ivl-hostile: MODE consumed R records B bytes";
+ * every mode ends with a line "ivl-hostile: MODE done N" (N = actions:
+ * attacks made, or consume phases for flaky).  up, deaf, flaky and claim
+ * print "ivl-hostile: published UP slot S mac M" once peers can see it.
  * Exit status: 0 ok, 1 runtime failure, 2 usage.
  */
 #define _DEFAULT_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +68,7 @@
 #include "ivl_abi.h"
 
 #define SLOT_CACHE	"/run/ivl-hostile.slot"
+#define __maybe_unused	__attribute__((unused))
 #define SLOT_OFF(f)	((size_t)__builtin_offsetof(struct ivl_slot, f))
 
 static volatile uint8_t *regs;	/* BAR0 */
@@ -53,6 +80,10 @@ static uint8_t my_mac[6];
 static int claiming;		/* bump the heartbeat while idling */
 static uint64_t hb = 1000;
 static unsigned long actions;
+static unsigned int on_ms = 100, off_ms = 1500;	/* flaky's duty cycle */
+static uint64_t consumed_recs, consumed_bytes;
+static uint32_t half_seq;	/* my guest half's seq while I rewrite it */
+static volatile sig_atomic_t stopping;	/* SIGINT/SIGTERM: finish early */
 
 static void die(const char *fmt, ...)
 {
@@ -66,6 +97,7 @@ static void die(const char *fmt, ...)
 	exit(1);
 }
 
+static uint16_t rd16(volatile uint8_t *p) { return *(volatile uint16_t *)p; }
 static uint32_t rd32(volatile uint8_t *p) { return *(volatile uint32_t *)p; }
 static uint64_t rd64(volatile uint8_t *p) { return *(volatile uint64_t *)p; }
 static void wr16(volatile uint8_t *p, uint16_t v) { *(volatile uint16_t *)p = v; }
@@ -74,6 +106,26 @@ static void wr64(volatile uint8_t *p, uint64_t v) { *(volatile uint64_t *)p = v;
 static void wr32_release(volatile uint8_t *p, uint32_t v)
 {
 	__atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+}
+
+static uint32_t rd32_acquire(volatile uint8_t *p)
+{
+	return __atomic_load_n((uint32_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(unsigned int ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000 * 1000 };
+
+	nanosleep(&ts, NULL);
 }
 
 static volatile uint8_t *slot(uint32_t i)
@@ -113,10 +165,16 @@ static void idle(unsigned int ms)
 {
 	struct timespec ts = { 0, 20 * 1000 * 1000 };
 
-	for (unsigned int t = 0; t < ms; t += 20) {
+	for (unsigned int t = 0; t < ms && !stopping; t += 20) {
 		beat();
 		nanosleep(&ts, NULL);
 	}
+}
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stopping = 1;
 }
 
 static void *map_bar(const char *dev, int bar, size_t *len)
@@ -202,25 +260,80 @@ static void put_mac(volatile uint8_t *s, const uint8_t *mac)
 		s[SLOT_OFF(mac) + i] = mac[i];
 }
 
+/*
+ * Rewrite my guest half under the seq protocol, as the driver does: seq
+ * odd, then the fields, then seq even.  A seq some earlier run left odd
+ * stays odd for the rewrite, so every rewrite changes it.
+ */
+static void half_begin(volatile uint8_t *s)
+{
+	half_seq = rd32(s + SLOT_OFF(seq)) | 1;
+	wr32(s + SLOT_OFF(seq), half_seq);
+	/* the odd seq is visible before any field store below (smp_wmb) */
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static void half_end(volatile uint8_t *s)
+{
+	/* every field store is visible before the even seq */
+	wr32_release(s + SLOT_OFF(seq), half_seq + 1);
+}
+
 /* Publish UP as a well-behaved driver would, for my slot's generation. */
 static void publish_up(const uint8_t *mac)
 {
 	volatile uint8_t *s = slot(my_slot);
 
+	/* a fresh heartbeat before peers can see UP */
+	wr64(s + SLOT_OFF(heartbeat), ++hb);
+	half_begin(s);
 	put_mac(s, mac);
 	wr64(s + SLOT_OFF(joined_gen), rd64(s + 8));
-	wr64(s + SLOT_OFF(heartbeat), ++hb);
-	wr32_release(s + SLOT_OFF(state), IVL_STATE_UP);
+	wr32(s + SLOT_OFF(state), IVL_STATE_UP);
+	half_end(s);
 	claiming = 1;
 	ring_all(IVL_VEC_MEMBERSHIP);
 }
 
-/* Pretend to have left and rejoined: a new slot generation, UP again. */
+static void say_published(const uint8_t *mac)
+{
+	printf("ivl-hostile: published UP slot %u mac %02x:%02x:%02x:%02x:%02x:%02x\n",
+	       my_slot, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+	fflush(stdout);
+}
+
+/* A forged generation is held this long against the server's repairs... */
+#define FORGE_MS	300
+/* ...and the server given this long to put the real one back. */
+#define RESTORE_MS	1000
+
+/*
+ * Pretend to have left and rejoined, so that victims forget their verdict
+ * on me: they start afresh whenever a slot's generation changes.  The
+ * generation is the server's, and the server restores it every police
+ * interval.  So keep a forged one in place for FORGE_MS, rewriting it after
+ * each repair, long enough for every victim's refresh to see it; then let
+ * the server restore the real one (a second change) and publish UP for
+ * that.  A server that restores nothing leaves the forged generation, and
+ * UP is for that one.
+ */
 static void fake_rejoin(void)
 {
 	volatile uint8_t *s = slot(my_slot);
+	uint64_t forged = rd64(s + 8) + 1000;
+	uint64_t t0 = now_ms();
 
-	wr64(s + 8, rd64(s + 8) + 1000);
+	while (now_ms() - t0 < FORGE_MS) {
+		if (rd64(s + 8) != forged) {
+			wr64(s + 8, forged);
+			ring_all(IVL_VEC_MEMBERSHIP);
+		}
+		beat();
+		sleep_ms(5);
+	}
+	t0 = now_ms();
+	while (rd64(s + 8) == forged && now_ms() - t0 < RESTORE_MS)
+		idle(20);
 	publish_up(my_mac);
 }
 
@@ -242,6 +355,9 @@ static void attach(const char *dev)
 	my_pos = rd32(regs + IVL_REG_IVPOSITION);
 	if (rd32(region) != IVL_MAGIC)
 		die("bad magic 0x%08x", rd32(region));
+	if (rd32(region + 4) != IVL_ABI_VERSION)
+		die("the region speaks ABI %u, ivl-hostile ABI %u (rebuild the image)",
+		    rd32(region + 4), IVL_ABI_VERSION);
 	max_peers = rd32(region + 16);
 	ring_size = rd32(region + 20);
 	rings_off = rd64(region + 32);
@@ -275,7 +391,7 @@ static void attach(const char *dev)
 	}
 }
 
-static void info(void)
+static void info(unsigned int secs __maybe_unused)
 {
 	printf("ivposition %u slot %u max_peers %u ring_size %u generation %llu\n",
 	       my_pos, my_slot, max_peers, ring_size,
@@ -283,10 +399,15 @@ static void info(void)
 	for (uint32_t i = 0; i < max_peers; i++) {
 		volatile uint8_t *s = slot(i);
 		volatile uint8_t *m = s + SLOT_OFF(mac);
+		volatile uint8_t *n = s + SLOT_OFF(nic_mac);
 
-		printf("slot %u present %u peer_id %u gen %llu state %u mac %02x:%02x:%02x:%02x:%02x:%02x\n",
+		printf("slot %u present %u peer_id %u gen %llu state %u mac %02x:%02x:%02x:%02x:%02x:%02x",
 		       i, rd32(s), rd32(s + 4), (unsigned long long)rd64(s + 8),
 		       rd32(s + SLOT_OFF(state)), m[0], m[1], m[2], m[3], m[4], m[5]);
+		printf(" seq %u srv_seq %u srv_flags 0x%x nic_mac %02x:%02x:%02x:%02x:%02x:%02x leave_ack 0x%llx\n",
+		       rd32(s + SLOT_OFF(seq)), rd32(s + SLOT_OFF(srv_seq)),
+		       rd32(s + SLOT_OFF(srv_flags)), n[0], n[1], n[2], n[3], n[4], n[5],
+		       (unsigned long long)rd64(s + SLOT_OFF(leave_ack)));
 	}
 }
 
@@ -421,7 +542,7 @@ static void reset_prods(void)
 				     rd32(ring(my_slot, j) + CTRL_CONS));
 }
 
-static void bad_records(void)
+static void bad_records(unsigned int secs __maybe_unused)
 {
 	publish_up(my_mac);
 	idle(600);
@@ -471,7 +592,7 @@ static void scribble(unsigned int secs)
 
 	publish_up(my_mac);
 	idle(600);
-	while (time(NULL) < end) {
+	while (time(NULL) < end && !stopping) {
 		for (uint32_t j = 0; j < max_peers; j++) {
 			if (j == my_slot)
 				continue;
@@ -490,7 +611,7 @@ static void scribble(unsigned int secs)
 	}
 }
 
-static void lying_dir(void)
+static void lying_dir(unsigned int secs __maybe_unused)
 {
 	static const uint8_t bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
 	volatile uint8_t *s = slot(my_slot);
@@ -544,14 +665,16 @@ static void lying_dir(void)
 	idle(600);
 }
 
-static void sane(void)
+static void sane(unsigned int secs __maybe_unused)
 {
 	volatile uint8_t *s = slot(my_slot);
 
 	claiming = 0;
-	wr32_release(s + SLOT_OFF(state), IVL_STATE_DOWN);
+	half_begin(s);
 	for (size_t k = SLOT_OFF(mac); k < IVL_SLOT_SIZE; k++)
-		s[k] = 0;
+		if (k < SLOT_OFF(seq) || k >= SLOT_OFF(seq) + sizeof(uint32_t))
+			s[k] = 0;	/* state DOWN, everything but seq zero */
+	half_end(s);
 	wr32(s, 1);
 	wr32(s + 4, my_pos);
 	for (uint32_t j = 0; j < max_peers; j++) {
@@ -564,63 +687,229 @@ static void sane(void)
 	actions++;
 }
 
+/*
+ * Records from @cons up to @prod of ring @r, walked only to be counted:
+ * the producer is a victim, and whatever it wrote is dropped unread.
+ */
+static uint64_t count_records(volatile uint8_t *r, uint32_t cons, uint32_t prod)
+{
+	uint64_t n = 0;
+
+	while (prod - cons >= sizeof(struct ivl_rec_hdr) && prod - cons <= ring_size) {
+		volatile uint8_t *h = r + IVL_RING_CTRL_SIZE + (cons & (ring_size - 1));
+		uint32_t span = (sizeof(struct ivl_rec_hdr) + rd32(h) + IVL_REC_ALIGN - 1) &
+				~(IVL_REC_ALIGN - 1);
+
+		if (!(rd16(h + 4) & IVL_REC_PAD))
+			n++;
+		if (span > prod - cons || span < sizeof(struct ivl_rec_hdr))
+			break;
+		cons += span;
+	}
+	return n;
+}
+
+/*
+ * Consume everything in every ring to my slot at once (cons := prod), the
+ * way a peer that polls without reading looks to its producers: progress,
+ * and no kicks wanted.  A producer that was more than half full gets a
+ * doorbell, as the driver's consumer sends a space kick.
+ */
+static void consume_all(void)
+{
+	for (uint32_t j = 0; j < max_peers; j++) {
+		volatile uint8_t *r;
+		uint32_t prod, cons;
+
+		if (!victim(j))
+			continue;
+		r = ring(j, my_slot);
+		prod = rd32_acquire(r + CTRL_PROD);
+		cons = rd32(r + CTRL_CONS);
+		if (prod == cons)
+			continue;
+		consumed_recs += count_records(r, cons, prod);
+		consumed_bytes += prod - cons;
+		wr32(r + CTRL_KICK, 0);
+		wr32_release(r + CTRL_CONS, prod);
+		if (prod - cons > ring_size / 2)
+			doorbell(rd32(slot(j) + 4), IVL_VEC_DATA);
+	}
+}
+
+/* Consume every millisecond for @ms, heartbeat alive; stop at @end. */
+static void consume_for(unsigned int ms, uint64_t end)
+{
+	uint64_t until = now_ms() + ms;
+	unsigned int tick = 0;
+
+	while (now_ms() < until && now_ms() < end && !stopping) {
+		consume_all();
+		if (++tick % 20 == 0)
+			beat();
+		sleep_ms(1);
+	}
+}
+
+static void say_consumed(const char *mode)
+{
+	printf("ivl-hostile: %s consumed %llu records %llu bytes\n", mode,
+	       (unsigned long long)consumed_recs, (unsigned long long)consumed_bytes);
+}
+
+/* UP and alive, and never a byte read: victims must go around me. */
+static void deaf(unsigned int secs)
+{
+	publish_up(my_mac);
+	say_published(my_mac);
+	idle(secs * 1000);
+}
+
+static void flaky(unsigned int secs)
+{
+	uint64_t end = now_ms() + secs * 1000ULL;
+
+	publish_up(my_mac);
+	say_published(my_mac);
+	while (now_ms() < end && !stopping) {
+		consume_for(on_ms, end);
+		actions++;
+		if (now_ms() < end)
+			idle((unsigned int)(end - now_ms() < off_ms ? end - now_ms() : off_ms));
+	}
+	say_consumed("flaky");
+}
+
+/* Does my guest half still say UP with @mac? */
+static int still_claimed(const uint8_t *mac)
+{
+	volatile uint8_t *s = slot(my_slot);
+
+	for (int k = 0; k < 6; k++)
+		if (s[SLOT_OFF(mac) + k] != mac[k])
+			return 0;
+	return rd32(s + SLOT_OFF(state)) == IVL_STATE_UP;
+}
+
+/*
+ * Another VM's MAC in my slot, a heartbeat, and every ring to me drained
+ * as fast as it fills, so I look like the healthiest peer there is.  If
+ * anything rewrites my half (an eviction may), claim it again.
+ */
+static void claim(unsigned int secs)
+{
+	uint64_t end = now_ms() + secs * 1000ULL;
+	unsigned long reclaims = 0;
+
+	publish_up(my_mac);
+	say_published(my_mac);
+	actions++;
+	while (now_ms() < end && !stopping) {
+		consume_for(20, end);
+		if (!still_claimed(my_mac)) {
+			publish_up(my_mac);
+			reclaims++;
+			actions++;
+		}
+	}
+	say_consumed("claim");
+	printf("ivl-hostile: %s reclaimed %lu\n", "claim", reclaims);
+}
+
 static void usage(void)
 {
-	fputs("usage: ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED] "
-	      "info|up|bad-records|scribble|lying-dir|sane\n", stderr);
+	static const char text[] =
+		"usage: ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED] [-o ON_MS] [-f OFF_MS]\n"
+		"       info|up|deaf|flaky|claim|bad-records|scribble|lying-dir|sane\n"
+		"  claim needs -m (the MAC to claim); -o/-f: flaky's consume/stop milliseconds\n";
+
+	fputs(text, stderr);
 	exit(2);
 }
+
+static unsigned int parse_uint(const char *s)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 0);
+	if (errno || end == s || *end || v > 24UL * 3600 * 1000)
+		usage();
+	return (unsigned int)v;
+}
+
+static const struct mode {
+	const char *name;
+	void (*run)(unsigned int secs);
+} modes[] = {
+	{ "info", info },
+	{ "up", deaf },
+	{ "deaf", deaf },
+	{ "flaky", flaky },
+	{ "claim", claim },
+	{ "bad-records", bad_records },
+	{ "scribble", scribble },
+	{ "lying-dir", lying_dir },
+	{ "sane", sane },
+	{ NULL, NULL },
+};
 
 int main(int argc, char **argv)
 {
 	char dev[256] = "";
 	unsigned int secs = 5;
-	const char *mode;
+	const struct mode *m;
 	int opt, have_mac = 0;
 
 	rng_state = (uint64_t)time(NULL) * 2654435761U | 1;
-	while ((opt = getopt(argc, argv, "d:t:m:s:")) != -1) {
+	while ((opt = getopt(argc, argv, "d:t:m:s:o:f:")) != -1) {
 		switch (opt) {
-		case 'd': snprintf(dev, sizeof(dev), "%s", optarg); break;
-		case 't': secs = (unsigned int)strtoul(optarg, NULL, 0); break;
+		case 'd':
+			snprintf(dev, sizeof(dev), "%s", optarg);
+			break;
+		case 't':
+			secs = parse_uint(optarg);
+			break;
+		case 'o':
+			on_ms = parse_uint(optarg);
+			break;
+		case 'f':
+			off_ms = parse_uint(optarg);
+			break;
 		case 'm':
 			if (parse_mac(optarg, my_mac))
 				usage();
 			have_mac = 1;
 			break;
-		case 's': rng_state = strtoull(optarg, NULL, 0) | 1; break;
-		default: usage();
+		case 's':
+			rng_state = strtoull(optarg, NULL, 0) | 1;
+			break;
+		default:
+			usage();
 		}
 	}
 	if (optind != argc - 1)
 		usage();
-	mode = argv[optind];
-	if (!strstr(" info up bad-records scribble lying-dir sane ", mode) ||
-	    strchr(mode, ' ') || !*mode)
+	for (m = modes; m->name && strcmp(m->name, argv[optind]); m++)
+		;
+	if (!m->name)
 		usage();
+	if (m->run == claim && !have_mac)
+		usage();	/* claiming my own MAC is no attack */
+	if (m->run == flaky && !on_ms)
+		usage();	/* that is deaf */
 	if (!have_mac)
 		default_mac();
 	if (!dev[0])
 		find_dev(dev, sizeof(dev));
 	attach(dev);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	/* the timed modes stop early and still print their summary lines */
+	signal(SIGINT, on_signal);
+	signal(SIGTERM, on_signal);
 
-	if (!strcmp(mode, "info")) {
-		info();
-	} else if (!strcmp(mode, "up")) {
-		publish_up(my_mac);
-		idle(secs * 1000);
-	} else if (!strcmp(mode, "bad-records")) {
-		bad_records();
-	} else if (!strcmp(mode, "scribble")) {
-		scribble(secs);
-	} else if (!strcmp(mode, "lying-dir")) {
-		lying_dir();
-	} else if (!strcmp(mode, "sane")) {
-		sane();
-	} else {
-		usage();
-	}
-	printf("ivl-hostile: %s done %lu\n", mode, actions);
+	m->run(secs);
+	printf("ivl-hostile: %s done %lu\n", m->name, actions);
 	return 0;
 }
