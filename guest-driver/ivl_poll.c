@@ -200,8 +200,11 @@ static void ivl_poll_napi(struct ivl_priv *priv, bool only_busy)
  * The poller runs at nice 19 and may be kept off the CPU by a task that
  * never sends; ivl_poll_yield() only notices once it is back.  This timer
  * bounds the wait for frames nobody watches: when the poller has not
- * looked for IVL_POLL_STARVED_NS, it hands over to doorbells (NAPI
- * re-arms the kicks) for IVL_POLL_STARVED_HOLD_NS.
+ * looked for IVL_POLL_STARVED_NS, NAPI runs and re-arms the kicks, and
+ * doorbells carry on until the poller watches again.  It sets no hold
+ * of its own: under TCG a vCPU the host did not run for a while also
+ * looks like a starved poller, and only the poller can tell (on its
+ * return, ivl_poll_yield()).
  */
 static enum hrtimer_restart ivl_poll_watchdog_fn(struct hrtimer *timer)
 {
@@ -213,7 +216,6 @@ static enum hrtimer_restart ivl_poll_watchdog_fn(struct hrtimer *timer)
 	if (test_bit(IVL_F_POLLING, &priv->flags) &&
 	    now - READ_ONCE(priv->poll_looked) > IVL_POLL_STARVED_NS) {
 		ivl_stat_inc(priv, poll_watchdog);
-		WRITE_ONCE(priv->poll_starved, now + IVL_POLL_STARVED_HOLD_NS);
 		clear_bit(IVL_F_POLLING, &priv->flags);
 		/* pairs with the test_bit in ivl_napi_poll() */
 		smp_mb__after_atomic();

@@ -6,10 +6,13 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import os
 import shlex
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import BinaryIO
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -23,7 +26,7 @@ from . import soak as soak_mod
 from . import topology as topology_mod
 from . import watch as watch_mod
 from .errors import GuestError, HarnessError, StateError
-from .state import StateDir
+from .state import StateDir, VMState, VMStatus
 
 out = Console()
 err = Console(stderr=True)
@@ -46,6 +49,11 @@ def _add_report_options(s: argparse.ArgumentParser) -> None:
                    help="also write the JSON report to PATH")
 
 
+STDIN_NOTE = ("\n\nStandard input, when it is a pipe or a file, becomes the command's "
+              "(closed at its end, as ssh does); a terminal is not forwarded, except to the "
+              "interactive shell that no command opens.")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness",
@@ -61,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="more log output (-v: info, -vv: debug, including paramiko)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".",
+    def add(name: str, help_: str, example: str, more: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_,
+                              description=help_[:1].upper() + help_[1:] + "." + more,
                               epilog="example:\n  " + example,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -85,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     s = add("ssh", "run a shell command in a VM, or open a shell; like ssh, the words "
                    "after -- are joined with spaces into one command line for the "
                    "guest's shell (use 'exec' to keep argument boundaries)",
-            "harness ssh vm1 -- 'ip -s link show ivl0 | head -n 4'")
+            "harness ssh vm1 -- 'ip -s link show ivl0 | head -n 4'", STDIN_NOTE)
     vm_arg(s)
     s.add_argument("cmd", nargs=argparse.REMAINDER,
                    help="-- COMMAND [ARGS...], joined with spaces as ssh does")
@@ -93,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     s = add("exec", "run a program in a VM with its arguments kept apart (each is "
                     "shell-quoted), like kubectl exec; stdout and stderr stream "
                     "separately and the exit status is the program's",
-            "harness exec vm1 -- sh -c 'echo one; echo two >&2'")
+            "harness exec vm1 -- sh -c 'echo one; echo two >&2'\n"
+            "  head -c 1M /dev/urandom | tee /tmp/x | harness exec vm1 -- sha256sum",
+            STDIN_NOTE)
     vm_arg(s)
     s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
 
@@ -150,9 +161,10 @@ def _parser() -> argparse.ArgumentParser:
                     "lost connections and kernel warnings",
             "harness soak vm2 --to B --count 20 --json-out build/soak.json")
     s.add_argument("vm", nargs="?", default=None,
-                   help="VM to move (default: the one VM marked mobile on --from)")
-    s.add_argument("--from", dest="source", required=True, metavar="HOST",
-                   help="host the VM starts on and the traffic comes from")
+                   help="VM to move (default: the one VM marked mobile, on --from if given)")
+    s.add_argument("--from", dest="source", default=None, metavar="HOST",
+                   help="host the VM starts on and the traffic comes from (default: the "
+                        "one the state records; checked when given)")
     s.add_argument("--to", dest="dest", required=True, metavar="HOST",
                    help="the other host of each round trip")
     s.add_argument("--count", type=_positive_int, default=20, help="moves (default 20)")
@@ -247,24 +259,73 @@ def cmd_exec(args: argparse.Namespace, sd: StateDir) -> int:
     return _run_in_guest(args.vm, sd, shlex.join(argv))
 
 
+def _stdin_to_forward() -> BinaryIO | None:
+    """Local stdin when it is a pipe or a file, which ssh and exec forward;
+    None for a terminal (the command reads no input from it, as before) or
+    when there is no real stdin (closed, or a test's stand-in)."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if os.isatty(fd):
+        return None
+    return sys.stdin.buffer
+
+
+def _why_lost(sd: StateDir, was: VMState, was_alive: bool) -> str:
+    """What the state says became of the QEMU a lost SSH session went through.
+
+    The management NIC is that QEMU's user-mode network: its connections do
+    not move with the guest, so a migration ends every session to the VM
+    while the commands keep running in the guest."""
+    try:
+        now = sd.load().vms.get(was.name)
+    except HarnessError:
+        return ""  # the loss is the news; the state is only a hint
+    if now is not None and (now.generation != was.generation or now.host != was.host):
+        return (f"; {was.name} migrated to host {now.host} meanwhile, which ends SSH "
+                f"sessions to it (the command may still be running there)")
+    if now is not None and now.status == VMStatus.MIGRATING:
+        return f"; {was.name} is migrating, which ends SSH sessions to it"
+    if was_alive and was.proc is not None and not was.proc.alive():
+        return f"; {was.name}'s QEMU is gone ('harness status' shows the VM)"
+    return ""
+
+
 def _run_in_guest(vm: str, sd: StateDir, command: str | None) -> int:
     """Run *command* (None: a shell) in *vm*, streaming its output; its exit status.
 
-    Read-only: takes no lock.  A lost connection is one line and status 255,
-    as with ssh."""
+    Local stdin, when it is not a terminal, becomes the command's stdin (and
+    its end closes that, as with ssh), so `cat f | harness exec vm1 -- sha256sum`
+    works.  Read-only: takes no lock.  A lost connection is one line and
+    status 255, as with ssh."""
     state = sd.load()
+    stdin = _stdin_to_forward()
     with cluster.guest(sd, state, vm) as g:
-        if command is None:
-            return g.shell()
+        was = state.vms[vm]
+        was_alive = was.proc is not None and was.proc.alive()
         try:
-            return g.stream(command, sys.stdout, sys.stderr)
+            if command is None and stdin is None:
+                return g.shell()
+            if command is None:
+                command = "exec sh"  # as ssh runs the login shell on piped input
+            if stdin is None:
+                return g.stream(command, sys.stdout, sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return g.pipe(command, stdin, sys.stdout.buffer, sys.stderr.buffer)
         except GuestError as exc:
             if exc.exitcode is not None:
                 raise
             sys.stdout.flush()
-            err.print(f"harness: {vm}: {exc.output}", markup=False, highlight=False,
-                      soft_wrap=True)
+            err.print(f"harness: {vm}: {exc.output}{_why_lost(sd, was, was_alive)}",
+                      markup=False, highlight=False, soft_wrap=True)
             return 255
+        except BrokenPipeError:
+            # Our reader went away (`| head`): stop quietly, as ssh killed by
+            # SIGPIPE does; point stdout at /dev/null so exit's flush is silent.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
 
 
 def cmd_down(args: argparse.Namespace, sd: StateDir) -> int:
@@ -400,7 +461,11 @@ def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
 
 
 def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
-    vm = args.vm or migrate_mod.pick_vm(sd.load(), args.source)
+    vm, args.source = _resolve_source(sd, args.vm, args.source)
+    if vm is None:  # --from HOST and no VM: the one mobile VM there
+        state = sd.load()
+        cluster.topology_of(state).host(args.source)  # unknown host -> TopologyError
+        vm = migrate_mod.pick_vm(state, args.source)
     human = err if args.json else out  # --json: stdout carries only the JSON
     report = soak_mod.run(sd, vm, args.source, args.dest, args.count, peer=args.peer,
                           window=args.window,

@@ -8,12 +8,17 @@ uses this path.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -44,6 +49,90 @@ def ensure_key(path: Path) -> str:
         )
         path.with_suffix(".pub").write_bytes(pub + b" ivloop-harness\n")
     return path.with_suffix(".pub").read_text().split(" ivloop-harness")[0].strip()
+
+
+#: Bytes per read when relaying a command's input and output.
+CHUNK = 64 * 1024
+_LOST = (OSError, paramiko.SSHException, EOFError)
+
+
+def _reader(stdin: BinaryIO) -> Callable[[int], bytes]:
+    """What *stdin* has, up to n bytes, as soon as it has any.
+
+    A real descriptor is read with ``os.read``: a daemon thread blocked in a
+    buffered ``read`` holds the buffer's lock, and closing that buffer at
+    interpreter exit then aborts Python.
+    """
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # BytesIO and the like
+        read: Callable[[int], bytes] = getattr(stdin, "read1", stdin.read)
+        return read
+    return functools.partial(os.read, fd)
+
+
+def _feed(chan: paramiko.Channel, stdin: BinaryIO) -> None:
+    """Copy *stdin* into the command's standard input; close that at EOF."""
+    read = _reader(stdin)
+    try:
+        while data := read(CHUNK):
+            chan.sendall(data)
+    except _LOST:
+        return  # the command exited, or the connection is gone: nobody reads
+    with contextlib.suppress(*_LOST):
+        chan.shutdown_write()  # EOF for the command, as ssh sends it
+
+
+def _drain(recv: Callable[[int], bytes], sink: BinaryIO, failed: list[Exception],
+           chan: paramiko.Channel) -> None:
+    """Copy one of the command's output streams to *sink* until its end."""
+    try:
+        while data := recv(CHUNK):
+            sink.write(data)
+            sink.flush()
+    except Exception as exc:  # e.g. BrokenPipeError: handed to the caller
+        failed.append(exc)
+        chan.close()  # the remote command loses its reader, as through ssh
+
+
+def relay(chan: paramiko.Channel, stdin: BinaryIO, out: BinaryIO, err: BinaryIO,
+          timeout: float | None = None) -> int | None:
+    """Relay a started command's standard streams over *chan*, byte for byte.
+
+    Returns the exit status (paramiko's -1 if the channel closed without
+    one), or None if *timeout* passed first.  The input is fed from a daemon
+    thread that is not waited for: like ssh, the call returns when the
+    command has exited, even if *stdin* never ends.  An error writing *out*
+    or *err* closes the channel and is raised here.
+    """
+    failed: list[Exception] = []
+    threading.Thread(target=_feed, args=(chan, stdin), name="ssh-stdin", daemon=True).start()
+    drains = [threading.Thread(target=_drain, args=(recv, sink, failed, chan),
+                               name=f"ssh-{name}", daemon=True)
+              for name, recv, sink in (("stdout", chan.recv, out),
+                                       ("stderr", chan.recv_stderr, err))]
+    for t in drains:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    try:
+        for t in drains:
+            t.join(left())
+            if t.is_alive():
+                return None
+        if failed:
+            raise failed[0]
+        if not chan.status_event.wait(left()):
+            return None
+        return int(chan.exit_status)
+    finally:
+        if any(t.is_alive() for t in drains):  # timed out or interrupted
+            chan.close()  # ends their reads; let them finish their last write
+            for t in drains:
+                t.join(1.0)
 
 
 def _no_exit_status(exited: int | None) -> bool:
@@ -172,10 +261,52 @@ class Guest:
                                    err_stream=err)
         return int(result.exited)
 
+    def pipe(self, command: str, stdin: BinaryIO, out: BinaryIO, err: BinaryIO,
+             timeout: float | None = None) -> int:
+        """Run *command* with *stdin* as its standard input, closed at EOF as
+        ssh closes it; copy its stdout and stderr to *out* and *err*, byte for
+        byte, as they arrive; return its exit status.
+
+        Not through fabric: invoke forwards a non-terminal stream one byte per
+        10 ms and decodes it as text, which corrupts binary data.  A lost
+        connection or a timeout raises :class:`GuestError` (``exitcode`` None);
+        an error writing *out* or *err* (``BrokenPipeError``...) is raised as is.
+        """
+        if self._conn is None:
+            self.open()
+        assert self._conn is not None
+        self.log.debug("pipe: %s", command)
+        try:
+            chan = self._conn.create_session()
+        except _LOST as exc:
+            raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
+        try:
+            try:
+                chan.exec_command(command)
+            except _LOST as exc:
+                raise GuestError(self.vm, command, None, f"connection lost: {exc}") from exc
+            # Raises only what writing *out* or *err* raised: a local error.
+            status = relay(chan, stdin, out, err, timeout)
+        finally:
+            chan.close()
+        if status is None:
+            raise GuestError(self.vm, command, None, f"timed out after {timeout} s")
+        if _no_exit_status(status):
+            raise GuestError(self.vm, command, None, "connection lost before the command exited")
+        return status
+
     def shell(self) -> int:
         """An interactive shell on the caller's terminal."""
         if self._conn is None:
             self.open()
         assert self._conn is not None
-        result = self._conn.shell()
+        try:
+            result = self._conn.shell()
+        except UnexpectedExit as exc:
+            # fabric documents shell() as warn=True but raises on a non-zero exit
+            result = exc.result
+        except _LOST as exc:
+            raise GuestError(self.vm, "shell", None, f"connection lost: {exc}") from exc
+        if _no_exit_status(result.exited):
+            raise GuestError(self.vm, "shell", None, "connection lost before the shell exited")
         return int(result.exited)

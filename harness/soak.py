@@ -135,6 +135,8 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
     peer = peer or pick_peer(sd, vm, source)
     if peer == vm:
         raise StateError("the traffic peer must not be the VM that migrates")
+    # Refuse a bad first move now, not after a traffic window per move.
+    migrate.validate(sd.load(), vm, source, dest)
     report = SoakReport(vm=vm, peer=peer)
     started = time.time()
     out_dir = out_dir or sd.file("soak")

@@ -740,13 +740,16 @@ static void consume_all(void)
 /* Consume every millisecond for @ms, heartbeat alive; stop at @end. */
 static void consume_for(unsigned int ms, uint64_t end)
 {
+	static uint64_t last_beat;
 	uint64_t until = now_ms() + ms;
-	unsigned int tick = 0;
 
 	while (now_ms() < until && now_ms() < end && !stopping) {
 		consume_all();
-		if (++tick % 20 == 0)
+		/* by the clock: a 1 ms sleep may take much longer under TCG */
+		if (now_ms() - last_beat >= 20) {
 			beat();
+			last_beat = now_ms();
+		}
 		sleep_ms(1);
 	}
 }

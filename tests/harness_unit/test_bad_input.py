@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from harness import cli, cluster, qemu, topology
+from harness import soak as soak_mod
 from harness.accel import Choice
 from harness.errors import TopologyError
 from harness.state import State, StateDir
 
-from .support import run
+from .support import run, snapshot
 
 
 def parse(text: str) -> topology.Topology:
@@ -101,17 +102,12 @@ def test_driverless_vm_gets_ivl_lower_on_its_command_line(tmp_path: Path) -> Non
 # --- the new commands -------------------------------------------------------
 
 
-
-
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["soak", "--from", "A", "--to", "B", "--count", "0"], "must be positive"),
         (["soak", "--from", "A", "--to", "B", "--count", "2.5"], "whole number"),
         (["soak", "--from", "A", "--to", "B", "--window", "-1"], "must be positive"),
-        (["soak", "--to", "B"], "--from"),
         (["server-restart"], "host"),
         (["restart"], "vm"),
     ],
@@ -143,6 +139,67 @@ def test_soak_of_a_vm_that_is_down(capsys: pytest.CaptureFixture[str],
     code, err = run(capsys, state_dir, "soak", "vm2", "--from", "A", "--to", "B",
                     "--count", "1")
     assert code == 1 and "error" in err
+
+
+@pytest.fixture
+def fake_soak(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """soak_mod.run replaced by a recorder: what the CLI asked it to do."""
+    calls: list[tuple[str, str, str]] = []
+
+    def soak(sd: StateDir, vm: str, source: str, dest: str, count: int,
+             **kw: object) -> soak_mod.SoakReport:
+        calls.append((vm, source, dest))
+        return soak_mod.SoakReport(vm=vm, peer="vm1")
+
+    monkeypatch.setattr(soak_mod, "run", soak)
+    return calls
+
+
+@pytest.mark.parametrize("argv", [["vm2", "--to", "B"], ["--to", "B"],
+                                  ["vm2", "--from", "A", "--to", "B"],
+                                  ["--from", "A", "--to", "B"]])
+def test_soak_from_defaults_to_where_the_state_says(
+    capsys: pytest.CaptureFixture[str], state_dir: StateDir,
+    fake_soak: list[tuple[str, str, str]], argv: list[str],
+) -> None:
+    run(capsys, state_dir, "soak", *argv)
+    assert fake_soak == [("vm2", "A", "B")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["vm2", "--from", "B", "--to", "A"],
+         "VM vm2 runs on host A, not B; drop --from or give --from A"),
+        (["vm3", "--from", "A", "--to", "B"],
+         "VM vm3 runs on host B, not A; drop --from or give --from B"),
+        (["vm2", "--from", "Q", "--to", "B"], "unknown host 'Q'"),
+        (["--from", "Q", "--to", "B"], "unknown host 'Q'"),
+        (["--from", "B", "--to", "A"], "host B has 0 VMs marked mobile"),
+        (["vm9", "--to", "B"], "unknown VM 'vm9'"),
+    ],
+)
+def test_soak_from_that_disagrees_with_the_state_is_refused(
+    capsys: pytest.CaptureFixture[str], state_dir: StateDir,
+    fake_soak: list[tuple[str, str, str]], argv: list[str], message: str,
+) -> None:
+    before = snapshot(state_dir)
+    code, err = run(capsys, state_dir, "soak", *argv)
+    assert code == 1
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert fake_soak == []
+    assert snapshot(state_dir) == before
+
+
+def test_soak_to_its_own_host_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], state_dir: StateDir
+) -> None:
+    # Before, each of the --count moves failed in turn, one traffic window each.
+    before = snapshot(state_dir)
+    code, err = run(capsys, state_dir, "soak", "vm2", "--to", "A", "--count", "3")
+    assert code == 1
+    assert "--from and --to are both A; nothing to migrate" in err, err
+    assert snapshot(state_dir) == before
 
 
 def test_soak_needs_a_traffic_peer(capsys: pytest.CaptureFixture[str],

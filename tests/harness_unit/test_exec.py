@@ -59,6 +59,8 @@ def fake_guest(monkeypatch: pytest.MonkeyPatch, conn: FakeConnection) -> None:
         return g
 
     monkeypatch.setattr(cluster, "guest", guest)
+    # these fakes take the TTY path, whatever stdin the test runner has
+    monkeypatch.setattr(cli, "_stdin_to_forward", lambda: None)
 
 
 def test_exec_keeps_argument_boundaries(

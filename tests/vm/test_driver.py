@@ -213,7 +213,9 @@ def test_a_busy_receiver_goes_back_to_doorbells(coresident: Lab) -> None:
         before2 = paths.counters(g2)
         d = rr_deltas(lab)
         assert d["doorbells_sent"] > d["shm_tx_packets"] // 2, d
-        assert deltas(lab, "vm2", before2)["poll_starved"] >= 1
+        # the poller saw it on its return, or the watchdog did first
+        d2 = deltas(lab, "vm2", before2)
+        assert d2["poll_starved"] + d2["poll_watchdog"] >= 1, d2
         polled = demo.rr_mean_us(g1, ip2, seconds=3)
         with poll_us((g1, g2), 0):
             rung = demo.rr_mean_us(g1, ip2, seconds=3)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,28 +89,38 @@ def test_migrated_vm_reaches_the_new_hosts_vm_over_shared_memory(lab: Lab) -> No
         lab.drop("vm2")
 
 
-def test_killing_the_destination_keeps_the_source_on_shared_memory(lab: Lab) -> None:
-    failure: list[BaseException] = []
-
-    def move() -> None:
-        try:
-            with lab.sd:
-                migrate.migrate(lab.sd, "vm2", "A", "B", max_bandwidth_mib=4)
-        except BaseException as exc:  # handed to the test thread
-            failure.append(exc)
-
+def test_killing_the_destination_keeps_the_source_on_shared_memory(
+    lab: Lab, record_property: pytest.RecordProperty
+) -> None:
     before = lab.state.vms["vm2"]
-    mover = threading.Thread(target=move)
-    mover.start()
     pidfile = lab.sd.file(f"qemu-vm2-g{before.generation + 1}.pid")
-    deadline = time.monotonic() + 60
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pidfile.exists(), "destination never started"
-    time.sleep(1.0)  # into the (throttled) RAM transfer
-    os.kill(int(pidfile.read_text()), signal.SIGKILL)
-    mover.join(timeout=120)
-    assert failure and isinstance(failure[0], MigrationError), failure
+    statuses: list[str] = []  # the source's migration status, in the order reported
+    killed_at: list[int] = []  # index in statuses of the answer the kill followed
+
+    def progress(phase: str, info: dict[str, Any]) -> None:
+        # Called in the migration's thread: "transfer" carries the source's
+        # query-migrate answer, "migration" its MIGRATION events.
+        if phase not in ("transfer", "migration"):
+            return
+        statuses.append(str(info["status"]))
+        if (phase == "transfer" and not killed_at and info["status"] == "active"
+                and float(info["mib"]) > 0):  # into the (throttled) RAM transfer
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            killed_at.append(len(statuses) - 1)
+            record_property("killed_after_mib", round(float(info["mib"]), 1))
+
+    failure: MigrationError | None = None
+    with lab.sd:
+        try:
+            migrate.migrate(lab.sd, "vm2", "A", "B", max_bandwidth_mib=4, progress=progress)
+        except MigrationError as exc:
+            failure = exc
+    assert killed_at, f"the source never said 'active' with RAM sent: {statuses}"
+    # The kill followed an 'active' answer, and the source's migration then
+    # failed without completing in between: it was active when the kill landed.
+    after_kill = statuses[killed_at[0] + 1:]
+    assert "completed" not in after_kill and after_kill[-1:] == ["failed"], statuses
+    assert failure is not None and "migration failed" in str(failure), failure
 
     after = lab.state.vms["vm2"]
     assert after.host == "A" and after.status.value == "running" and after.ivshmem
