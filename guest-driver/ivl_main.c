@@ -31,10 +31,13 @@ static const struct kernel_param_ops ivl_param_poll_us_ops = {
 	.get = param_get_uint,
 };
 
-/* A default: each device's own value is ethtool's rx-usecs. */
+/*
+ * A default for new devices on uniprocessor guests (SMP guests start at
+ * 0, see ivl_setup()); each device's own value is ethtool's rx-usecs.
+ */
 module_param_cb(poll_us, &ivl_param_poll_us_ops, &ivl_param_poll_us, 0444);
 MODULE_PARM_DESC(poll_us,
-		 "Default of ethtool rx-usecs: longest time to poll the rings for the next shared-memory frame on an otherwise idle CPU, instead of waiting for a doorbell (us, 0: never, at most 10000)");
+		 "Default of ethtool rx-usecs on uniprocessor guests (SMP guests start at 0): longest time to poll the rings for the next shared-memory frame on an otherwise idle CPU, instead of waiting for a doorbell (us, 0: never, at most 10000)");
 
 LIST_HEAD(ivl_uppers);
 LIST_HEAD(ivl_shms);
