@@ -327,6 +327,10 @@ async def unplug_ivshmem(mon: qemu.Monitor, vs: VMState, timeout: float = 30) ->
     log.debug("QEMU pid %d: parked %d fds after unplugging ivshmem", pid, n)
 
 
+# QEMU's words when the server answers with version -1 (a refusal)
+REFUSED = "server sent version -1"
+
+
 async def plug_ivshmem(mon: qemu.Monitor, server_socket: str) -> None:
     """Connect a chardev to *server_socket* and hot-add ivshmem-doorbell on it."""
     await mon.cmd("chardev-add", {
@@ -339,8 +343,12 @@ async def plug_ivshmem(mon: qemu.Monitor, server_socket: str) -> None:
             "driver": "ivshmem-doorbell", "id": qemu.IVSHMEM_ID, "chardev": qemu.IVSHMEM_CHARDEV,
             "vectors": 2, "bus": "pci.0", "addr": qemu.IVSHMEM_ADDR,
         })  # fmt: skip
-    except HarnessError:
+    except HarnessError as exc:
         await mon.cmd("chardev-remove", {"id": qemu.IVSHMEM_CHARDEV})
+        if REFUSED in str(exc):
+            # how ivloop-server refuses (full, or an evicted QEMU's hold-off)
+            raise type(exc)(f"{exc} (ivloop-server refused this QEMU; its log, "
+                            "logs/server-HOST.log in the state directory, says why)") from exc
         raise
 
 
