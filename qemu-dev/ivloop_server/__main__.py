@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from .server import (
     DEFAULT_SIZE,
     DEFAULT_VECTORS,
     MAX_VECTORS,
+    SOCKET_MODE,
     IvshmemServer,
     ServerConfig,
 )
@@ -62,6 +64,22 @@ def _power_of_two_size(text: str) -> int:
     return value
 
 
+def _socket_mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0660") from None
+
+
+def _group(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -92,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-S", "--socket", type=Path, metavar="PATH", help="listening socket")
+    parser.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        default=SOCKET_MODE,
+        metavar="MODE",
+        help=f"the socket's permission bits, octal (default {SOCKET_MODE:04o}); nothing for "
+        "others: who may connect joins the region",
+    )
+    parser.add_argument(
+        "--socket-group",
+        type=_group,
+        metavar="GROUP",
+        help="give the socket this group (name or GID), e.g. the one QEMU runs as, with "
+        "--socket-mode 0660",
+    )
     parser.add_argument(
         "-l",
         "--size",
@@ -301,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             return usage_error(str(exc))
     config = ServerConfig(
         socket_path=args.socket,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
         size=args.size,
         max_peers=args.max_peers,
         vectors=args.vectors,

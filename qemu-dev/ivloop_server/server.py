@@ -138,6 +138,11 @@ class ServerConfig:
     """What a server is asked to provide; :meth:`validate` says if it can."""
 
     socket_path: Path
+    #: Permission bits of the listening socket: who may connect (and so
+    #: join the region, one trust domain).  Never anything for others.
+    socket_mode: int = SOCKET_MODE
+    #: Group ID the socket is given (e.g. the one QEMU runs as), or None.
+    socket_group: int | None = None
     size: int = DEFAULT_SIZE
     max_peers: int = DEFAULT_MAX_PEERS
     vectors: int = DEFAULT_VECTORS
@@ -168,6 +173,13 @@ class ServerConfig:
 
     def validate(self) -> Layout:
         """Check every value; return the region layout or raise ConfigError."""
+        if not 0 <= self.socket_mode <= 0o777 or self.socket_mode & 0o007:
+            raise ConfigError(
+                f"socket mode {self.socket_mode:#o} must be within 0770: whoever may "
+                "connect joins the region, and a member can read and write all of it"
+            )
+        if self.socket_group is not None and not 0 <= self.socket_group < 1 << 32:
+            raise ConfigError(f"socket group {self.socket_group} is not a group ID")
         if not 0 < self.police_interval <= 10:
             raise ConfigError(
                 f"police interval must be above 0 and at most 10 s, not {self.police_interval}"
@@ -460,7 +472,9 @@ class IvshmemServer:
             sock.bind(str(path))
             # Before listen() nobody can connect, so there is no window in
             # which the socket is reachable with the umask's mode.
-            os.chmod(path, SOCKET_MODE)
+            if self.config.socket_group is not None:
+                os.chown(path, -1, self.config.socket_group)
+            os.chmod(path, self.config.socket_mode)
             st = os.stat(path)
             self._socket_id = (st.st_dev, st.st_ino)
             sock.listen(LISTEN_BACKLOG)

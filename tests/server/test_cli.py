@@ -123,6 +123,9 @@ def test_path_that_is_not_a_socket_is_refused(
         (["--ring-size", "128K", "--size", "64M"], "power of two between"),
         (["--ready-fd", "999"], "not an open file descriptor"),
         (["--log-format", "xml"], "invalid choice"),
+        (["--socket-mode", "0666"], "must be within 0770"),
+        (["--socket-mode", "rw"], "not an octal mode"),
+        (["--socket-group", "no-such-group-ivl"], "no group named"),
     ],
 )
 def test_bad_values_give_one_line_and_status_2(
@@ -316,3 +319,13 @@ def test_no_fd_leak_across_joins_and_leaves(
     # The leave is announced before the server closes the peer's fds.
     wait_until(lambda: len(list(fd_dir.iterdir())) == baseline, what="server fds back to baseline")
     assert sp.terminate() == 0
+
+
+def test_socket_mode_and_group_are_applied(spawn: Callable[..., ServerProcess]) -> None:
+    gid = os.getgid() if os.getgid() != 0 else 1  # "daemon" exists everywhere
+    sp = spawn("--socket-mode", "0660", "--socket-group", str(gid))
+    st = os.stat(sp.socket_path)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_gid == gid
+    sp.proc.send_signal(signal.SIGTERM)
+    assert sp.wait() == 0, sp.stderr()
