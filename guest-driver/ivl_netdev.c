@@ -1061,7 +1061,6 @@ static const struct page_pool_params ivl_rx_pool_params = {
 /* A NAPI instance and a page pool for every other slot.  rtnl. */
 static void ivl_rx_init(struct ivl_priv *priv, struct ivl_shm *shm)
 {
-	struct page_pool_params pp = ivl_rx_pool_params;
 	struct ivl_peer *p;
 	u32 id;
 
@@ -1070,7 +1069,7 @@ static void ivl_rx_init(struct ivl_priv *priv, struct ivl_shm *shm)
 		if (id == shm->my_slot)
 			continue;
 		netif_napi_add(priv->dev, &p->napi, ivl_napi_poll);
-		p->rx_pool = page_pool_create(&pp);
+		p->rx_pool = page_pool_create(&ivl_rx_pool_params);
 		/* without one, frames take pages from the page allocator */
 		if (IS_ERR(p->rx_pool))
 			p->rx_pool = NULL;
