@@ -6,8 +6,12 @@ guests fill both cores of the build machine.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +58,23 @@ def teardown(lab: Lab) -> None:
         cluster.down(lab.sd)
     left = leftovers(lab.sd, pids)
     assert not left, f"harness down left {left}"
+
+
+@contextlib.contextmanager
+def booted(factory: pytest.TempPathFactory, name: str, topo: topology.Topology,
+           report: dict[str, Any]) -> Iterator[Lab]:
+    """*topo* up for a module's tests; boot and module wall times go into *report*,
+    which is printed as "NAME numbers: {...}" at the end."""
+    t0 = time.monotonic()
+    sd = StateDir(factory.mktemp(name) / "state")
+    running = boot(sd, topo)
+    report["boot_s"] = round(time.monotonic() - t0, 1)
+    try:
+        yield running
+    finally:
+        teardown(running)
+        report["module_wall_s"] = round(time.monotonic() - t0, 1)
+        print(f"\n{name} numbers: {json.dumps(report)}")
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from harness import cluster, paths
-from harness.state import StateDir
 
-from .conftest import boot, teardown
+from .conftest import booted
 from .lab import (
     Lab,
     PingRun,
@@ -50,16 +49,8 @@ FLAKY = "-o 300 -f 1500"  # consume 0.3 s, then nothing for 1.5 s (> stall_ms)
 
 @pytest.fixture(scope="module")
 def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    t0 = time.monotonic()
-    sd = StateDir(tmp_path_factory.mktemp("iso") / "state")
-    lab = boot(sd, topology_file("isolation.toml"))
-    REPORT["boot_s"] = round(time.monotonic() - t0, 1)
-    try:
+    with booted(tmp_path_factory, "isolation", topology_file("isolation.toml"), REPORT) as lab:
         yield lab
-    finally:
-        teardown(lab)
-        REPORT["module_wall_s"] = round(time.monotonic() - t0, 1)
-        print(f"\nisolation numbers: {json.dumps(REPORT)}")
 
 
 def mac(lab: Lab, vm: str) -> str:

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from harness import migrate, paths
-from harness.state import StateDir
 
-from .conftest import boot, teardown
+from .conftest import booted
 from .lab import (
     Lab,
     PeerRow,
@@ -43,16 +42,8 @@ REPORT: dict[str, object] = {}
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    t0 = time.monotonic()
-    sd = StateDir(tmp_path_factory.mktemp("mesh") / "state")
-    lab = boot(sd, topology_file("mesh.toml"))
-    REPORT["boot_s"] = round(time.monotonic() - t0, 1)
-    try:
+    with booted(tmp_path_factory, "mesh", topology_file("mesh.toml"), REPORT) as lab:
         yield lab
-    finally:
-        teardown(lab)
-        REPORT["module_wall_s"] = round(time.monotonic() - t0, 1)
-        print(f"\nmesh numbers: {json.dumps(REPORT)}")
 
 
 def mac(lab: Lab, vm: str) -> str:

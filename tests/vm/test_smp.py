@@ -7,7 +7,6 @@ tests run in file order; the migration test is last and leaves vm2 on B.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,9 +15,8 @@ import pytest
 
 from harness import migrate, paths
 from harness.guest import Guest
-from harness.state import StateDir
 
-from .conftest import boot, teardown
+from .conftest import booted
 from .lab import Lab, collect, deltas, kernel_trouble, spawn, topology_file
 
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
@@ -33,16 +31,8 @@ LOWER_SLACK_PACKETS = 10
 
 @pytest.fixture(scope="module")
 def smp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    t0 = time.monotonic()
-    sd = StateDir(tmp_path_factory.mktemp("smp") / "state")
-    lab = boot(sd, topology_file("smp.toml"))
-    REPORT["boot_s"] = round(time.monotonic() - t0, 1)
-    try:
+    with booted(tmp_path_factory, "smp", topology_file("smp.toml"), REPORT) as lab:
         yield lab
-    finally:
-        teardown(lab)
-        REPORT["module_wall_s"] = round(time.monotonic() - t0, 1)
-        print(f"\nsmp numbers: {json.dumps(REPORT)}")
 
 
 def coresident(lab: Lab) -> tuple[Guest, Guest]:
