@@ -21,7 +21,8 @@ VM_LOCK ?= /tmp/ivloop-vm.lock
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod cpio gzip xz-utils zstd \
 	binutils gcc libc6-dev make clang libclang-rt-14-dev python3-venv util-linux \
 	busybox-static iperf3 sockperf dropbear-bin ethtool pciutils dash \
-	linux-source-6.1
+	linux-source-6.1 dkms debootstrap e2fsprogs libvirt-dev pkg-config \
+	libvirt-daemon-system libvirt-clients
 
 # checkpatch.pl and the data files it reads, from the linux-source tarball
 CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl

@@ -30,6 +30,7 @@ def moved_over(lab: Lab, src: str, dst: str, seconds: int = 2) -> tuple[int, int
     return shm1 - shm0, low1 - low0
 
 
+@pytest.mark.versions
 def test_stream_survives_a_round_trip_migration(
     lab: Lab, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:

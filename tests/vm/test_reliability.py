@@ -166,6 +166,7 @@ def hostile(lab: Lab, args: str, timeout: float = 120) -> str:
     return lab.guest("evil").run(f"ivl-hostile {args}", timeout=timeout)
 
 
+@pytest.mark.versions
 def test_hostile_peer_cannot_hurt_its_neighbours(rel: Lab) -> None:
     lab = rel
     evil_mac, evil_ip = mac(lab, "evil"), lab.ip("evil")
