@@ -9,7 +9,8 @@ caller can catch them all at once::
      |    +-- NicMapError     the --nic-macs file has bad lines
      +-- SocketPathError      the listening socket path cannot be used
      |    +-- SocketInUseError  another server is listening on it
-     +-- RegionError          a region (memfd or mapped file) is unusable
+     +-- PidfileError         the pidfile names another running server
+ +-- RegionError          a region (memfd or mapped file) is unusable
      +-- StateError           an operation was called in the wrong state
 
 The message of each one says what was wrong and, where there is one, what
@@ -50,6 +51,10 @@ class SocketPathError(IvloopServerError):
 
 class SocketInUseError(SocketPathError):
     """Another server accepts connections on the socket path."""
+
+
+class PidfileError(IvloopServerError):
+    """The pidfile cannot be written, or belongs to another running server."""
 
 
 class RegionError(IvloopServerError):

@@ -362,9 +362,22 @@ class Region:
         ring_size: int | None = None,
         *,
         name: str = DEFAULT_MEMFD_NAME,
+        hugepage_size: int | None = None,
     ) -> Self:
-        """Create, size, seal and initialise a new memfd region."""
+        """Create, size, seal and initialise a new memfd region.
+
+        With ``hugepage_size`` the memfd is backed by huge pages of that size
+        (MFD_HUGETLB, sealed just the same), taken from the host's pool.
+        """
         layout = compute_layout(size, max_peers, ring_size)
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        if hugepage_size is not None:
+            if not is_power_of_two(hugepage_size) or size % hugepage_size:
+                raise RegionError(
+                    f"a {format_size(size)} region cannot be made of "
+                    f"{format_size(hugepage_size)} huge pages"
+                )
+            flags |= os.MFD_HUGETLB | ((hugepage_size.bit_length() - 1) << os.MFD_HUGE_SHIFT)
         if not _NATIVE_OK:
             log.warning(
                 "this host is %s/%s-endian: the directory's sequence protocol relies on x86-64 "
@@ -373,7 +386,7 @@ class Region:
                 sys.byteorder,
             )
         try:
-            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create(name, flags)
         except OSError as exc:
             raise RegionError(f"cannot create the shared memory (memfd_create): {exc}") from exc
         try:
@@ -386,8 +399,12 @@ class Region:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             os.close(fd)
+            hint = ""
+            if hugepage_size is not None:
+                hint = (f" (are {size // hugepage_size} huge pages of "
+                        f"{format_size(hugepage_size)} free? see /proc/meminfo)")  # fmt: skip
             raise RegionError(
-                f"cannot size or map {format_size(size)} of shared memory: {exc}"
+                f"cannot size or map {format_size(size)} of shared memory: {exc}{hint}"
             ) from exc
         region = cls(fd, mapping, layout, owner=True)
         region._init_header()

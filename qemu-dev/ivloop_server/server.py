@@ -63,7 +63,7 @@ import stat
 import struct
 import termios
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -96,6 +96,8 @@ _MAX_STRIKES: Final = 4096
 #: Refused connections held open until their refusal is read, at most.
 _MAX_REFUSED: Final = 64
 DEFAULT_REFUSE_LINGER: Final = 60.0
+#: One WARNING when only this many QEMU peer IDs are left.
+_IDS_LOW_WATER: Final = 1000
 
 
 class Runstate(enum.Enum):
@@ -148,6 +150,8 @@ class ServerConfig:
     vectors: int = DEFAULT_VECTORS
     ring_size: int | None = None
     memfd_name: str = "ivloop"
+    #: Back the region with huge pages of this size (``-m`` on a hugetlbfs mount).
+    hugepage_size: int | None = None
     #: QEMU peer ID given to the first client (IDs then count up).  0 except
     #: in tests, which use it to reach the end of the ID space quickly.
     first_peer_id: int = 0
@@ -209,6 +213,12 @@ class ServerConfig:
             raise ConfigError(
                 f"vectors must be between {abi.IVL_NR_VECTORS} (membership and data doorbells) "
                 f"and {MAX_VECTORS}, not {self.vectors}"
+            )
+        hp = self.hugepage_size
+        if hp is not None and (hp < 4096 or hp & (hp - 1) or self.size % hp):
+            raise ConfigError(
+                f"a region of {format_size(self.size)} cannot be made of {format_size(hp)} huge "
+                f"pages: use --size {format_size(max(hp, self.size))} or a multiple"
             )
         return compute_layout(self.size, self.max_peers, self.ring_size)
 
@@ -388,6 +398,10 @@ class IvshmemServer:
         #: The next QEMU peer ID to give out; IDs are never given out twice.
         self._next_id = config.first_peer_id
         self._doomed: dict[int, tuple[Peer, str, int]] = {}
+        #: Connections refused because no peer ID is left (ERROR once, then WARNING).
+        self._exhausted_refusals = 0
+        #: Called (on the loop) after each join, leave and exhaustion refusal.
+        self.on_change: Callable[[], None] | None = None
         self._stopped = asyncio.Event()
         self._accept_retry: asyncio.TimerHandle | None = None
 
@@ -436,6 +450,7 @@ class IvshmemServer:
                 self.layout.max_peers,
                 self.layout.ring_size,
                 name=self.config.memfd_name,
+                hugepage_size=self.config.hugepage_size,
             )
             self._listener = self._listen(path)
             self._loop.add_reader(self._listener.fileno(), self._on_listener_readable)
@@ -657,18 +672,63 @@ class IvshmemServer:
             if now >= refused.deadline or _unread(refused.sock) == 0:
                 self._close_refused(fd)
 
+    def _refuse_exhausted(self, conn: socket.socket, pid: int) -> None:
+        """Refuse ``conn``: every peer ID has been given out.
+
+        The first such refusal is one ERROR that says what to do; later ones
+        (each plug attempt) are WARNINGs pointing back at it.
+        """
+        self._exhausted_refusals += 1
+        first = MAX_PEER_ID + 1 - self.config.first_peer_id
+        if self._exhausted_refusals == 1:
+            reason = (
+                f"QEMU peer IDs are used up: all {first} IDs up to {MAX_PEER_ID} have been "
+                "given out and an ID cannot be given out twice (QEMU's ivshmem cannot take "
+                "one back); members keep working, but no new QEMU can join until the server "
+                "restarts: restart the server and re-plug every VM of this host "
+                "(ivloop-libvirt server-restart, or harness server-restart HOST)"
+            )
+            level = logging.ERROR
+        else:
+            reason = (
+                f"QEMU peer IDs are used up ({self._exhausted_refusals} connections refused "
+                "so far); restart the server and re-plug every VM of this host"
+            )
+            level = logging.WARNING
+        self._refuse(conn, pid, reason, level)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Tell ``on_change`` (the service manager's STATUS=) that membership changed."""
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception:
+            log.exception("unexpected error reporting the server's status")
+
+    def status_text(self) -> str:
+        """One line on membership, for ``systemctl status`` (sd_notify STATUS=)."""
+        members = sum(1 for p in self._peers.values() if p.state is PeerState.ACTIVE)
+        left = self.peer_ids_left
+        text = (
+            f"{members} of {self.layout.max_peers} peers on {self.config.socket_path}, "
+            f"{left} peer IDs left"
+        )
+        if left == 0:
+            text += "; no new peer can join: restart the server and re-plug the VMs"
+        return text
+
+    @property
+    def peer_ids_left(self) -> int:
+        """How many more QEMUs can join before the server must restart."""
+        return max(MAX_PEER_ID + 1 - self._next_id, 0)
+
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         pid = _peer_pid(conn)
         if self._next_id > MAX_PEER_ID:
-            self._refuse(
-                conn,
-                pid,
-                f"QEMU peer IDs are used up: all {MAX_PEER_ID + 1} IDs up to {MAX_PEER_ID} "
-                "have been given out and an ID cannot be given out twice (QEMU's ivshmem "
-                "cannot take one back); restart the server to accept new peers",
-                logging.ERROR,
-            )
+            self._refuse_exhausted(conn, pid)
             return
         slot = self._free_slot()
         if slot is None:
@@ -730,6 +790,17 @@ class IvshmemServer:
         assert self._loop is not None
         self._loop.add_reader(conn.fileno(), self._on_peer_readable, peer)
         self._ring_membership(exclude=peer)
+        self._warn_ids_low()
+        self._changed()
+
+    def _warn_ids_low(self) -> None:
+        left = self.peer_ids_left
+        if left in (_IDS_LOW_WATER, 0):  # each is crossed once: IDs only count up
+            log.warning(
+                "%d QEMU peer IDs left (IDs are never reused); when none are left, new QEMUs "
+                "are refused: restart the server and re-plug its VMs at a quiet moment",
+                left, extra={"event": "ids_low", "ids_left": left},
+            )  # fmt: skip
 
     def _live_peers(self) -> list[Peer]:
         """ACTIVE peers not marked for dropping, in ID order."""
@@ -830,6 +901,7 @@ class IvshmemServer:
                 "nr_present": len(self._peers),
             },
         )
+        self._changed()
 
     def _announce_leave(self, peer_id: int, others: Sequence[Peer]) -> int:
         notified = 0

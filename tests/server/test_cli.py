@@ -118,7 +118,7 @@ def test_path_that_is_not_a_socket_is_refused(
         (["--max-peers", "0"], "outside 2..64"),
         (["--max-peers", "65"], "outside 2..64"),
         (["--max-peers", "1"], "outside 2..64"),
-        (["--vectors", "1"], "outside 2..64"),
+        (["--vectors", "1"], "too few for ivloop, which needs 2"),
         (["--ring-size", "1M"], "does not fit in 32M"),
         (["--ring-size", "128K", "--size", "64M"], "power of two between"),
         (["--ready-fd", "999"], "not an open file descriptor"),
@@ -200,7 +200,7 @@ def test_nic_map_is_used_and_reread_on_sighup(
 def test_socket_is_required() -> None:
     result = run_cli()
     assert result.returncode == 2
-    assert result.stderr == "ivloop-server: error: --socket PATH is required\n"
+    assert result.stderr == "ivloop-server: error: --socket PATH (or -S PATH) is required\n"
 
 
 def test_json_logs(

@@ -194,12 +194,20 @@ def test_peer_ids_used_up_refuses_new_clients_and_others_keep_working(
         assert c.refused(), "refused client gets -1 and EOF, nothing else"
         st.settle()
 
+    assert st.call(lambda: st.server.peer_ids_left) == 0
+    assert "0 peer IDs left; no new peer can join: restart the server and re-plug" in st.call(
+        st.server.status_text
+    )
     with caplog.at_level(logging.WARNING, logger="ivloop_server"):
         refused()  # slots are free, IDs are not
         refusals = [r for r in caplog.records if getattr(r, "event", None) == "refuse"]
         assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
         assert "peer IDs are used up" in refusals[0].reason  # type: ignore[attr-defined]
-        assert "restart the server" in refusals[0].getMessage()
+        message = refusals[0].getMessage()
+        assert "\n" not in message
+        assert "members keep working" in message
+        assert "restart the server and re-plug every VM of this host" in message
+        assert "ivloop-libvirt server-restart" in message and "harness server-restart" in message
         assert not a.pending() and not b.pending()
         assert occupants(st) == {0: MAX_PEER_ID - 1, 1: MAX_PEER_ID}
         # The members still talk.
@@ -213,9 +221,29 @@ def test_peer_ids_used_up_refuses_new_clients_and_others_keep_working(
         refused()
         refusals = [r for r in caplog.records if getattr(r, "event", None) == "refuse"]
         assert len(refusals) == 2
+        # One ERROR says what to do; each further plug attempt is a WARNING.
+        assert refusals[1].levelno == logging.WARNING
+        assert "2 connections refused so far" in refusals[1].getMessage()
+        assert [r.levelno for r in caplog.records].count(logging.ERROR) == 1
         assert not a.pending()
         assert occupants(st) == {0: MAX_PEER_ID - 1}
     assert st.server.runstate is Runstate.RUNNING
+
+
+def test_running_low_on_peer_ids_is_warned_once_ahead(
+    make_server: Callable[..., ServerThread],
+    clients: list[FakeQemu],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    st = make_server(max_peers=4, first_peer_id=MAX_PEER_ID + 1 - 1002)  # 1002 IDs left
+    with caplog.at_level(logging.WARNING, logger="ivloop_server"):
+        for left in (1001, 1000, 999):
+            with FakeQemu.join(st.path):
+                st.settle()
+                assert st.call(lambda: st.server.peer_ids_left) == left
+    lows = [r for r in caplog.records if getattr(r, "event", None) == "ids_low"]
+    assert len(lows) == 1 and lows[0].ids_left == 1000  # type: ignore[attr-defined]
+    assert "restart the server and re-plug its VMs at a quiet moment" in lows[0].getMessage()
 
 
 @pytest.mark.parametrize("first", [-1, MAX_PEER_ID + 1])

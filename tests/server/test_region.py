@@ -403,13 +403,16 @@ def test_concurrent_reader_sees_only_whole_halves(
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("256K", 256 << 10), ("32M", 32 * M), ("1g", 1 << 30), ("64MiB", 64 * M)],
-)
+    [("4096", 4096), ("256K", 256 << 10), ("32M", 32 * M), ("1g", 1 << 30), ("64MiB", 64 * M),
+     # QEMU's syntax, which ivshmem-server's -l takes: B..E suffixes, fractions, hex.
+     ("512B", 512), ("1.5M", 3 * M // 2), ("32T", 32 << 40), ("1E", 1 << 60),
+     ("0x400000", 4 * M), ("4m", 4 * M)],
+)  # fmt: skip
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "M", "-1M", "1.5M", "32T", "banana"])
+@pytest.mark.parametrize("text", ["", "M", "-1M", "0.3", "1.5B", "32X", "0xZZ", "banana"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size(text)
