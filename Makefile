@@ -27,8 +27,19 @@ APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod cpio gzip xz-utils zstd
 # checkpatch.pl and the data files it reads, from the linux-source tarball
 CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl
 
-KABI = $(shell images/resolve-kernel 2>/dev/null)
+# Guest kernel series: 6.1 (Debian 12's, the default) or 6.12
+# (bookworm-backports'), e.g. `make image KERNEL=6.12`.  The ABI is resolved
+# from the archive at build time, never pinned.
+KERNEL ?= 6.1
+KERNEL_ERROR := $(shell images/resolve-kernel --check '$(KERNEL)' 2>&1)
+ifneq ($(KERNEL_ERROR),)
+$(error $(KERNEL_ERROR))
+endif
+KABI = $(shell images/resolve-kernel $(KERNEL) 2>/dev/null)
 KDIR = /usr/src/linux-headers-$(KABI)
+# The 6.1 module is built in guest-driver/ (as ever); other series in a
+# copy of the sources, so no build clobbers another kernel's ivloop.ko.
+DRIVER_DIR = $(if $(filter 6.1,$(KERNEL)),guest-driver,build/driver-$(KERNEL))
 
 .PHONY: help deps apt venv driver image profile-image pycheck test unit-test vm-test demo lint fuzz bench bench-smp soak clean
 
@@ -55,7 +66,8 @@ apt:
 	if [ -n "$$todo" ]; then \
 		echo "[deps] installing:" $$todo; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$todo >/dev/null; \
-	fi
+	fi; \
+	if [ "$(KERNEL)" != 6.1 ]; then images/install-headers $(KERNEL); fi
 
 $(CHECKPATCH): | apt
 	@mkdir -p build
@@ -71,12 +83,18 @@ $(VENV)/.stamp: pyproject.toml
 	@$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-driver: apt  ## build ivloop.ko against the guest kernel's headers (W=1)
-	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver KDIR=$(KDIR); fi
+driver: apt  ## build ivloop.ko against the guest kernel's headers (W=1; KERNEL=6.12: in build/driver-6.12)
+	@set -e; [ -e guest-driver/Kbuild ] || exit 0; \
+	if [ "$(DRIVER_DIR)" != guest-driver ]; then \
+		mkdir -p $(DRIVER_DIR); \
+		cp -p guest-driver/Kbuild guest-driver/Makefile guest-driver/dkms.conf \
+			guest-driver/ivl.h guest-driver/ivl_*.[ch] $(DRIVER_DIR)/; \
+	fi; \
+	$(MAKE) -s -C $(DRIVER_DIR) KDIR=$(KDIR)
 
-image: apt driver  ## build (or reuse) the guest image in images/out
-	@module=""; [ -e guest-driver/ivloop.ko ] && module="--module guest-driver/ivloop.ko"; \
-	images/build $$module
+image: apt driver  ## build (or reuse) the guest image in images/out (KERNEL=6.12: images/out-6.12)
+	@module=""; [ -e $(DRIVER_DIR)/ivloop.ko ] && module="--module $(DRIVER_DIR)/ivloop.ko"; \
+	images/build --kernel $(KERNEL) $$module
 
 # Not a dependency of anything: perf and its libraries are big, and only a
 # developer profiling the guests needs them (IVLOOP_IMAGE_DIR=images/out-perf).
@@ -84,6 +102,21 @@ profile-image: apt driver  ## the guest image plus perf, in images/out-perf (see
 	@dpkg-query -W -f='$${Status}' linux-perf 2>/dev/null | grep -q 'ok installed' || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf >/dev/null
 	@IVLOOP_IMAGE_OUT=$(CURDIR)/images/out-perf images/build --perf --module guest-driver/ivloop.ko
+
+# The systemd Debian 12 guest (debootstrap, kernel 6.1, ivloop.ko installed
+# and configured as a user would; see images/debian/): topologies boot it
+# with `image = "debian"` (harness/topologies/debian.toml).
+.PHONY: debian-image
+debian-image: apt driver  ## build (or reuse) the systemd Debian guest in images/out-debian
+	@images/build-debian --module guest-driver/ivloop.ko
+
+# A second QEMU next to the system's (Debian 12: 7.2): bookworm-backports'
+# 10.0, its firmware and any library the system lacks, unpacked (never
+# installed) into build/qemu-10.  Rerun: a no-op unless the archive has a
+# new version.  Use: harness up --qemu build/qemu-10/bin/qemu-system-x86_64
+.PHONY: qemu-10
+qemu-10: apt  ## unpack bookworm-backports' QEMU 10.0 into build/qemu-10
+	@images/unpack-qemu
 
 # Static checks of the Python code: part of every test run and of lint.
 pycheck: deps  ## ruff and mypy
@@ -124,4 +157,4 @@ soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traff
 
 clean:  ## remove build outputs (keeps the downloaded packages)
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi
-	rm -rf images/out images/out-perf tests/ring/build build
+	rm -rf images/out images/out-6.12 images/out-debian images/out-perf tests/ring/build build

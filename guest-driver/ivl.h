@@ -34,6 +34,7 @@
 #include <net/rtnetlink.h>
 
 #include "ivl_abi.h"
+#include "ivl_compat.h"
 #include "ivl_ring.h"
 
 #define IVL_DRV_NAME		"ivloop"

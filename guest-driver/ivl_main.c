@@ -89,5 +89,6 @@ module_exit(ivl_exit);
 
 MODULE_DESCRIPTION("ivloop: shared-memory network path between co-resident VMs");
 MODULE_AUTHOR("ivloop project");
+MODULE_VERSION(IVL_DRV_VERSION);
 MODULE_LICENSE("GPL");
 MODULE_ALIAS_RTNL_LINK(IVL_LINK_KIND);

@@ -31,13 +31,11 @@
  */
 #include <linux/ethtool.h>
 #include <linux/highmem.h>
-#include <asm/unaligned.h>
 #include <linux/if_arp.h>
 #include <linux/ip.h>
 #include <linux/skbuff.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
-#include <net/page_pool.h>
 #include <net/tcp.h>
 
 #include "ivl.h"
@@ -1502,7 +1500,8 @@ static void ivl_setup(struct net_device *dev)
 	dev->priv_flags |= IFF_UNICAST_FLT;
 	/* real qdiscs: a peer's queue is stopped while its ring is full */
 	dev->hw_features = IVL_FEATURES;
-	dev->features = IVL_FEATURES | NETIF_F_NETNS_LOCAL;
+	dev->features = IVL_FEATURES;
+	ivl_dev_set_netns_local(dev);
 	dev->vlan_features = IVL_FEATURES;
 	dev->min_mtu = ETH_MIN_MTU;
 	/* one record carries a whole 64 KiB GSO frame */

@@ -18,7 +18,7 @@
 #include <linux/types.h>
 #include <linux/errno.h>
 #else
-#include "ivl_compat.h"
+#include "ivl_user.h"
 #endif
 #include "ivl_abi.h"
 

@@ -5,7 +5,7 @@
  * The input is a program: a start index, then operations that interleave
  * legitimate produce/consume calls on one ring with hostile writes by the
  * peer (indices, need_kick, record headers, arbitrary bytes).  Built with
- * IVL_COMPAT_SHARED_HOOK, every shared-memory access inside ivl_ring.c can
+ * IVL_USER_SHARED_HOOK, every shared-memory access inside ivl_ring.c can
  * also let the peer strike in the middle of a call, as a concurrent peer
  * would.
  *
@@ -134,7 +134,7 @@ static void strike(u8 kind)
 	}
 }
 
-void ivl_compat_shared_hook(void)
+void ivl_user_shared_hook(void)
 {
 	if (!fz.hook_budget || fz.in_hook || fz.pos >= fz.len)
 		return;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
  * User-space tests of guest-driver/ivl_ring.c, in the way tools/virtio/
- * tests virtio_ring: the same source file, built against ivl_compat.h.
+ * tests virtio_ring: the same source file, built against ivl_user.h.
  *
  * Unit tests check the arithmetic and every validation rule; the stress
  * test runs a producer and a consumer thread over two mappings of one
