@@ -41,7 +41,7 @@ KDIR = /usr/src/linux-headers-$(KABI)
 # copy of the sources, so no build clobbers another kernel's ivloop.ko.
 DRIVER_DIR = $(if $(filter 6.1,$(KERNEL)),guest-driver,build/driver-$(KERNEL))
 
-.PHONY: help deps apt venv driver image profile-image pycheck test unit-test vm-test demo lint fuzz bench bench-smp soak clean
+.PHONY: help deps apt venv driver image profile-image pycheck test test-deps unit-test vm-test demo lint fuzz bench bench-smp soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
@@ -126,12 +126,28 @@ pycheck: deps  ## ruff and mypy
 unit-test: pycheck  ## fast tests, no VM
 	$(PYTEST) -m "not vm" -n 2 -q
 
-vm-test: deps image  ## tests that boot real guests (serialised on $(VM_LOCK))
-	flock $(VM_LOCK) $(PYTEST) -m vm -q
+# What the tests build against and boot: both guest kernels (the 6.12
+# headers too, for the build and DKMS tests), the systemd Debian guest and
+# the second QEMU.
+QEMU10 := $(CURDIR)/build/qemu-10/bin/qemu-system-x86_64
+test-deps: deps image debian-image qemu-10
+	@$(MAKE) -s --no-print-directory image KERNEL=6.12
 
-test: pycheck image  ## every test: unit tests, then VM tests
-	$(PYTEST) -m "not vm" -n 2 -q
+# The whole VM suite on the default kernel and QEMU, then the `versions`
+# subset (ping and stream over shm, a round-trip migration, the hostile
+# peer) on the 6.12 kernel and on QEMU 10.0.
+define vm_suite
 	flock $(VM_LOCK) $(PYTEST) -m vm -q
+	flock $(VM_LOCK) env IVLOOP_IMAGE_DIR=$(CURDIR)/images/out-6.12 $(PYTEST) -m versions -q tests/vm
+	flock $(VM_LOCK) env IVLOOP_QEMU=$(QEMU10) $(PYTEST) -m versions -q tests/vm
+endef
+
+vm-test: test-deps  ## tests that boot real guests (serialised on $(VM_LOCK))
+	$(vm_suite)
+
+test: pycheck test-deps  ## every test: unit tests, then VM tests (both kernels, both QEMUs)
+	$(PYTEST) -m "not vm" -n 2 -q
+	$(vm_suite)
 
 demo: deps image  ## boot the topology, show the shared path, migrate, report
 	flock $(VM_LOCK) $(HARNESS) demo

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AccelError
+from .qemu import DEFAULT_BINARY, Binary, Version
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ KVM_API_VERSION = 12
 ACCELS = ("kvm", "tcg")
 TCG_RAM_PAD_KIB = 8  # QEMU rounds guest RAM to 8 KiB; see Choice.memory_arg
 TCG_DIRTY_WORD_BYTES = 64 * 4096  # one word of QEMU's dirty bitmap
+FSRM_IN_TCG_MAX = Version(8, 0)  # see Choice.qemu_args_for
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "ivloop/accel.json"
 
 
@@ -50,8 +52,24 @@ class Choice:
         # shared and the lower path gain (every socket copy uses it).
         return ["-accel", "tcg,thread=multi", "-cpu", "max,erms=off"]
 
-    def memory_arg(self, mib: int) -> str:
-        """The ``-m`` value for a guest of *mib* MiB.
+    def qemu_args_for(self, qemu: Binary | None) -> list[str]:
+        """:attr:`qemu_args` for the QEMU that runs them (None: unknown, as 7.2).
+
+        Newer QEMUs' TCG ``max`` CPU has FSRM (fast short rep movsb; off in
+        7.2, on in 10.0).  Linux takes FSRM to imply ERMS: 6.1's memmove
+        skips its short-copy check on FSRM and, without ERMS, runs the
+        32-byte loop on shorter copies, and the guest hangs early in boot
+        ("LSM: Security Framework initializing" is its last line).  So with
+        ERMS off, FSRM goes too.  8.0 is the first release after 7.2; the
+        flag exists in both, and turning it off where it is off costs nothing.
+        """
+        args = self.qemu_args
+        if self.accel != "kvm" and qemu is not None and qemu.version >= FSRM_IN_TCG_MAX:
+            args = [*args[:-1], args[-1] + ",fsrm=off"]
+        return args
+
+    def memory_arg(self, mib: int, qemu: Binary | None = None) -> str:
+        """The ``-m`` value for a guest of *mib* MiB run by *qemu*.
 
         QEMU before 9.0 loses guest writes when it migrates a TCG guest
         (fixed upstream by 03bfc2188f, "physmem: Fix migration dirty bitmap
@@ -62,15 +80,20 @@ class Choice:
         destination gets stale pages and the guest kernel soon dies of a
         corrupted list.  One 8 KiB granule more than the even size sends
         the sync down its page-by-page path, which does reset the TLBs.
-        KVM tracks dirty pages itself and gets the plain size.
+        KVM tracks dirty pages itself, and QEMU 9.0 and later have the fix:
+        both get the plain size.  An unknown *qemu* (None) gets the padding,
+        which costs 8 KiB and is always safe.
         """
-        if self.accel == "kvm":
+        if not self._needs_ram_padding(qemu):
             return f"{mib}M"
         return f"{mib * 1024 + TCG_RAM_PAD_KIB}K"
 
-    def loses_migration_writes(self, ram_bytes: int) -> bool:
-        """Whether QEMU < 9.0 may lose writes migrating RAM of this size (see memory_arg)."""
-        return self.accel != "kvm" and ram_bytes % TCG_DIRTY_WORD_BYTES == 0
+    def loses_migration_writes(self, ram_bytes: int, qemu: Binary | None = None) -> bool:
+        """Whether *qemu* may lose writes migrating RAM of this size (see memory_arg)."""
+        return self._needs_ram_padding(qemu) and ram_bytes % TCG_DIRTY_WORD_BYTES == 0
+
+    def _needs_ram_padding(self, qemu: Binary | None) -> bool:
+        return self.accel != "kvm" and (qemu is None or qemu.tcg_loses_dirty_writes)
 
 
 def decide(facts: Facts, forced: str | None = None) -> Choice:
@@ -109,10 +132,11 @@ def pvm_host() -> bool:
     return Path("/sys/module/kvm_pvm").exists()
 
 
-def probe_kvm(kernel: Path, initrd: Path, timeout: float = 30.0) -> bool:
-    """Boot the guest image under KVM and report whether its init ran."""
+def probe_kvm(kernel: Path, initrd: Path, timeout: float = 30.0,
+              qemu: str = DEFAULT_BINARY) -> bool:
+    """Boot the guest image under KVM with *qemu* and report whether its init ran."""
     argv = [
-        "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256",
+        qemu, "-accel", "kvm", "-cpu", "host", "-m", "256",
         "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 panic=-1 quiet",
@@ -136,20 +160,27 @@ def probe_kvm(kernel: Path, initrd: Path, timeout: float = 30.0) -> bool:
             proc.kill()
 
 
-def _cache_key(kernel: Path) -> str:
-    qemu = subprocess.run(
-        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
-    ).stdout.split("\n")[0]
-    return f"{os.uname().release}|{qemu}|{kernel.resolve()}:{kernel.stat().st_size}"
+def _cache_key(kernel: Path, qemu: Binary | None) -> str:
+    if qemu is None:
+        banner = subprocess.run(
+            [DEFAULT_BINARY, "--version"], capture_output=True, text=True, check=False
+        ).stdout.split("\n")[0]
+    else:
+        banner = qemu.banner
+    return f"{os.uname().release}|{banner}|{kernel.resolve()}:{kernel.stat().st_size}"
 
 
-def choose(kernel: Path, initrd: Path, forced: str | None = None) -> Choice:
-    """Gather the facts (probing at most once per host/QEMU/kernel) and decide."""
+def choose(kernel: Path, initrd: Path, forced: str | None = None,
+           qemu: Binary | None = None) -> Choice:
+    """Gather the facts (probing at most once per host/QEMU/kernel) and decide.
+
+    *qemu* is the binary the topology runs (None: the default on PATH).
+    """
     usable = kvm_usable()
     pvm = pvm_host()
     booted: bool | None = None
     if forced is None and usable and not pvm:
-        key = _cache_key(kernel)
+        key = _cache_key(kernel, qemu)
         try:
             cached = json.loads(CACHE.read_text())
         except (OSError, ValueError):
@@ -157,7 +188,8 @@ def choose(kernel: Path, initrd: Path, forced: str | None = None) -> Choice:
         if key in cached:
             booted = bool(cached[key])
         else:
-            booted = probe_kvm(kernel, initrd)
+            booted = probe_kvm(kernel, initrd,
+                               qemu=qemu.path if qemu is not None else DEFAULT_BINARY)
             cached[key] = booted
             CACHE.parent.mkdir(parents=True, exist_ok=True)
             CACHE.write_text(json.dumps(cached))

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import cluster, paths
+from . import cluster, paths, qemu
 from .bench_report import (
     BUSY_POLL_SUFFIX,
     CLASSIC_SUITE,
@@ -197,13 +197,15 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def host_environment() -> dict[str, Any]:
+def host_environment(state: State | None = None) -> dict[str, Any]:
+    """The machine a bench ran on; qemu_version is the QEMU *state*'s VMs run."""
     return {
         "hostname": platform.node(),
         "host_kernel": platform.release(),
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
-        "qemu_version": _first_line(["qemu-system-x86_64", "--version"]),
+        "qemu_version": (state.qemu_banner if state is not None and state.qemu_banner
+                         else _first_line([qemu.DEFAULT_BINARY, "--version"])),
         "python": platform.python_version(),
         "commit": _first_line(["git", "-C", str(cluster.REPO), "describe", "--always",
                                "--dirty"]),
@@ -483,7 +485,7 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
         state = gs.state
         topo = cluster.topology_of(state)
         _preflight(gs, pair, cross, workloads)
-        env = host_environment()
+        env = host_environment(state)
         env.update({
             "accelerator": state.accel,
             "guest_kernel": gs[pair[0]].run("uname -r", timeout=20).strip(),
@@ -782,7 +784,7 @@ def run_smp(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
         _preflight_smp(gs, pair, cross, plain)
         names = list(dict.fromkeys([*pair, *cross, *plain]))
         g = gs[pair[0]]
-        env = host_environment()
+        env = host_environment(state)
         env.update({
             "accelerator": state.accel,
             "topology": state.topology_source,

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from . import bench as bench_mod
@@ -86,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="boot without ivloop servers and ivshmem devices")
     s.add_argument("--no-driver", action="store_true",
                    help="do not load ivloop.ko in the guests (IP on eth0)")
+    s.add_argument("--qemu", default=None, metavar="PATH",
+                   help="QEMU binary every VM runs (default $IVLOOP_QEMU, else "
+                        "qemu-system-x86_64 from PATH; e.g. build/qemu-10/bin/"
+                        "qemu-system-x86_64 after 'make qemu-10'); later commands reuse it")
+    s.add_argument("--backend", choices=["qemu", "libvirt"], default="qemu",
+                   help="who runs the VMs: QEMU started by the harness (default), or a real "
+                        "libvirtd per simulated host with the VMs as libvirt domains "
+                        "(plug, unplug and migrate then go through ivloop-libvirt)")
 
     s = add("status", "show hosts, VMs and their network path", "harness status --json")
     s.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
@@ -120,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_positive, default=120.0, help="seconds (default 120)")
     s.add_argument("--max-bandwidth", type=_positive_int, default=None, metavar="MIB",
                    help="cap the migration stream (MiB/s)")
+    s.add_argument("--qemu", default=None, metavar="PATH",
+                   help="QEMU for the destination; must be the one the VM runs (the "
+                        "default: the one 'harness up' chose)")
     _add_report_options(s)
 
     s = add("watch", "run a TCP stream and a 20 ms ping; plot the path",
@@ -219,9 +231,10 @@ def cmd_up(args: argparse.Namespace, sd: StateDir) -> int:
     topo = topology_mod.load(args.topology)
     with sd:
         state = cluster.up(sd, topo, args.accel, ivshmem=not args.no_ivshmem,
-                           driver=not args.no_driver)
+                           driver=not args.no_driver, qemu_path=args.qemu,
+                           backend=args.backend)
     out.print(f"[green]up[/]: {len(state.vms)} VMs on {len(state.hosts)} hosts "
-              f"(accelerator {state.accel}); state in {sd.path}")
+              f"(accelerator {state.accel}, {escape(state.qemu_banner)}); state in {sd.path}")
     return 0
 
 
@@ -232,12 +245,15 @@ def cmd_status(args: argparse.Namespace, sd: StateDir) -> int:
         sys.stdout.write(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         return 0
     table = Table(title=f"ivloop topology ({sd.path})")
-    for col in ("host", "VM", "IP", "MAC", "accel", "pid", "status", "ivshmem", "path"):
+    for col in ("host", "VM", "IP", "MAC", "accel", "QEMU", "pid", "status", "ivshmem", "path"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.host, r.vm, r.ip, r.mac, r.accel, str(r.pid or "-"), r.status,
+        table.add_row(r.host, r.vm, r.ip, r.mac, r.accel, r.qemu, str(r.pid or "-"), r.status,
                       r.ivshmem, r.path)
     out.print(table)
+    for path in sorted({r.qemu_path for r in rows if r.qemu_path != "-"}):
+        out.print(f"QEMU {path} runs {', '.join(r.vm for r in rows if r.qemu_path == path)}",
+                  markup=False, highlight=False)
     return 0
 
 
@@ -391,7 +407,7 @@ def cmd_migrate(args: argparse.Namespace, sd: StateDir) -> int:
         report = migrate_mod.migrate(sd, args.vm, args.source, args.dest,
                                      timeout=args.timeout,
                                      max_bandwidth_mib=args.max_bandwidth,
-                                     progress=progress)
+                                     progress=progress, qemu_path=args.qemu)
     table = Table(title=f"{report.vm}: {report.source} -> {report.destination}")
     table.add_column("step")
     table.add_column("seconds", justify="right")

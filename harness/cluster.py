@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import guest as guest_mod
-from . import hostnet, paths, qemu, servers
+from . import guestdisk, hostnet, paths, qemu, servers
 from .errors import HarnessError, ImageError, StateError
 from .state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
 from .topology import Topology, VMSpec
@@ -45,12 +45,52 @@ def topology_of(state: State) -> Topology:
 
 
 # ---------------------------------------------------------------------------
+# which QEMU
+
+
+def recorded_qemu(path: str, banner: str) -> qemu.Binary | None:
+    """The QEMU a state record names; None when it names none (an older harness)."""
+    if not path or not banner:
+        return None
+    try:
+        return qemu.Binary(path=path, version=qemu.Version.parse(banner), banner=banner)
+    except ValueError:
+        return None
+
+
+def vm_qemu(vs: VMState) -> qemu.Binary | None:
+    """The QEMU *vs*'s process was started from, as recorded."""
+    return recorded_qemu(vs.qemu, vs.qemu_banner)
+
+
+def qemu_for(state: State) -> qemu.Binary:
+    """The topology's QEMU as it is now: the recorded path, probed again.
+
+    Every later QEMU of the topology (restart, a migration destination) is
+    started from the binary `harness up` chose; probing it again sees a
+    binary replaced meanwhile (a new `make qemu-10`), which callers that need
+    the same QEMU as a running one compare (migrate.check_same_qemu).
+    """
+    binary = qemu.probe(state.qemu or qemu.DEFAULT_BINARY)
+    if state.qemu_banner and binary.banner != state.qemu_banner:
+        log.warning("%s changed since 'harness up': it was %s, it is %s now",
+                    binary.path, state.qemu_banner, binary.banner)
+    return binary
+
+
+# ---------------------------------------------------------------------------
 # up / down
 
 
 def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
-       ivshmem: bool = True, driver: bool = True) -> State:
-    """Create hosts, wires, servers and VMs; return when every VM answers SSH."""
+       ivshmem: bool = True, driver: bool = True,
+       qemu_path: str | os.PathLike[str] | None = None, backend: str = "qemu") -> State:
+    """Create hosts, wires, servers and VMs; return when every VM answers SSH.
+
+    Every VM runs the QEMU *qemu_path* names (default: ``$IVLOOP_QEMU``,
+    else qemu-system-x86_64 on PATH); it is checked before anything starts
+    and recorded, so every later QEMU of this topology is the same binary.
+    """
     if sd.exists():
         state = sd.load()
         alive = [vm.name for vm in state.vms.values() if vm.proc and vm.proc.alive()]
@@ -59,11 +99,14 @@ def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
             + (f" (running: {', '.join(alive)})" if alive else "")
             + "; run 'harness down' first"
         )
+    binary = qemu.probe(qemu_path)
+    log.info("QEMU: %s (%s)", binary.path, binary.banner)
     kernel, initrd = image_paths()
-    choice = accel_mod.choose(kernel, initrd, forced_accel)
+    choice = accel_mod.choose(kernel, initrd, forced_accel, binary)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
-                  accel=choice.accel, driver=driver)
+                  accel=choice.accel, driver=driver, qemu=binary.path,
+                  qemu_banner=binary.banner, backend=backend)
     sd.save(state)
     guest_mod.ensure_key(sd.key_path)
     sd.file("logs").mkdir(exist_ok=True)
@@ -80,8 +123,15 @@ def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
         if ivshmem:
             for host in topo.hosts.values():
                 start_server(sd, state, host.name)
+        if backend == "libvirt":
+            from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+
+            backend_libvirt.start_daemons(sd, state)
         for vm in topo.vms.values():
-            start_vm(sd, state, vm, ivshmem=ivshmem)
+            if backend == "libvirt":
+                backend_libvirt.up_vm(sd, state, vm, ivshmem=ivshmem, binary=binary)
+            else:
+                start_vm(sd, state, vm, ivshmem=ivshmem, binary=binary)
         for vm in topo.vms.values():
             wait_ssh(sd, state, vm.name)
     except BaseException:
@@ -105,15 +155,17 @@ def start_server(sd: StateDir, state: State, host: str) -> None:
 
 def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
              host: str | None = None, incoming: bool = False, generation: int = 0,
-             memory: str | None = None) -> VMState:
+             memory: str | None = None, binary: qemu.Binary | None = None) -> VMState:
     """Launch one VM's QEMU on *host* (default: its topology host).
 
     With *incoming* the VM waits for a migration and is not recorded in
     *state* (the caller records it once the migration has succeeded).
     *memory* is the ``-m`` value, by default what this harness gives a new
     guest; a migration destination must repeat its source's RAM size.
+    *binary* is the QEMU to run, by default the topology's (:func:`qemu_for`).
     """
-    kernel, initrd = image_paths()
+    binary = binary or qemu_for(state)
+    kernel, initrd, disk = boot_files(sd, state, vm, incoming=incoming)
     pubkey = guest_mod.ensure_key(sd.key_path)
     choice = accel_mod.Choice(state.accel, "recorded")
     host = host or vm.host
@@ -126,6 +178,7 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
         console=str(sd.file("logs", f"console-{vm.name}{suffix}.log")),
         ssh_port=SSH_PORT_BASE + vm.index, tap=f"tap-{vm.name}"[:15],
         accel=state.accel, ivshmem=ivshmem and bool(hs.server_socket), generation=generation,
+        qemu=binary.path, qemu_banner=binary.banner,
     )  # fmt: skip
     if not incoming:
         state.vms[vm.name] = vs
@@ -133,12 +186,12 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     hostnet.add_tap(hs.netns, vs.tap)
     pidfile = sd.file(f"qemu-{vm.name}{suffix}.pid")
     spec = qemu.LaunchSpec(
-        vm=vm, kernel=kernel, initrd=initrd, accel_args=choice.qemu_args,
-        memory=memory or choice.memory_arg(vm.memory), console=Path(vs.console), qmp=Path(vs.qmp),
-        pidfile=pidfile, tap=vs.tap,
+        vm=vm, kernel=kernel, initrd=initrd, accel_args=choice.qemu_args_for(binary),
+        memory=memory or choice.memory_arg(vm.memory, binary), console=Path(vs.console),
+        qmp=Path(vs.qmp), pidfile=pidfile, tap=vs.tap,
         ssh_port=vs.ssh_port, ssh_key=pubkey,
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None, incoming=incoming,
-        lower_only=not driver_for(state, vm),
+        lower_only=not driver_for(state, vm), binary=binary.path, disk=disk,
     )  # fmt: skip
     for stale in (Path(vs.qmp), pidfile):
         stale.unlink(missing_ok=True)
@@ -147,8 +200,32 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     vs.proc = ProcRecord.of(pid)
     if not incoming:
         sd.save(state)
-    log.info("%s: QEMU pid %d on host %s", vm.name, pid, host)
+    log.info("%s: QEMU %s pid %d on host %s", vm.name, binary.version, pid, host)
     return vs
+
+
+def boot_files(sd: StateDir, state: State, vm: VMSpec, *,
+               incoming: bool) -> tuple[Path, Path, Path | None]:
+    """The kernel, initrd and (for a systemd guest) root disk *vm* boots.
+
+    A Debian guest (``image = "debian"``) boots its own copy of the image's
+    disk, made on its first start and kept across restarts and migrations
+    (the destination opens the same file) until `harness down`.
+    """
+    if vm.image != "debian":
+        kernel, initrd = image_paths()
+        return kernel, initrd, None
+    if not driver_for(state, vm):
+        raise StateError(f"{vm.name} boots the Debian image, whose own configuration always "
+                         "stacks ivl0; without the driver use image = \"initramfs\"")
+    img = guestdisk.image()
+    disk = sd.file(f"disk-{vm.name}.img")
+    if not disk.exists():
+        if incoming:
+            raise StateError(f"{vm.name}'s disk {disk} is missing: a migration destination "
+                             "opens its source's disk")
+        guestdisk.prepare(img.disk, disk, vm, guest_mod.ensure_key(sd.key_path))
+    return img.kernel, img.initrd, disk
 
 
 def driver_for(state: State, vm: VMSpec) -> bool:
@@ -179,6 +256,11 @@ def down(sd: StateDir) -> list[str]:
     except StateError:
         log.warning("state file unreadable; removing what can be found by name")
         state = State(instance=sd.instance, topology={}, topology_source="")
+    from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+
+    # libvirt's domains and daemons first (found by their directories), while
+    # the host namespaces their QEMUs are checked against still exist
+    removed += backend_libvirt.down(sd)
     for vs in state.vms.values():
         if vs.proc and qemu.terminate(vs.proc):
             removed.append(f"QEMU {vs.name} (pid {vs.proc.pid})")
@@ -201,6 +283,7 @@ def down(sd: StateDir) -> list[str]:
     for sock in sd.sockets():
         sock.unlink(missing_ok=True)
         removed.append(f"socket {sock.name}")
+    removed += [f"disk {name}" for name in guestdisk.remove(sd.path)]
     sd.clear()
     return removed
 
@@ -237,6 +320,8 @@ class StatusRow:
     status: str
     ivshmem: str
     path: str
+    qemu: str = "-"  # version of the QEMU the VM runs
+    qemu_path: str = "-"
 
 
 def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
@@ -247,6 +332,7 @@ def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
         vs = state.vms.get(name)
         alive = bool(vs and vs.proc and vs.proc.alive())
         path = "-"
+        runs = (vm_qemu(vs) if vs else None) or recorded_qemu(state.qemu, state.qemu_banner)
         if alive and probe and vs and vs.status == VMStatus.RUNNING:
             try:
                 with guest(sd, state, name, timeout=10) as g:
@@ -259,6 +345,8 @@ def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
             status=(vs.status.value if alive and vs else "down"),
             ivshmem=("attached" if vs and vs.ivshmem else "detached") if alive else "-",
             path=path,
+            qemu=str(runs.version) if runs and alive else "-",
+            qemu_path=runs.path if runs and alive else "-",
         ))  # fmt: skip
     return rows
 
@@ -267,13 +355,15 @@ def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
 # ivshmem hot-plug
 
 
-# QEMU 7.2's ivshmem unrealize closes its vector eventfds but leaves the TCG
+# QEMU's ivshmem unrealize closes its vector eventfds but leaves the TCG
 # fd handlers watching their numbers (opaque: the freed msi_vectors).  When a
 # later fd reuses such a number and becomes readable (a QMP or SSH socket, the
 # next device's own eventfds), QEMU runs the stale handler and crashes.  So an
 # unplug parks a never-signalled eventfd (QMP `getfd`, held until QEMU exits)
 # on every fd number it freed, before anything else can take one; Linux hands
 # out the lowest free number, so the holes below are filled as well.
+# Done on every QEMU version: seen on 7.2, and the unrealize path is the same
+# in upstream's hw/misc/ivshmem-pci.c, so it is still needed.
 PARK_ROUNDS = 4
 
 
@@ -355,6 +445,11 @@ async def plug_ivshmem(mon: qemu.Monitor, server_socket: str) -> None:
 def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
     """Hot-plug or hot-unplug a VM's ivshmem device and record it."""
     state = sd.load()
+    if state.backend == "libvirt":
+        from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+
+        backend_libvirt.set_ivshmem(sd, name, attached)
+        return
     topology_of(state).vm(name)
     vs = state.vms.get(name)
     if vs is None or vs.proc is None or not vs.proc.alive():
@@ -391,6 +486,9 @@ def restart_vm(sd: StateDir, name: str, timeout: float = BOOT_TIMEOUT) -> VMStat
     directory slot and a new peer ID.
     """
     state = sd.load()
+    if state.backend == "libvirt":
+        raise StateError("'harness restart' is not available on the libvirt "
+                         "backend yet; 'harness down' and 'harness up --backend libvirt' again")
     spec = topology_of(state).vm(name)
     old = state.vms.get(name)
     host = old.host if old else spec.host
@@ -414,6 +512,9 @@ def restart_server(sd: StateDir, host: str) -> list[str]:
     A server that still runs is stopped first.  Returns the VMs re-plugged.
     """
     state = sd.load()
+    if state.backend == "libvirt":
+        raise StateError("'harness server-restart' is not available on the libvirt "
+                         "backend yet; 'harness down' and 'harness up --backend libvirt' again")
     topology_of(state).host(host)
     hs = state.hosts[host]
     if hs.server is not None and qemu.terminate(hs.server):

@@ -10,6 +10,7 @@ its message says what went wrong and what to do about it::
      ├── HostNetError       namespaces, bridges, taps or wires
      ├── AccelError         no usable accelerator / bad --accel
      ├── ImageError         the guest image is missing
+ ├── QemuBinaryError    the QEMU binary is missing, not a QEMU, or too old
      ├── LaunchError        a QEMU or ivloop-server process did not start
      ├── GuestError         a command in a guest failed or SSH is unreachable
      ├── QMPError           QEMU's monitor refused or timed out
@@ -33,6 +34,10 @@ class StateError(HarnessError):
 
 class BusyError(StateError):
     """Another harness process holds the state directory lock."""
+
+
+class QemuBinaryError(HarnessError):
+    """The QEMU binary to run is missing, is not a QEMU, or is too old."""
 
 
 class HostNetError(HarnessError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 from . import accel as accel_mod
 from . import cluster, hostnet, paths, qemu
-from .errors import HarnessError, MigrationError, StateError
+from .errors import HarnessError, MigrationError, QemuBinaryError, StateError
 from .guest import Guest
 from .state import State, StateDir, VMState, VMStatus
 
@@ -92,6 +93,34 @@ def validate(state: State, vm: str, source: str, dest: str) -> VMState:
     return vs
 
 
+def destination_qemu(state: State, vs: VMState,
+                     qemu_path: str | None = None) -> qemu.Binary:
+    """The QEMU to start *vs*'s destination from, refused unless it is the source's.
+
+    QEMU migrates between equal versions only where both ends agree on the
+    machine type and every device's state; the harness does not try mixes.
+    *qemu_path* (``harness migrate --qemu``) asks for a binary, by default the
+    topology's, probed again (it may have been replaced since `harness up`).
+    """
+    want = qemu.probe(qemu_path) if qemu_path is not None else cluster.qemu_for(state)
+    have = cluster.vm_qemu(vs)
+    if have is None:
+        log.warning("%s: its QEMU is not recorded (booted by an older harness); assuming %s",
+                    vs.name, want.banner)
+        return want
+    if (os.path.realpath(want.path), want.banner) != (os.path.realpath(have.path), have.banner):
+        if want.path == have.path:
+            said = f"{want.path} is now {want.version}"
+            fix = f"'harness restart {vs.name}' boots it on the new one"
+        else:
+            said = f"the destination would run QEMU {want.version} ({want.path})"
+            fix = "without --qemu the destination runs the VM's own"
+        raise QemuBinaryError(
+            f"{vs.name} runs QEMU {have.version} ({have.path}) and {said}: a migration needs "
+            f"the same QEMU on both ends ({fix})")
+    return want
+
+
 async def source_memory(src: qemu.Monitor, vs: VMState) -> str:
     """The ``-m`` value that repeats the source's RAM size, which QEMU requires.
 
@@ -99,10 +128,10 @@ async def source_memory(src: qemu.Monitor, vs: VMState) -> str:
     (before the TCG padding, say) still moves.
     """
     ram = (await src.cmd("query-memory-size-summary"))["base-memory"]
-    if accel_mod.Choice(vs.accel, "recorded").loses_migration_writes(ram):
+    if accel_mod.Choice(vs.accel, "recorded").loses_migration_writes(ram, cluster.vm_qemu(vs)):
         log.warning("%s: its %d KiB of RAM is not padded (booted by an older harness?), so "
-                    "QEMU 7.2's TCG migration may lose its writes: `harness down && harness up` "
-                    "gives it the padded size", vs.name, ram // 1024)
+                    "TCG migration in QEMU before 9.0 may lose its writes: `harness down && "
+                    "harness up` gives it the padded size", vs.name, ram // 1024)
     return f"{ram // 1024}K"
 
 
@@ -178,14 +207,24 @@ class _SwitchObserver:
 
 def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
             timeout: float = 120, max_bandwidth_mib: int | None = None,
-            progress: Progress | None = None) -> Report:
-    """Move *vm* from host *source* to host *dest*; see the module docstring."""
+            progress: Progress | None = None, qemu_path: str | None = None) -> Report:
+    """Move *vm* from host *source* to host *dest*; see the module docstring.
+
+    The destination runs the same QEMU as the source (*qemu_path*, when
+    given, must name it); see :func:`destination_qemu`.
+    """
     state = sd.load()
+    if state.backend == "libvirt":
+        from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+
+        return backend_libvirt.migrate(sd, vm, source, dest, timeout=timeout,
+                                       max_bandwidth_mib=max_bandwidth_mib, progress=progress)
     topo = cluster.topology_of(state)
     topo.host(source)
     topo.host(dest)
     vm = vm or pick_vm(state, source)
     vs = validate(state, vm, source, dest)
+    binary = destination_qemu(state, vs, qemu_path)
     spec = topo.vm(vm)
     say: Progress = progress or (lambda phase, info: None)
     report = Report(vm=vm, source=source, destination=dest)
@@ -222,7 +261,7 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
             # pyroute2 runs its own event loop: keep it off this one.
             dest_vs = await asyncio.to_thread(
                 cluster.start_vm, sd, state, spec, ivshmem=False, host=dest, incoming=True,
-                generation=vs.generation + 1, memory=memory)
+                generation=vs.generation + 1, memory=memory, binary=binary)
             report.dest_start_s = time.monotonic() - t
             async with qemu.Monitor(Path(dest_vs.qmp)) as dst:
                 caps = [{"capability": "events", "state": True}]

@@ -74,6 +74,8 @@ class VMState:
     ivshmem: bool = False
     generation: int = 0  # bumped by every migration (new QEMU, new files)
     unplugs: int = 0  # ivshmem unplugs in this QEMU (names the fds cluster.unplug_ivshmem parks)
+    qemu: str = ""  # the QEMU binary this process runs ("": recorded by an older harness)
+    qemu_banner: str = ""  # its `--version` line, which names its version
 
 
 @dataclass
@@ -83,6 +85,14 @@ class State:
     topology_source: str
     accel: str = ""
     driver: bool = True  # guests stack ivl0 (ivloop.ko) on their data NIC
+    # The QEMU binary every VM of the topology runs (chosen at `harness up`:
+    # --qemu, $IVLOOP_QEMU or PATH) and its `--version` line when it was
+    # chosen; "" in a state written by an older harness (the default QEMU).
+    qemu: str = ""
+    qemu_banner: str = ""
+    # Who runs the VMs: "qemu" (the harness starts QEMU itself) or "libvirt"
+    # (a libvirtd per host, VMs are domains: harness.backend_libvirt).
+    backend: str = "qemu"
     hosts: dict[str, HostState] = field(default_factory=dict)
     vms: dict[str, VMState] = field(default_factory=dict)
     extra_netns: list[str] = field(default_factory=list)
@@ -111,6 +121,9 @@ class State:
             topology_source=raw.get("topology_source", ""),
             accel=raw.get("accel", ""),
             driver=bool(raw.get("driver", True)),
+            qemu=str(raw.get("qemu", "")),
+            qemu_banner=str(raw.get("qemu_banner", "")),
+            backend=str(raw.get("backend", "qemu")),
             hosts=hosts,
             vms=vms,
             extra_netns=list(raw.get("extra_netns", [])),

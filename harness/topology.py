@@ -26,7 +26,10 @@ _HOST_KEYS = {"max_peers", "region_size"}
 # Words for the guest command line; ivl.* is the harness's own namespace.
 _KERNEL_ARGS = re.compile(r"(?=.{0,256}$)\s*(?:(?!ivl\.)[A-Za-z0-9._,:=+/-]+(?:\s+|$))*")
 _VM_KEYS = {"host", "mac", "ip", "ip6", "mobile", "memory", "cpus", "group", "driver",
-            "kernel_args"}
+            "kernel_args", "image"}
+#: Guest images a VM boots: the busybox initramfs (images/build, `make image`)
+#: or the systemd Debian disk (images/build-debian, `make debian-image`).
+IMAGES = ("initramfs", "debian")
 _NET_KEYS = {"subnet", "subnet6"}
 
 
@@ -61,6 +64,8 @@ class VMSpec:
     driver: bool | None = None
     # Extra guest kernel command-line words, e.g. "profile=2" (debugging).
     kernel_args: str = ""
+    # Which guest image it boots (one of IMAGES).
+    image: str = "initramfs"
 
     @property
     def mgmt_mac(self) -> str:
@@ -220,13 +225,22 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
                 f"{where}: kernel_args must be a string of at most 256 characters: "
                 "space-separated words of letters, digits and ._,:=+/- (no quotes, "
                 "and no ivl.* words, which the harness sets)")
+        image = spec.get("image", "initramfs")
+        if image not in IMAGES:
+            raise TopologyError(
+                f"{where}: image must be one of {', '.join(repr(i) for i in IMAGES)}, "
+                f"not {image!r}")
+        if image == "debian" and driver is False:
+            raise TopologyError(
+                f"{where}: a debian guest always stacks ivl0 from its own configuration; "
+                "driver = false needs image = \"initramfs\"")
         macs[mac] = name
         ips[str(ip)] = name
         vms[name] = VMSpec(
             name=name, index=i, host=host, mac=mac, ip=str(ip), ip6=str(ip6),
             prefixlen=subnet.prefixlen, prefixlen6=subnet6.prefixlen,
             mobile=mobile, memory=memory, cpus=cpus, driver=driver,
-            kernel_args=" ".join(kernel_args.split()),
+            kernel_args=" ".join(kernel_args.split()), image=image,
         )
     for host in hosts.values():
         count = sum(1 for vm in vms.values() if vm.host == host.name)

@@ -13,11 +13,12 @@ Each peer has two numbers:
 
 - its QEMU peer ID, what the protocol sends and the guest reads as its
   IVPosition.  IDs are given out in increasing order, 0, 1, 2..., and
-  never twice while the server runs: QEMU 7.2's ivshmem frees a departed
-  peer's eventfd array without resetting it (``close_peer_eventfds``) and
-  writes a returning ID's eventfds into that freed memory, corrupting its
-  heap.  QEMU takes IDs up to 65535; once they are used up, new
-  connections are refused (restart the server to start again from 0).
+  never twice while the server runs: QEMU's ivshmem (7.2 to 10.0, and
+  upstream's hw/misc/ivshmem-pci.c) frees a departed peer's eventfd
+  array without resetting it (``close_peer_eventfds``) and writes a
+  returning ID's eventfds into that freed memory, corrupting its heap.
+  QEMU takes IDs up to 65535; once they are used up, new connections are
+  refused (restart the server to start again from 0).
 - its directory slot, its index in the region's directory and ring
   matrix: the lowest free one.  A slot stays taken until its peer is GONE,
   that is until its leave is written to the directory and announced to
@@ -156,7 +157,7 @@ class ServerConfig:
     #: in tests, which use it to reach the end of the ID space quickly.
     first_peer_id: int = 0
     #: Send QEMU's "peer N left" message (an ID without an fd) on a leave.
-    #: Off by default: QEMU's ivshmem (7.2 and later alike) frees the departed
+    #: Off by default: QEMU's ivshmem (every version, upstream's too) frees the departed
     #: peer's eventfd array on that message and frees it again when its own
     #: device is unplugged -- a double free that kills the QEMU.  Guests learn
     #: of leaves from the directory and the vector-0 doorbell instead; the

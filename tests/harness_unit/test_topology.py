@@ -108,3 +108,34 @@ def test_unknown_vm_and_host_lookups_name_the_alternatives() -> None:
         topo.vm("vm9")
     with pytest.raises(TopologyError, match=r"unknown host 'Z' \(hosts: A, B\)"):
         topo.host("Z")
+
+
+def test_image_defaults_to_the_initramfs_and_debian_is_per_vm(tmp_path: Path) -> None:
+    topo = topology.load(write(tmp_path, '''
+[hosts.A]
+[vms.v1]
+host = "A"
+[vms.v2]
+host = "A"
+image = "debian"
+'''))
+    assert topo.vm("v1").image == "initramfs"
+    assert topo.vm("v2").image == "debian"
+    assert all(vm.image == "initramfs" for vm in topology.load().vms.values())
+
+
+def test_shipped_debian_topology_boots_two_debian_guests_on_one_host() -> None:
+    topo = topology.load(Path(topology.__file__).parent / "topologies" / "debian.toml")
+    assert [(vm.host, vm.image) for vm in topo.vms.values()] == [("A", "debian")] * 2
+    assert topo.vms_on("B") == [] and topo.vm("deb2").mobile
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [('"ubuntu"', "image must be one of 'initramfs', 'debian', not 'ubuntu'"),
+     ("1", "image must be one of"),
+     ('"debian"\ndriver = false', "driver = false needs image")],
+)
+def test_bad_image_is_refused_with_the_choices(tmp_path: Path, value: str, message: str) -> None:
+    with pytest.raises(TopologyError, match=message):
+        topology.load(write(tmp_path, f'[hosts.A]\n[vms.v1]\nhost = "A"\nimage = {value}\n'))
