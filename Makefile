@@ -158,14 +158,23 @@ lint: pycheck  ## ruff, mypy, checkpatch
 fuzz: deps  ## fuzz the ring parser for longer (FUZZ_SECONDS, default 600)
 	$(MAKE) -C tests/ring fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-600}
 
-bench: deps image  ## shm vs forced-lower vs wire, the native ring, then bench-smp (writes bench-results/)
-	@mkdir -p bench-results
-	flock $(VM_LOCK) bash -c '$(MAKE) -s --no-print-directory -C tests/ring bench-native > bench-results/native.json && $(HARNESS) up && $(HARNESS) bench --out bench-results --native-json bench-results/native.json; rc=$$?; $(HARNESS) down; exit $$rc'
+# Per kernel and per QEMU: `make bench KERNEL=6.12`, `make bench QEMU=10`
+# (results in bench-results/<kernel>-qemu<version>/ unless the defaults).
+QEMU ?=
+BENCH_QEMU := $(if $(filter 10,$(QEMU)),$(QEMU10),$(QEMU))
+BENCH_ENV := $(if $(filter 6.1,$(KERNEL)),,IVLOOP_IMAGE_DIR=$(CURDIR)/images/out-$(KERNEL)) \
+	$(if $(BENCH_QEMU),IVLOOP_QEMU=$(BENCH_QEMU))
+BENCH_OUT := bench-results$(if $(filter-out 6.1,$(KERNEL))$(QEMU),/$(KERNEL)-qemu$(or $(QEMU),7.2))
+BENCH_DEPS := deps image $(if $(filter 10,$(QEMU)),qemu-10)
+
+bench: $(BENCH_DEPS)  ## shm vs forced-lower vs wire, the native ring, then bench-smp (KERNEL=6.12, QEMU=10 or a path)
+	@mkdir -p $(BENCH_OUT)
+	flock $(VM_LOCK) env $(BENCH_ENV) bash -c '$(MAKE) -s --no-print-directory -C tests/ring bench-native > $(BENCH_OUT)/native.json && $(HARNESS) up && $(HARNESS) bench --out $(BENCH_OUT) --native-json $(BENCH_OUT)/native.json; rc=$$?; $(HARNESS) down; exit $$rc'
 	$(MAKE) --no-print-directory bench-smp
 
-bench-smp: deps image  ## 2-vCPU guests: 1 vs 4 streams, ivl0 vs no driver, a mixture (bench-results/smp/)
-	@mkdir -p bench-results/smp
-	flock $(VM_LOCK) bash -c '$(HARNESS) up --topology harness/topologies/bench-smp.toml && $(HARNESS) bench --suite smp --out bench-results/smp; rc=$$?; $(HARNESS) down; exit $$rc'
+bench-smp: $(BENCH_DEPS)  ## 2-vCPU guests: 1 vs 4 streams, ivl0 vs no driver, a mixture (bench-results/smp/)
+	@mkdir -p $(BENCH_OUT)/smp
+	flock $(VM_LOCK) env $(BENCH_ENV) bash -c '$(HARNESS) up --topology harness/topologies/bench-smp.toml && $(HARNESS) bench --suite smp --out $(BENCH_OUT)/smp; rc=$$?; $(HARNESS) down; exit $$rc'
 
 soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traffic; not in `make test`
 	@mkdir -p build
