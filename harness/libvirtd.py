@@ -47,6 +47,9 @@ from typing import Any
 
 import libvirt
 
+from ivloop_libvirt import lv
+from ivloop_libvirt.errors import ConnectError
+
 from . import procs, qemu
 from .errors import HarnessError, LaunchError, StateError
 from .state import ProcRecord, StateDir
@@ -196,14 +199,10 @@ def spawn(d: Daemon, netns: str, logfile: Path) -> ProcRecord:
 
 def open_connection(uri: str) -> Any:  # libvirt.virConnect (libvirt-python is untyped)
     """A read-write connection to *uri*; :class:`LibvirtError` if it cannot be opened."""
-    _quiet()
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise LibvirtError(f"cannot connect to libvirtd at {uri}: {_text(exc)}") from exc
-    if conn is None:
-        raise LibvirtError(f"cannot connect to libvirtd at {uri}")
-    return conn
+        return lv.connect(uri)
+    except ConnectError as exc:
+        raise LibvirtError(str(exc)) from exc
 
 
 @contextlib.contextmanager
@@ -403,23 +402,6 @@ def mounts_of(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> lis
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-_quiet_done = False
-
-
-def _quiet() -> None:
-    """libvirt prints every error on stderr by default; the harness reports them itself."""
-    global _quiet_done  # noqa: PLW0603 (once per process)
-    if not _quiet_done:
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _quiet_done = True
-
-
-def _text(exc: BaseException) -> str:
-    if isinstance(exc, libvirt.libvirtError):
-        return str(exc.get_error_message() or exc)
-    return str(exc)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
