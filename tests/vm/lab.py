@@ -12,6 +12,7 @@ from typing import Any
 
 import harness
 from harness import cluster, paths, topology
+from harness import migrate as migrate_mod
 from harness.guest import Guest
 from harness.soak import KERNEL_TROUBLE
 from harness.state import State, StateDir
@@ -43,6 +44,13 @@ class Lab:
         g = self._guests.pop(name, None)
         if g is not None:
             g.close()
+
+    def migrate(self, name: str, source: str, dest: str, **kw: Any) -> migrate_mod.Report:
+        """``harness migrate`` of *name*; its SSH session goes (it ran through the source)."""
+        with self.sd:
+            report = migrate_mod.migrate(self.sd, name, source, dest, **kw)
+        self.drop(name)
+        return report
 
     def close(self) -> None:
         for name in list(self._guests):

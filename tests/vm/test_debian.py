@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import migrate, paths
+from harness import paths
 from harness.guest import Guest
 from harness.watch import Watch
 
@@ -111,18 +111,14 @@ def test_stream_survives_a_round_trip_migration(debian: Lab, tmp_path: Path) -> 
     reports = []
     with Watch(debian.sd, "deb1", "deb2", duration=24, out_dir=tmp_path) as watch:
         time.sleep(3)
-        with debian.sd:
-            reports.append(migrate.migrate(debian.sd, "deb2", "A", "B", progress=watch.progress))
-        debian.drop("deb2")
+        reports.append(debian.migrate("deb2", "A", "B", progress=watch.progress))
         time.sleep(5)
         on_b = watch.timeline.samples[-1]
         # the migrated guest writes to its disk, now opened by B's QEMU
         g2 = debian.guest("deb2")
         g2.run("echo moved > /var/tmp/ivl-migrated && sync")
         assert g2.run("findmnt -no OPTIONS /").startswith("rw")
-        with debian.sd:
-            reports.append(migrate.migrate(debian.sd, "deb2", "B", "A", progress=watch.progress))
-        debian.drop("deb2")
+        reports.append(debian.migrate("deb2", "B", "A", progress=watch.progress))
         watch.wait()
     tl = watch.timeline
     REPORT["migration"] = {"downtime_ms": [r.downtime_ms for r in reports],

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import migrate, paths
+from harness import paths
 
 from .conftest import booted
 from .lab import (
@@ -134,9 +134,7 @@ def test_four_streams_at_once_all_on_shared_memory(mesh: Lab) -> None:
 def test_mesh_reforms_after_one_guest_moves_away_and_back(mesh: Lab) -> None:
     lab = mesh
     wait_mesh(lab)
-    with lab.sd:
-        there = migrate.migrate(lab.sd, "vm4", "A", "B")
-    lab.drop("vm4")
+    there = lab.migrate("vm4", "A", "B")
     assert there.ok, there.error
     stay = [a for a in VMS if a != "vm4"]
     for a in stay:
@@ -150,9 +148,7 @@ def test_mesh_reforms_after_one_guest_moves_away_and_back(mesh: Lab) -> None:
     assert not any(r.state == "up" for r in peer_rows(lab.guest("vm4")))
 
     t0 = time.monotonic()
-    with lab.sd:
-        back = migrate.migrate(lab.sd, "vm4", "B", "A")
-    lab.drop("vm4")
+    back = lab.migrate("vm4", "B", "A")
     assert back.ok, back.error
     wait_mesh(lab)
     REPORT["reformed_after_return_s"] = round(time.monotonic() - t0, 1)

@@ -42,14 +42,10 @@ def test_stream_survives_a_round_trip_migration(
     reports = []
     with Watch(lab.sd, "vm1", "vm2", duration=24, out_dir=tmp_path) as watch:
         time.sleep(3)
-        with lab.sd:
-            reports.append(migrate.migrate(lab.sd, "vm2", "A", "B", progress=watch.progress))
-        lab.drop("vm2")
+        reports.append(lab.migrate("vm2", "A", "B", progress=watch.progress))
         time.sleep(6)
         after_first = watch.timeline.samples[-1]
-        with lab.sd:
-            reports.append(migrate.migrate(lab.sd, "vm2", "B", "A", progress=watch.progress))
-        lab.drop("vm2")
+        reports.append(lab.migrate("vm2", "B", "A", progress=watch.progress))
         watch.wait()
     tl = watch.timeline
     record_property("ping_lost", f"{tl.ping_lost}/{tl.ping_sent}")
@@ -74,9 +70,7 @@ def test_stream_survives_a_round_trip_migration(
 
 
 def test_migrated_vm_reaches_the_new_hosts_vm_over_shared_memory(lab: Lab) -> None:
-    with lab.sd:
-        migrate.migrate(lab.sd, "vm2", "A", "B")
-    lab.drop("vm2")
+    lab.migrate("vm2", "A", "B")
     try:
         paths.wait_peer(lab.guest("vm2"), lab.topo.vm("vm3").mac, shm=True)
         shm, lower = moved_over(lab, "vm2", "vm3")
@@ -85,9 +79,7 @@ def test_migrated_vm_reaches_the_new_hosts_vm_over_shared_memory(lab: Lab) -> No
         shm, lower = moved_over(lab, "vm1", "vm2")
         assert lower > 1_000_000 and shm == 0, (shm, lower)
     finally:
-        with lab.sd:
-            migrate.migrate(lab.sd, "vm2", "B", "A")
-        lab.drop("vm2")
+        lab.migrate("vm2", "B", "A")
 
 
 def test_killing_the_destination_keeps_the_source_on_shared_memory(
@@ -144,9 +136,7 @@ def test_migration_keeps_every_guest_write(
     try:
         time.sleep(1)
         for src, dst in (("A", "B"), ("B", "A")):
-            with lab.sd:
-                reports.append(migrate.migrate(lab.sd, "vm2", src, dst))
-            lab.drop("vm2")
+            reports.append(lab.migrate("vm2", src, dst))
             time.sleep(1)
     finally:
         result = memcheck.stop(lab.guest("vm2"), writer)  # raises if it died

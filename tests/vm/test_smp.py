@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness import migrate, paths
+from harness import paths
 from harness.guest import Guest
 
 from .conftest import booted
@@ -169,9 +169,7 @@ def test_checksummed_transfer_across_a_live_migration(smp: Lab, payload: str) ->
     while shm_lower_bytes(g1)[0] - shm0 < 16 << 20:
         assert time.monotonic() < deadline, "the transfer never got going"
         time.sleep(0.2)
-    with lab.sd:
-        report = migrate.migrate(lab.sd, "vm2", "A", "B")
-    lab.drop("vm2")
+    report = lab.migrate("vm2", "A", "B")
     digest = finish_transfer(lab, 5102)
     shm1, low1 = shm_lower_bytes(g1)
     moved: dict[str, Any] = {"shm_bytes": shm1 - shm0, "lower_bytes": low1 - low0,
