@@ -59,6 +59,9 @@ class Lab:
     def ip(self, name: str) -> str:
         return self.topo.vm(name).ip
 
+    def mac(self, name: str) -> str:
+        return self.topo.vm(name).mac
+
     # traffic ----------------------------------------------------------
     def ping(self, src: str, dst_ip: str, count: int = 3, interval: float = 0.2) -> int:
         """Packets lost out of *count*."""

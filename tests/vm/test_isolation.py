@@ -53,13 +53,9 @@ def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield lab
 
 
-def mac(lab: Lab, vm: str) -> str:
-    return lab.topo.vm(vm).mac
-
-
 def wait_pair(lab: Lab, timeout: float = 30) -> None:
-    paths.wait_peer(lab.guest("vm1"), mac(lab, "vm2"), shm=True, timeout=timeout)
-    paths.wait_peer(lab.guest("vm2"), mac(lab, "vm1"), shm=True, timeout=timeout)
+    paths.wait_peer(lab.guest("vm1"), lab.mac("vm2"), shm=True, timeout=timeout)
+    paths.wait_peer(lab.guest("vm2"), lab.mac("vm1"), shm=True, timeout=timeout)
 
 
 def fresh_evil(lab: Lab) -> None:
@@ -135,7 +131,7 @@ def run_phase(lab: Lab, label: str, hostile: str | None) -> Phase:
     if hostile:
         start_hostile(lab, f"-t {PHASE_S + 60} {hostile}")
         # the attack reaches vm1: it routes evil over shared memory
-        paths.wait_peer(g1, mac(lab, "evil"), shm=True, timeout=15)
+        paths.wait_peer(g1, lab.mac("evil"), shm=True, timeout=15)
     before = paths.counters(g1)
     spawn(g1, f"ping -c {PINGS} -i 0.01 -W 2 {lab.ip('vm3')}", "/tmp/ping.log")
     spawn(g1, f"sockperf tp -i {lab.ip('evil')} -p {FLOOD_PORT} -m 1400 --mps={FLOOD_MPS} "
@@ -144,7 +140,7 @@ def run_phase(lab: Lab, label: str, hostile: str | None) -> Phase:
     _, ping_out = collect(g1, "/tmp/ping.log", timeout=60)
     collect(g1, "/tmp/flood.log", timeout=60)
     after = paths.counters(g1)
-    states = [r.state for r in rows_for(peer_rows(g1), mac(lab, "evil"))]
+    states = [r.state for r in rows_for(peer_rows(g1), lab.mac("evil"))]
     out = stop_hostile(lab) if hostile else ""
     evil.run("killall -q sockperf; true")
     phase = Phase(label=label, ping=parse_ping(ping_out), stream_bytes=received_bytes(stream),
@@ -214,7 +210,7 @@ def test_detach_under_load_loses_no_frame(iso: Lab) -> None:
     with lab.sd:
         cluster.set_ivshmem(lab.sd, "vm2", attached=False)
     try:
-        paths.wait_peer(g1, mac(lab, "vm2"), shm=False, timeout=10)
+        paths.wait_peer(g1, lab.mac("vm2"), shm=False, timeout=10)
         time.sleep(1)  # anything vm1 still had in flight is counted by now
         d1, d2 = deltas(b1, paths.counters(g1)), deltas(b2, paths.counters(g2))
         code, out = collect(g1, "/tmp/detach.json", timeout=60)
@@ -254,7 +250,7 @@ def evil_slot_flags(lab: Lab) -> int:
 
 def test_a_peer_claiming_another_vms_mac_gets_none_of_its_frames(iso: Lab) -> None:
     lab = iso
-    victim_mac = mac(lab, "vm3")  # the VM on host B
+    victim_mac = lab.mac("vm3")  # the VM on host B
     fresh_evil(lab)
     g1 = lab.guest("vm1")
     b1, rows0 = paths.counters(g1), peer_rows(g1)

@@ -46,15 +46,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield lab
 
 
-def mac(lab: Lab, vm: str) -> str:
-    return lab.topo.vm(vm).mac
-
-
 def wait_mesh(lab: Lab, timeout: float = 60) -> float:
     """Wait until every guest routes every other over shared memory; seconds."""
     t0 = time.monotonic()
     for a, b in PAIRS:
-        paths.wait_peer(lab.guest(a), mac(lab, b), shm=True, timeout=timeout)
+        paths.wait_peer(lab.guest(a), lab.mac(b), shm=True, timeout=timeout)
     return time.monotonic() - t0
 
 
@@ -70,7 +66,7 @@ def pair_deltas(lab: Lab, before: Tables, after: Tables) -> dict[tuple[str, str]
     pair: summed over *a*'s rows (slots) that now hold *b*'s MAC."""
     out = {}
     for a, b in PAIRS:
-        rows = rows_for(row_deltas(before[a], after[a]), mac(lab, b))
+        rows = rows_for(row_deltas(before[a], after[a]), lab.mac(b))
         out[(a, b)] = (sum(r.tx_packets for r in rows), sum(r.rx_packets for r in rows))
     return out
 
@@ -138,12 +134,12 @@ def test_mesh_reforms_after_one_guest_moves_away_and_back(mesh: Lab) -> None:
     assert there.ok, there.error
     stay = [a for a in VMS if a != "vm4"]
     for a in stay:
-        paths.wait_peer(lab.guest(a), mac(lab, "vm4"), shm=False, timeout=15)
+        paths.wait_peer(lab.guest(a), lab.mac("vm4"), shm=False, timeout=15)
     # the three left behind still form their own mesh, and reach vm4 by wire
     for a in stay:
         for b in stay:
             if a != b:
-                paths.wait_peer(lab.guest(a), mac(lab, b), shm=True, timeout=15)
+                paths.wait_peer(lab.guest(a), lab.mac(b), shm=True, timeout=15)
         assert lab.ping(a, lab.ip("vm4"), count=3) == 0, a
     assert not any(r.state == "up" for r in peer_rows(lab.guest("vm4")))
 

@@ -25,7 +25,7 @@ from harness.state import StateDir
 from ivloop_server.region import find_server_region, read_directory
 
 from .conftest import boot, teardown
-from .lab import Lab, received_bytes
+from .lab import Lab, received_bytes, server_log
 
 VICTIMS = ("vm1", "vm2")
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
@@ -56,35 +56,19 @@ def mem_available_kib(lab: Lab, vm: str) -> int:
     return int(out.split()[1])
 
 
-def mac(lab: Lab, vm: str) -> str:
-    return lab.topo.vm(vm).mac
-
-
 def shm_macs(lab: Lab, vm: str) -> set[str]:
     return {p.mac for p in paths.peers(lab.guest(vm)) or [] if p.shm}
 
 
 def wait_pair(lab: Lab, timeout: float = 30) -> None:
-    paths.wait_peer(lab.guest("vm1"), mac(lab, "vm2"), shm=True, timeout=timeout)
-    paths.wait_peer(lab.guest("vm2"), mac(lab, "vm1"), shm=True, timeout=timeout)
+    paths.wait_peer(lab.guest("vm1"), lab.mac("vm2"), shm=True, timeout=timeout)
+    paths.wait_peer(lab.guest("vm2"), lab.mac("vm1"), shm=True, timeout=timeout)
 
 
 def server_pid(lab: Lab, host: str) -> int:
     rec = lab.state.hosts[host].server
     assert rec is not None
     return rec.pid
-
-
-def server_events(lab: Lab, host: str, since: float) -> list[dict[str, object]]:
-    events = []
-    for line in lab.sd.file("logs", f"server-{host}.log").read_text().splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and float(obj.get("ts", 0)) >= since:
-            events.append(obj)
-    return events
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +122,7 @@ def test_server_crash_and_restart(rel: Lab) -> None:
     # on shared memory, and the lower NIC carries only the odd ARP.
     assert dead_path["shm_tx_bytes"] > 1_000_000, dead_path
     assert dead_path["lower_tx_bytes"] < 10_000, dead_path
-    assert (mac(lab, "vm2"), "up") in dead_path["vm1_peers"], dead_path
+    assert (lab.mac("vm2"), "up") in dead_path["vm1_peers"], dead_path
     assert lab.ping("vm1", lab.ip("vm3"), count=3) == 0
 
     t0 = time.monotonic()
@@ -169,7 +153,7 @@ def hostile(lab: Lab, args: str, timeout: float = 120) -> str:
 @pytest.mark.versions
 def test_hostile_peer_cannot_hurt_its_neighbours(rel: Lab) -> None:
     lab = rel
-    evil_mac, evil_ip = mac(lab, "evil"), lab.ip("evil")
+    evil_mac, evil_ip = lab.mac("evil"), lab.ip("evil")
     wait_pair(lab)
     info = hostile(lab, "info")
     assert re.search(r"^ivposition \d+ slot \d+", info, re.M), info
@@ -255,7 +239,7 @@ def test_hostile_peer_cannot_hurt_its_neighbours(rel: Lab) -> None:
 def test_peer_that_stops_reading_its_ring_is_bypassed(rel: Lab) -> None:
     """UP with a live heartbeat but deaf: frames must not vanish into its ring."""
     lab = rel
-    evil_mac, evil_ip = mac(lab, "evil"), lab.ip("evil")
+    evil_mac, evil_ip = lab.mac("evil"), lab.ip("evil")
     g1 = lab.guest("vm1")
     # Fresh rings: a frame left in vm1's ring by an earlier test (an ARP
     # reply sent while evil was UP) would get evil bypassed before the
@@ -310,15 +294,15 @@ def test_hosts_do_not_share_regions(rel: Lab) -> None:
     table = paths.peers(lab.guest("vm3"))
     assert table is not None, "vm3 has no ivshmem device"
     seen = {p.mac for p in table}
-    assert not seen & {mac(lab, "vm1"), mac(lab, "vm2"), mac(lab, "evil")}, table
+    assert not seen & {lab.mac("vm1"), lab.mac("vm2"), lab.mac("evil")}, table
 
     regions = {h: find_server_region(server_pid(lab, h)) for h in ("A", "B")}
     inodes = {h: os.stat(p).st_ino for h, p in regions.items()}
     assert inodes["A"] != inodes["B"]
     dirs = {h: read_directory(p) for h, p in regions.items()}
     macs = {h: {s.mac_str for s in d if s.present} for h, d in dirs.items()}
-    assert mac(lab, "vm1") in macs["A"] and mac(lab, "vm3") in macs["B"]
-    assert mac(lab, "vm1") not in macs["B"] and mac(lab, "vm3") not in macs["A"]
+    assert lab.mac("vm1") in macs["A"] and lab.mac("vm3") in macs["B"]
+    assert lab.mac("vm1") not in macs["B"] and lab.mac("vm3") not in macs["A"]
     assert sum(1 for s in dirs["B"] if s.present) == 1
     # vm3's QEMU maps B's region and nothing of A's.
     vm3 = lab.state.vms["vm3"].proc
@@ -344,7 +328,7 @@ def test_crashed_peer_is_dropped_and_its_slot_reused(rel: Lab) -> None:
     t_kill = time.time()
     t0 = time.monotonic()
     os.kill(vm2.pid, signal.SIGKILL)
-    waited = paths.wait_peer(g1, mac(lab, "vm2"), shm=False, timeout=10, interval=0.05)
+    waited = paths.wait_peer(g1, lab.mac("vm2"), shm=False, timeout=10, interval=0.05)
     REPORT["crash_switch_s"] = round(time.monotonic() - t0, 3)
     REPORT["crash_switch_poll_s"] = round(waited, 3)
     assert time.monotonic() - t0 < 3.0  # the driver's own timeout is 1 s
@@ -353,7 +337,7 @@ def test_crashed_peer_is_dropped_and_its_slot_reused(rel: Lab) -> None:
     # vm1's transmit queue is not stuck behind the dead peer's ring.
     assert lab.ping("vm1", lab.ip("vm3"), count=5) == 0
     assert lab.ping("vm1", lab.ip("evil"), count=3) == 0
-    leaves = [e for e in server_events(lab, "A", t_kill - 1) if e.get("event") == "leave"]
+    leaves = [e for e in server_log(lab.sd, "A", t_kill - 1) if e.get("event") == "leave"]
     assert leaves, "server-A.log shows no leave"
     REPORT["crash_leave_logged_after_s"] = round(float(str(leaves[0]["ts"])) - t_kill, 3)
 
