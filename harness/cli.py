@@ -430,7 +430,7 @@ def _print_timeline(tl: watch_mod.Timeline) -> None:
     table = Table(title=f"{tl.source} -> {tl.destination}")
     table.add_column("what")
     table.add_column("value")
-    table.add_row("TCP stream", "survived" if tl.iperf_ok else f"FAILED {tl.iperf_error}")
+    table.add_row("TCP stream", "survived" if tl.iperf_ok else f"FAILED {tl.stream_failure()}")
     table.add_row("bytes on shm / lower",
                   f"{pb['shm'] / 2**20:.1f} / {pb['lower'] / 2**20:.1f} MiB")
     table.add_row("pings lost", f"{tl.ping_lost} of {tl.ping_sent}")

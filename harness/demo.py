@@ -144,7 +144,7 @@ def summary_rows(result: DemoResult) -> list[tuple[str, str]]:
         pb = tl.path_bytes()
         rows += [
             ("TCP stream through both moves",
-             "survived" if tl.iperf_ok else f"FAILED {tl.iperf_error}"),
+             "survived" if tl.iperf_ok else f"FAILED {tl.stream_failure()}"),
             ("stream bytes on shm / lower (vm1 counters)",
              f"{pb['shm'] / 2**20:.0f} MiB / {pb['lower'] / 2**20:.0f} MiB"),
             ("20 ms pings lost", f"{tl.ping_lost} of {tl.ping_sent}"),

@@ -163,7 +163,7 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
                 move.switch_dest_s = mig.switch_dest_s
             w.wait()
         tl = w.timeline
-        move.stream_ok, move.stream_error = tl.iperf_ok, tl.iperf_error
+        move.stream_ok, move.stream_error = tl.iperf_ok, tl.stream_failure()
         move.ping_sent, move.ping_lost = tl.ping_sent, tl.ping_lost
         if not move.stream_ok:
             move.diagnostics = _diagnose(sd, (vm, peer))

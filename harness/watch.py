@@ -8,6 +8,7 @@ per-path counters every half second, and on exit collects everything into a
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -29,6 +30,16 @@ SAMPLE_INTERVAL = 0.5
 #: Seconds the iperf3 client gets past the watch to end by itself.
 CLIENT_GRACE = 15.0
 _PING_RE = re.compile(r"seq=(\d+) .*time=([\d.]+) ms")
+#: The guests' TCP MIB counters a watch reports the change of, on both ends:
+#: when a stream dies they say which side reset it and why (an application
+#: that closed with data unread, memory pressure, a timeout, a bad segment).
+TCP_COUNTERS = ("Tcp:OutRsts", "Tcp:EstabResets", "Tcp:InErrs", "Tcp:RetransSegs",
+                "TcpExt:TCPAbortOnData", "TcpExt:TCPAbortOnClose",
+                "TcpExt:TCPAbortOnMemory", "TcpExt:TCPAbortOnTimeout",
+                "TcpExt:TCPAbortOnLinger", "TcpExt:TCPAbortFailed",
+                "TcpExt:TCPChallengeACK", "TcpExt:TCPSYNChallenge",
+                "TcpExt:TCPRcvQDrop", "TcpExt:TCPOFODrop", "TcpExt:PruneCalled")
+_MIB_FILES = "/proc/net/snmp /proc/net/netstat"
 
 
 @dataclass
@@ -55,6 +66,23 @@ class Timeline:
     ping_lost: int = 0
     lost_at: list[float] = field(default_factory=list)
     rtt_ms: list[tuple[float, float]] = field(default_factory=list)
+    #: The end of iperf3's last complete interval: when a failed stream died.
+    iperf_last_s: float = 0.0
+    #: Per VM (source, destination), how much each of TCP_COUNTERS moved.
+    tcp: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def stream_failure(self) -> str:
+        """Why the stream failed, when, and what each end's TCP counted."""
+        if self.iperf_ok:
+            return ""
+        return (f"{self.iperf_error or 'no data'} (after {self.iperf_last_s:.1f} s of "
+                f"{self.duration:g}; TCP counters {self.tcp_summary() or 'not read'})")
+
+    def tcp_summary(self) -> str:
+        """The TCP counters that moved, e.g. for an assertion message."""
+        return "; ".join(f"{vm}: " + (", ".join(f"{k} +{v}" for k, v in c.items() if v)
+                                      or "no change")
+                         for vm, c in self.tcp.items())
 
     def path_bytes(self) -> dict[str, int]:
         if len(self.samples) < 2:
@@ -79,6 +107,22 @@ class Timeline:
         data["path_bytes"] = self.path_bytes()
         data["path_at"] = self.path_at()
         return json.dumps(data, indent=2)
+
+
+def parse_mib(text: str) -> dict[str, int]:
+    """``Section:Name`` -> value from /proc/net/snmp or /proc/net/netstat
+    text, whose sections are a header line of names then a line of values."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for head, vals in itertools.pairwise(lines):
+        hs, vs = head.split(), vals.split()
+        if len(hs) < 2 or len(hs) != len(vs) or hs[0] != vs[0] or not hs[0].endswith(":"):
+            continue
+        if hs[1].lstrip("-").isdigit() or not all(v.lstrip("-").isdigit() for v in vs[1:]):
+            continue
+        for name, value in zip(hs[1:], vs[1:], strict=False):
+            out[hs[0] + name] = int(value)
+    return out
 
 
 def _running(pid: int | str, comm: str) -> str:
@@ -111,6 +155,8 @@ class Watch:
         self._sampler_guest: Guest | None = None
         #: The guest PIDs of the iperf3 client and the ping this watch started.
         self._pids: dict[str, int] = {}
+        #: TCP_COUNTERS of each end when the traffic started.
+        self._mib0: dict[str, dict[str, int]] = {}
         self.t0 = 0.0
 
     def mark(self, label: str) -> None:
@@ -146,11 +192,28 @@ class Watch:
             raise GuestError(self.src, "start iperf3 and ping", None,
                              f"expected two PIDs, got {out!r}")
         self._pids = {"iperf3": int(pids[0]), "ping": int(pids[1])}
+        self._mib0 = {vm: self._mib(vm, g if vm == self.src else None)
+                      for vm in (self.src, self.dst)}
         self.t0 = time.monotonic()
         self.mark("traffic started")
         self._sampler = threading.Thread(target=self._sample, name="watch-sampler", daemon=True)
         self._sampler.start()
         return self
+
+    def _mib(self, vm: str, g: Guest | None) -> dict[str, int]:
+        """*vm*'s TCP_COUNTERS now; {} (and a warning) when it cannot be read.
+        Without *g*, a connection to wherever the state says *vm* runs now."""
+        try:
+            if g is not None:
+                text = g.run(f"cat {_MIB_FILES}", timeout=10)
+            else:
+                with cluster.guest(self.sd, self.sd.load(), vm) as other:
+                    text = other.run(f"cat {_MIB_FILES}", timeout=10)
+        except HarnessError as exc:
+            log.warning("%s: could not read the TCP counters: %s", vm, exc)
+            return {}
+        mib = parse_mib(text)
+        return {k: mib[k] for k in TCP_COUNTERS if k in mib}
 
     def _sample(self) -> None:
         assert self._sampler_guest is not None
@@ -217,6 +280,10 @@ class Watch:
             end = result.get("end", {})
             tl.iperf_bytes = int(end.get("sum_received", {}).get("bytes", 0))
             tl.iperf_ok = not tl.iperf_error and tl.iperf_bytes > 0
+            tl.iperf_last_s = tl.iperf_intervals[-1][1] if tl.iperf_intervals else 0.0
+        for vm, before in self._mib0.items():
+            after = self._mib(vm, g if vm == self.src else None)
+            tl.tcp[vm] = {k: after[k] - v for k, v in before.items() if k in after}
         self._parse_ping(g.run("cat /tmp/watch-ping.log", timeout=30))
 
     def _parse_ping(self, text: str) -> None:
@@ -298,4 +365,4 @@ def plot(tl: Timeline, path: Path) -> None:
 
 def require_ok(tl: Timeline) -> None:
     if not tl.iperf_ok:
-        raise GuestError(tl.source, "iperf3 stream", None, tl.iperf_error or "no data")
+        raise GuestError(tl.source, "iperf3 stream", None, tl.stream_failure())

@@ -31,7 +31,10 @@ IPERF_JSON = json.dumps({
 class FakeGuest:
     """A guest whose processes are a table of PID -> name, shared by sessions."""
 
-    def __init__(self, procs: dict[int, str], log: list[str], lock: threading.Lock) -> None:
+    def __init__(self, procs: dict[int, str], log: list[str], lock: threading.Lock,
+                 vm: str = "vm1", mib_reads: dict[str, int] | None = None) -> None:
+        self.vm = vm
+        self.mib_reads = {} if mib_reads is None else mib_reads
         self.procs = procs
         self.log = log
         self.lock = lock
@@ -39,6 +42,20 @@ class FakeGuest:
 
     #: Liveness checks of the client before it ends by itself.
     CLIENT_CHECKS = 2
+
+    def mib(self) -> str:
+        """The VM's /proc/net/snmp and /proc/net/netstat: each read after
+        its first shows one more reset sent and one more abort on close."""
+        n = self.mib_reads[self.vm] = self.mib_reads.get(self.vm, -1) + 1
+        return (f"Tcp: RtoAlgorithm OutRsts InErrs\nTcp: 1 {n} 0\n"
+                "Udp: InDatagrams\nUdp: 7\n"
+                f"TcpExt: SyncookiesSent TCPAbortOnClose\nTcpExt: 0 {n}\n")
+
+    def __enter__(self) -> FakeGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def run(self, command: str, timeout: float | None = 60, check: bool = True) -> str:
         return self.status(command, timeout)[1]
@@ -49,10 +66,12 @@ class FakeGuest:
             return self._answer(command)
 
     def _answer(self, command: str) -> tuple[int, str]:
+        if command.startswith("cat /proc/net/snmp"):
+            return 0, self.mib()
         if command.startswith("ethtool"):
             return 0, "shm_tx_bytes: 0\nlower_tx_bytes: 0\n"
         if "cat /tmp/watch-iperf.json" in command:
-            return 0, IPERF_JSON
+            return 0, getattr(self, "_iperf_json", IPERF_JSON)
         if "cat /tmp/watch-ping.log" in command:
             return 0, "64 bytes from 10.77.0.2: seq=0 ttl=64 time=0.5 ms\n1 packets transmitted"
         if "iperf3 -c" in command:
@@ -88,9 +107,10 @@ def guest_procs(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, str], list[s
     procs = {1: "init", SERVER_PID: "iperf3"}
     log: list[str] = []
     lock = threading.Lock()
+    mib_reads: dict[str, int] = {}
 
     def fake_guest(sd: StateDir, state: State, vm: str) -> FakeGuest:
-        return FakeGuest(procs, log, lock)
+        return FakeGuest(procs, log, lock, vm, mib_reads)
 
     monkeypatch.setattr(cluster, "guest", fake_guest)
     monkeypatch.setattr(watch, "plot", lambda tl, path: None)
@@ -136,3 +156,38 @@ def test_watch_start_stops_only_a_previous_watchs_processes(
         pass
     assert procs.get(77) == "ping", f"a ping the watch did not start was killed: {log}"
     assert procs.get(SERVER_PID) == "iperf3"
+
+
+def test_parse_mib_reads_each_sections_names_and_values() -> None:
+    text = ("Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+            "Tcp: RtoAlgorithm RtoMin MaxConn OutRsts\nTcp: 1 200 -1 12\n"
+            "TcpExt: SyncookiesSent TCPAbortOnData\nTcpExt: 0 3\n"
+            "IpExt: InNoRoutes\nIpExt: 0\n")
+    mib = watch.parse_mib(text)
+    assert mib["Tcp:OutRsts"] == 12 and mib["Tcp:MaxConn"] == -1
+    assert mib["TcpExt:TCPAbortOnData"] == 3 and mib["Ip:DefaultTTL"] == 64
+    assert "Tcp:RtoAlgorithm" in mib and len(mib) == 9
+
+
+def test_parse_mib_skips_lines_that_are_not_a_header_and_its_values() -> None:
+    assert watch.parse_mib("Tcp: A B\nTcp: 1\nTcpExt: X\nIp: 5\ngarbage\n\n") == {}
+
+
+def test_a_failed_stream_reports_when_it_died_and_what_each_ends_tcp_counted(
+        state_dir: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        guest_procs: tuple[dict[int, str], list[str]]) -> None:
+    monkeypatch.setattr(FakeGuest, "_iperf_json", json.dumps({
+        "error": "unable to write to stream socket: Connection reset by peer",
+        "intervals": [{"sum": {"start": 0.0, "end": 1.0, "bits_per_second": 8e6}},
+                      {"sum": {"start": 1.0, "end": 2.0, "bits_per_second": 8e6}}],
+        "end": {}}), raising=False)
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=0.2, out_dir=tmp_path / "w")
+    with w:
+        w.wait()
+    tl = w.timeline
+    assert not tl.iperf_ok and tl.iperf_last_s == 2.0
+    assert tl.tcp["vm1"]["Tcp:OutRsts"] == 1 and tl.tcp["vm2"]["TcpExt:TCPAbortOnClose"] == 1
+    why = tl.stream_failure()
+    assert "Connection reset by peer" in why and "after 2.0 s" in why
+    assert "vm2: Tcp:OutRsts +1, TcpExt:TCPAbortOnClose +1" in why, why
+    assert json.loads((tmp_path / "w" / "timeline.json").read_text())["tcp"] == tl.tcp

@@ -125,7 +125,7 @@ def test_stream_survives_a_round_trip_migration(debian: Lab, tmp_path: Path) -> 
                            "total_s": [round(r.total_s, 2) for r in reports],
                            "ping_lost": f"{tl.ping_lost}/{tl.ping_sent}"}
     assert all(r.ok for r in reports)
-    assert tl.iperf_ok, tl.iperf_error  # one iperf3 run, no reconnect
+    assert tl.iperf_ok, tl.stream_failure()  # one iperf3 run, no reconnect
     first = next(s for s in tl.samples if s.t >= 2)
     trace = (tl.events, [(s.t, s.shm_tx_bytes, s.lower_tx_bytes) for s in tl.samples[::4]])
     assert on_b.lower_tx_bytes - first.lower_tx_bytes > 500_000, trace  # on B: the wire

@@ -16,7 +16,7 @@ def test_a_watch_stops_its_client_and_leaves_the_server(lab: Lab, tmp_path: Path
     with Watch(lab.sd, "vm1", "vm2", duration=3, out_dir=tmp_path) as w:
         w.wait()
     took = time.monotonic() - t0
-    assert w.timeline.iperf_ok, w.timeline.iperf_error
+    assert w.timeline.iperf_ok, w.timeline.stream_failure()
     # The client ends by itself a second after the watch: no wait to the deadline.
     assert took < 3 + watch_mod.CLIENT_GRACE - 5, f"the watch took {took:.1f} s"
     # vm1's `iperf3 -s -D` (images/init) still answers: vm2 streams to it.
