@@ -29,6 +29,8 @@ PING_INTERVAL = 0.02
 SAMPLE_INTERVAL = 0.5
 #: Seconds the iperf3 client gets past the watch to end by itself.
 CLIENT_GRACE = 15.0
+#: iperf3's error for a client ended by SIGINT (3.x).
+IPERF_INTERRUPTED = "interrupt - the client has terminated"
 _PING_RE = re.compile(r"seq=(\d+) .*time=([\d.]+) ms")
 #: The guests' TCP MIB counters a watch reports the change of, on both ends:
 #: when a stream dies they say which side reset it and why (an application
@@ -39,7 +41,13 @@ TCP_COUNTERS = ("Tcp:OutRsts", "Tcp:EstabResets", "Tcp:InErrs", "Tcp:RetransSegs
                 "TcpExt:TCPAbortOnLinger", "TcpExt:TCPAbortFailed",
                 "TcpExt:TCPChallengeACK", "TcpExt:TCPSYNChallenge",
                 "TcpExt:TCPRcvQDrop", "TcpExt:TCPOFODrop", "TcpExt:PruneCalled")
-_MIB_FILES = "/proc/net/snmp /proc/net/netstat"
+#: Read at both ends when the traffic starts and stops: the guest's clock
+#: (uptime), then the TCP MIBs.
+_SNAPSHOT_FILES = "/proc/uptime /proc/net/snmp /proc/net/netstat"
+#: Where images/init's `iperf3 -s` logs; a Debian guest's iperf3.service logs
+#: to the journal.
+_SERVER_LOG = ("tail -n 25 /tmp/iperf3-server.log 2>/dev/null || "
+               "journalctl -u iperf3 -n 25 --no-pager 2>/dev/null; true")
 
 
 @dataclass
@@ -68,15 +76,29 @@ class Timeline:
     rtt_ms: list[tuple[float, float]] = field(default_factory=list)
     #: The end of iperf3's last complete interval: when a failed stream died.
     iperf_last_s: float = 0.0
+    #: The watch ended the stream before its duration, as end_after() asked.
+    iperf_ended_early: bool = False
     #: Per VM (source, destination), how much each of TCP_COUNTERS moved.
     tcp: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Per VM, how many seconds more its clock advanced than the host's over
+    #: the watch: a migrated guest lags by its downtime (a few -0.1 s); a
+    #: jump forward of seconds fires the timers of whatever runs in it.
+    clock_skew_s: dict[str, float] = field(default_factory=dict)
+    #: The end of the destination's iperf3 server log, read when the stream
+    #: failed: the server's side of the story.
+    server_log: str = ""
 
     def stream_failure(self) -> str:
         """Why the stream failed, when, and what each end's TCP counted."""
         if self.iperf_ok:
             return ""
-        return (f"{self.iperf_error or 'no data'} (after {self.iperf_last_s:.1f} s of "
-                f"{self.duration:g}; TCP counters {self.tcp_summary() or 'not read'})")
+        skew = ", ".join(f"{vm} {s:+.2f} s" for vm, s in self.clock_skew_s.items())
+        text = (f"{self.iperf_error or 'no data'} (after {self.iperf_last_s:.1f} s of "
+                f"{self.duration:g}; TCP counters {self.tcp_summary() or 'not read'}; "
+                f"guest clocks against the host's {skew or 'not read'})")
+        if self.server_log:
+            text += f"\n{self.destination}'s iperf3 server log ends:\n{self.server_log}"
+        return text
 
     def tcp_summary(self) -> str:
         """The TCP counters that moved, e.g. for an assertion message."""
@@ -125,6 +147,24 @@ def parse_mib(text: str) -> dict[str, int]:
     return out
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    host_s: float  # time.monotonic() when it was read
+    uptime_s: float | None
+    mib: dict[str, int]
+
+
+def parse_snapshot(text: str, host_s: float) -> _Snapshot:
+    """/proc/uptime then the MIB files, as `cat _SNAPSHOT_FILES` prints them."""
+    first = text.split(None, 1)
+    try:
+        uptime: float | None = float(first[0]) if first else None
+    except ValueError:
+        uptime = None
+    mib = parse_mib(text)
+    return _Snapshot(host_s, uptime, {k: mib[k] for k in TCP_COUNTERS if k in mib})
+
+
 def _running(pid: int | str, comm: str) -> str:
     """A guest shell test: *pid* is still a live (not zombie) *comm* process,
     so a PID the kernel has since given to another process is left alone."""
@@ -155,8 +195,10 @@ class Watch:
         self._sampler_guest: Guest | None = None
         #: The guest PIDs of the iperf3 client and the ping this watch started.
         self._pids: dict[str, int] = {}
-        #: TCP_COUNTERS of each end when the traffic started.
-        self._mib0: dict[str, dict[str, int]] = {}
+        #: Each end's clock and TCP_COUNTERS when the traffic started.
+        self._snap0: dict[str, _Snapshot] = {}
+        #: end_after() asked for the end: interrupt the client, as planned.
+        self._end_now = False
         self.t0 = 0.0
 
     def mark(self, label: str) -> None:
@@ -192,28 +234,32 @@ class Watch:
             raise GuestError(self.src, "start iperf3 and ping", None,
                              f"expected two PIDs, got {out!r}")
         self._pids = {"iperf3": int(pids[0]), "ping": int(pids[1])}
-        self._mib0 = {vm: self._mib(vm, g if vm == self.src else None)
-                      for vm in (self.src, self.dst)}
+        # Time 0 is the client's start, as in its own report: the snapshots
+        # (a new SSH session to the destination) take a second or more.
         self.t0 = time.monotonic()
         self.mark("traffic started")
+        self._snap0 = {vm: snap for vm in (self.src, self.dst)
+                       if (snap := self._snapshot(vm, g if vm == self.src else None))}
         self._sampler = threading.Thread(target=self._sample, name="watch-sampler", daemon=True)
         self._sampler.start()
         return self
 
-    def _mib(self, vm: str, g: Guest | None) -> dict[str, int]:
-        """*vm*'s TCP_COUNTERS now; {} (and a warning) when it cannot be read.
-        Without *g*, a connection to wherever the state says *vm* runs now."""
+    def _on(self, vm: str, g: Guest | None, command: str) -> str | None:
+        """*command*'s output on *vm*, None (and a warning) when it cannot
+        run.  Without *g*, over a connection to wherever the state says *vm*
+        runs now."""
         try:
             if g is not None:
-                text = g.run(f"cat {_MIB_FILES}", timeout=10)
-            else:
-                with cluster.guest(self.sd, self.sd.load(), vm) as other:
-                    text = other.run(f"cat {_MIB_FILES}", timeout=10)
+                return g.run(command, timeout=10)
+            with cluster.guest(self.sd, self.sd.load(), vm) as other:
+                return other.run(command, timeout=10)
         except HarnessError as exc:
-            log.warning("%s: could not read the TCP counters: %s", vm, exc)
-            return {}
-        mib = parse_mib(text)
-        return {k: mib[k] for k in TCP_COUNTERS if k in mib}
+            log.warning("%s: %s failed: %s", vm, command.split(maxsplit=1)[0], exc)
+            return None
+
+    def _snapshot(self, vm: str, g: Guest | None) -> _Snapshot | None:
+        text = self._on(vm, g, f"cat {_SNAPSHOT_FILES}")
+        return None if text is None else parse_snapshot(text, time.monotonic())
 
     def _sample(self) -> None:
         assert self._sampler_guest is not None
@@ -236,6 +282,14 @@ class Watch:
         if left > 0:
             time.sleep(left)
 
+    def end_after(self, seconds: float) -> None:
+        """Let the traffic run *seconds* more (never past its duration), then
+        end it: the watch interrupts its own iperf3 client, which is not a
+        failure.  For traffic that must outlast steps of unknown length
+        (migrations on a loaded machine): a generous duration, then this."""
+        time.sleep(max(0.0, min(seconds, self.duration - self.now())))
+        self._end_now = True
+
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._stop.set()
@@ -256,16 +310,24 @@ class Watch:
         # iperf3 ends by itself; give it its last seconds, then stop both.  Only
         # the PIDs this watch started: the guest's own `iperf3 -s` must live.
         client = self._pids.get("iperf3")
-        deadline = time.monotonic() + CLIENT_GRACE
-        while client is not None and time.monotonic() < deadline:
+        deadline = time.monotonic() + (0 if self._end_now else CLIENT_GRACE)
+        interrupted = False
+        while client is not None:
             code, _ = g.status(_running(client, "iperf3"), timeout=10)
             if code != 0:
                 break
+            if time.monotonic() >= deadline:
+                interrupted = self._end_now
+                break
             time.sleep(0.5)
         if self._pids:
+            # then up to 10 s for them to write their reports and exit
+            alive = " || ".join(f"{{ {_running(pid, name)} ; }}"
+                                for name, pid in self._pids.items())
             g.status(" ; ".join(f"{{ {_running(pid, name)} ; }} && kill -INT {pid}"
-                                for name, pid in self._pids.items()) + " ; sleep 0.2",
-                     timeout=10)
+                                for name, pid in self._pids.items())
+                     + f" ; i=0; while [ $i -lt 50 ] && {{ {alive} ; }}; do sleep 0.2; "
+                     "i=$((i+1)); done; true", timeout=20)
         tl = self.timeline
         raw = g.run("cat /tmp/watch-iperf.json", timeout=30)
         try:
@@ -279,11 +341,23 @@ class Watch:
                 tl.iperf_intervals.append((s["start"], s["end"], s["bits_per_second"] / 1e6))
             end = result.get("end", {})
             tl.iperf_bytes = int(end.get("sum_received", {}).get("bytes", 0))
+            if interrupted and tl.iperf_error == IPERF_INTERRUPTED:
+                # Ended by end_after(): the server never sent its count, so
+                # what was sent stands for what arrived.
+                tl.iperf_error, tl.iperf_ended_early = "", True
+                tl.iperf_bytes = int(end.get("sum_sent", {}).get("bytes", 0))
             tl.iperf_ok = not tl.iperf_error and tl.iperf_bytes > 0
             tl.iperf_last_s = tl.iperf_intervals[-1][1] if tl.iperf_intervals else 0.0
-        for vm, before in self._mib0.items():
-            after = self._mib(vm, g if vm == self.src else None)
-            tl.tcp[vm] = {k: after[k] - v for k, v in before.items() if k in after}
+        for vm, before in self._snap0.items():
+            after = self._snapshot(vm, g if vm == self.src else None)
+            if after is None:
+                continue
+            tl.tcp[vm] = {k: after.mib[k] - v for k, v in before.mib.items() if k in after.mib}
+            if before.uptime_s is not None and after.uptime_s is not None:
+                tl.clock_skew_s[vm] = round((after.uptime_s - before.uptime_s)
+                                            - (after.host_s - before.host_s), 3)
+        if not tl.iperf_ok:
+            tl.server_log = (self._on(self.dst, None, _SERVER_LOG) or "").strip()
         self._parse_ping(g.run("cat /tmp/watch-ping.log", timeout=30))
 
     def _parse_ping(self, text: str) -> None:

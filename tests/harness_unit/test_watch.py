@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -42,12 +43,17 @@ class FakeGuest:
 
     #: Liveness checks of the client before it ends by itself.
     CLIENT_CHECKS = 2
+    #: Per VM, how far its clock moves between two snapshots (default 0).
+    CLOCK_STEP: ClassVar[dict[str, float]] = {}
+    SERVER_LOG = "-----\nServer listening on 5201 (test #2)\n"
 
-    def mib(self) -> str:
-        """The VM's /proc/net/snmp and /proc/net/netstat: each read after
-        its first shows one more reset sent and one more abort on close."""
+    def snapshot(self) -> str:
+        """The VM's /proc/uptime, /proc/net/snmp and /proc/net/netstat: each
+        read after its first shows one more reset sent and one more abort on
+        close, and the clock CLOCK_STEP later."""
         n = self.mib_reads[self.vm] = self.mib_reads.get(self.vm, -1) + 1
-        return (f"Tcp: RtoAlgorithm OutRsts InErrs\nTcp: 1 {n} 0\n"
+        up = 1000 + n * self.CLOCK_STEP.get(self.vm, 0.0)
+        return (f"{up:.2f} 1900.00\nTcp: RtoAlgorithm OutRsts InErrs\nTcp: 1 {n} 0\n"
                 "Udp: InDatagrams\nUdp: 7\n"
                 f"TcpExt: SyncookiesSent TCPAbortOnClose\nTcpExt: 0 {n}\n")
 
@@ -66,8 +72,10 @@ class FakeGuest:
             return self._answer(command)
 
     def _answer(self, command: str) -> tuple[int, str]:
-        if command.startswith("cat /proc/net/snmp"):
-            return 0, self.mib()
+        if command.startswith("cat /proc/uptime /proc/net/snmp"):
+            return 0, self.snapshot()
+        if "/tmp/iperf3-server.log" in command:
+            return 0, self.SERVER_LOG
         if command.startswith("ethtool"):
             return 0, "shm_tx_bytes: 0\nlower_tx_bytes: 0\n"
         if "cat /tmp/watch-iperf.json" in command:
@@ -131,6 +139,7 @@ def test_watch_leaves_the_guests_iperf3_server_alone(
     # The client ended after two checks: the wait must not run to its 15 s deadline.
     assert took < 5, f"watch waited {took:.1f} s for an iperf3 that had ended"
     assert w.timeline.iperf_ok
+    assert w.timeline.server_log == "", "the server log is read only for a failed stream"
 
 
 def test_watch_stops_a_client_that_outlives_its_deadline(
@@ -181,6 +190,7 @@ def test_a_failed_stream_reports_when_it_died_and_what_each_ends_tcp_counted(
         "intervals": [{"sum": {"start": 0.0, "end": 1.0, "bits_per_second": 8e6}},
                       {"sum": {"start": 1.0, "end": 2.0, "bits_per_second": 8e6}}],
         "end": {}}), raising=False)
+    monkeypatch.setattr(FakeGuest, "CLOCK_STEP", {"vm2": 60.0})
     w = watch.Watch(state_dir, "vm1", "vm2", duration=0.2, out_dir=tmp_path / "w")
     with w:
         w.wait()
@@ -190,4 +200,44 @@ def test_a_failed_stream_reports_when_it_died_and_what_each_ends_tcp_counted(
     why = tl.stream_failure()
     assert "Connection reset by peer" in why and "after 2.0 s" in why
     assert "vm2: Tcp:OutRsts +1, TcpExt:TCPAbortOnClose +1" in why, why
+    # vm2's clock jumped a minute; vm1's stood still over the watch's second
+    assert 59 < tl.clock_skew_s["vm2"] <= 60 and -5 < tl.clock_skew_s["vm1"] <= 0
+    assert "vm2 +5" in why and "Server listening on 5201 (test #2)" in why, why
     assert json.loads((tmp_path / "w" / "timeline.json").read_text())["tcp"] == tl.tcp
+
+
+INTERRUPTED_JSON = json.dumps({
+    "error": watch.IPERF_INTERRUPTED,
+    "intervals": [{"sum": {"start": 0.0, "end": 1.0, "bits_per_second": 8e6}}],
+    "end": {"sum_sent": {"bytes": 900_000}, "sum_received": {"bytes": 0}}})
+
+
+def test_end_after_interrupts_the_client_and_counts_that_as_a_clean_end(
+        state_dir: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        guest_procs: tuple[dict[int, str], list[str]]) -> None:
+    procs, _ = guest_procs
+    monkeypatch.setattr(FakeGuest, "CLIENT_CHECKS", 10**6)
+    monkeypatch.setattr(FakeGuest, "_iperf_json", INTERRUPTED_JSON, raising=False)
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=60, out_dir=tmp_path / "w")
+    t0 = time.monotonic()
+    with w:
+        w.end_after(0.2)
+    assert time.monotonic() - t0 < 10, "end_after waited for the duration"
+    tl = w.timeline
+    assert tl.iperf_ok and tl.iperf_ended_early and tl.iperf_bytes == 900_000, tl
+    assert 100 not in procs and procs.get(SERVER_PID) == "iperf3"
+
+
+def test_an_interrupt_the_watch_did_not_plan_is_a_failed_stream(
+        state_dir: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        guest_procs: tuple[dict[int, str], list[str]]) -> None:
+    # a client past its deadline is stopped the same way, but that is a failure
+    monkeypatch.setattr(FakeGuest, "CLIENT_CHECKS", 10**6)
+    monkeypatch.setattr(watch, "CLIENT_GRACE", 0.5)
+    monkeypatch.setattr(FakeGuest, "_iperf_json", INTERRUPTED_JSON, raising=False)
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=0.1, out_dir=tmp_path / "w")
+    with w:
+        w.wait()
+    tl = w.timeline
+    assert not tl.iperf_ok and not tl.iperf_ended_early
+    assert watch.IPERF_INTERRUPTED in tl.stream_failure()

@@ -146,11 +146,14 @@ def test_print_unit_names_this_installation() -> None:
 
 
 def test_unit_files_are_package_data() -> None:
-    """pip install carries them: they sit in the package, and package-data names them."""
+    """pip install carries them: they sit in a package of their own (a data
+    directory that is not one makes setuptools warn it will stop installing
+    it), and package-data names them."""
     for name in UNIT_FILES:
         assert (resources.files("ivloop_server") / "systemd" / name).is_file()
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "systemd/*" in pyproject["tool"]["setuptools"]["package-data"]["ivloop_server"]
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "ivloop_server.systemd" in setup["packages"]
+    assert "*" in setup["package-data"]["ivloop_server.systemd"]
 
 
 @pytest.fixture

@@ -18,6 +18,11 @@ from harness.soak import KERNEL_TROUBLE
 from harness.state import State, StateDir
 from harness.topology import Topology
 
+#: The longest a round-trip migration test streams: two migrations on a
+#: loaded 2-core machine and the seconds around them.  Watch.end_after()
+#: ends the stream a few seconds after the return, however long that took.
+ROUND_TRIP_MAX_S = 120
+
 
 @dataclass
 class Lab:

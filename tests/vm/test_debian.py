@@ -22,7 +22,7 @@ from harness.guest import Guest
 from harness.watch import Watch
 
 from .conftest import booted
-from .lab import Lab, deltas, kernel_trouble, topology_file
+from .lab import ROUND_TRIP_MAX_S, Lab, deltas, kernel_trouble, topology_file
 
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
 GUESTS = ("deb1", "deb2")
@@ -109,7 +109,7 @@ def test_ping_and_a_stream_go_over_shared_memory(debian: Lab) -> None:
 
 def test_stream_survives_a_round_trip_migration(debian: Lab, tmp_path: Path) -> None:
     reports = []
-    with Watch(debian.sd, "deb1", "deb2", duration=24, out_dir=tmp_path) as watch:
+    with Watch(debian.sd, "deb1", "deb2", duration=ROUND_TRIP_MAX_S, out_dir=tmp_path) as watch:
         time.sleep(3)
         reports.append(debian.migrate("deb2", "A", "B", progress=watch.progress))
         time.sleep(5)
@@ -119,7 +119,7 @@ def test_stream_survives_a_round_trip_migration(debian: Lab, tmp_path: Path) -> 
         g2.run("echo moved > /var/tmp/ivl-migrated && sync")
         assert g2.run("findmnt -no OPTIONS /").startswith("rw")
         reports.append(debian.migrate("deb2", "B", "A", progress=watch.progress))
-        watch.wait()
+        watch.end_after(6)  # of traffic back home
     tl = watch.timeline
     REPORT["migration"] = {"downtime_ms": [r.downtime_ms for r in reports],
                            "total_s": [round(r.total_s, 2) for r in reports],

@@ -29,7 +29,7 @@ from harness.state import StateDir
 from harness.watch import Watch
 
 from .conftest import leftovers, recorded_pids
-from .lab import Lab
+from .lab import ROUND_TRIP_MAX_S, Lab
 from .test_migrate import moved_over
 
 numbers: dict[str, Any] = {}
@@ -201,7 +201,7 @@ def test_unplug_and_plug_switch_the_path_and_park_the_freed_fds(lvlab: Lab) -> N
 
 def test_stream_survives_a_round_trip_migration(lvlab: Lab, tmp_path: Path) -> None:
     reports = []
-    with Watch(lvlab.sd, "vm1", "vm2", duration=26, out_dir=tmp_path) as watch:
+    with Watch(lvlab.sd, "vm1", "vm2", duration=ROUND_TRIP_MAX_S, out_dir=tmp_path) as watch:
         time.sleep(3)
         with lvlab.sd:
             reports.append(backend_libvirt.migrate(lvlab.sd, "vm2", "A", "B",
@@ -214,7 +214,7 @@ def test_stream_survives_a_round_trip_migration(lvlab: Lab, tmp_path: Path) -> N
             reports.append(backend_libvirt.migrate(lvlab.sd, "vm2", "B", "A",
                                                    progress=watch.progress))
         lvlab.drop("vm2")
-        watch.wait()
+        watch.end_after(6)  # of traffic back home
     tl = watch.timeline
     numbers["migrations"] = [{k: r.as_dict()[k] for k in (
         "unplug_s", "migrate_s", "plug_s", "downtime_ms", "transferred_mib",

@@ -14,7 +14,7 @@ from harness import memcheck, migrate, paths
 from harness.errors import MigrationError
 from harness.watch import Watch
 
-from .lab import Lab
+from .lab import ROUND_TRIP_MAX_S, Lab
 
 
 def shm_and_lower(lab: Lab, vm: str) -> tuple[int, int]:
@@ -40,13 +40,13 @@ def test_stream_survives_a_round_trip_migration(
     assert shm > 1_000_000 and lower < shm / 50, (shm, lower)
 
     reports = []
-    with Watch(lab.sd, "vm1", "vm2", duration=24, out_dir=tmp_path) as watch:
+    with Watch(lab.sd, "vm1", "vm2", duration=ROUND_TRIP_MAX_S, out_dir=tmp_path) as watch:
         time.sleep(3)
         reports.append(lab.migrate("vm2", "A", "B", progress=watch.progress))
         time.sleep(6)
         after_first = watch.timeline.samples[-1]
         reports.append(lab.migrate("vm2", "B", "A", progress=watch.progress))
-        watch.wait()
+        watch.end_after(6)  # of traffic back home
     tl = watch.timeline
     record_property("ping_lost", f"{tl.ping_lost}/{tl.ping_sent}")
     record_property("downtime_ms", [r.downtime_ms for r in reports])
