@@ -135,11 +135,15 @@ test-deps: deps image debian-image qemu-10
 
 # The whole VM suite on the default kernel and QEMU, then the `versions`
 # subset (ping and stream over shm, a round-trip migration, the hostile
-# peer) on the 6.12 kernel and on QEMU 10.0.
+# peer) on the 6.12 kernel and on QEMU 10.0.  All three run even when one
+# fails (one report of everything that broke); the slowest tests are listed.
+VM_PYTEST = $(PYTEST) -q --durations=8
 define vm_suite
-	flock $(VM_LOCK) $(PYTEST) -m vm -q
-	flock $(VM_LOCK) env IVLOOP_IMAGE_DIR=$(CURDIR)/images/out-6.12 $(PYTEST) -m versions -q tests/vm
-	flock $(VM_LOCK) env IVLOOP_QEMU=$(QEMU10) $(PYTEST) -m versions -q tests/vm
+	@rc=0; \
+	flock $(VM_LOCK) $(VM_PYTEST) -m vm || rc=1; \
+	flock $(VM_LOCK) env IVLOOP_IMAGE_DIR=$(CURDIR)/images/out-6.12 $(VM_PYTEST) -m versions tests/vm || rc=1; \
+	flock $(VM_LOCK) env IVLOOP_QEMU=$(QEMU10) $(VM_PYTEST) -m versions tests/vm || rc=1; \
+	exit $$rc
 endef
 
 vm-test: test-deps  ## tests that boot real guests (serialised on $(VM_LOCK))
