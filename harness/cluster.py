@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ivloop_libvirt import fdholes
+
 from . import accel as accel_mod
 from . import guest as guest_mod
 from . import guestdisk, hostnet, paths, qemu, servers
@@ -363,8 +365,9 @@ def status(sd: StateDir, probe: bool = True) -> list[StatusRow]:
 # on every fd number it freed, before anything else can take one; Linux hands
 # out the lowest free number, so the holes below are filled as well.
 # Done on every QEMU version: seen on 7.2, and the unrealize path is the same
-# in upstream's hw/misc/ivshmem-pci.c, so it is still needed.
-PARK_ROUNDS = 4
+# in upstream's hw/misc/ivshmem-pci.c, so it is still needed.  Which numbers
+# to fill, and when to give up, is ivloop_libvirt.fdholes' plan, shared with
+# the libvirt backend.
 
 
 def open_fds(pid: int) -> set[int]:
@@ -378,24 +381,14 @@ def open_fds(pid: int) -> set[int]:
 async def park_fds(mon: qemu.Monitor, pid: int, numbers: set[int], tag: str) -> int:
     """Occupy every free fd number in *numbers* (and the holes below); how many parked."""
     parked = 0
-    for _ in range(PARK_ROUNDS):
-        now = open_fds(pid)
-        free = numbers - now
-        if not free:
-            return parked
-        for _ in [n for n in range(max(free) + 1) if n not in now]:
-            fd = os.eventfd(0, os.EFD_CLOEXEC)
-            try:
-                mon.client.send_fd_scm(fd)
-                await mon.cmd("getfd", {"fdname": f"ivl-park-{tag}-{parked}"})
-            finally:
-                os.close(fd)
-            parked += 1
-    left = numbers - open_fds(pid)
-    if left:
-        # something else keeps taking them; each is a crash waiting to happen
-        log.warning("QEMU pid %d: fd numbers %s freed by an ivshmem unplug stay free",
-                    pid, sorted(left))
+    for _ in fdholes.holes(pid, numbers, open_fds):
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            mon.client.send_fd_scm(fd)
+            await mon.cmd("getfd", {"fdname": f"ivl-park-{tag}-{parked}"})
+        finally:
+            os.close(fd)
+        parked += 1
     return parked
 
 

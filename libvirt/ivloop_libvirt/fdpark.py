@@ -28,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import lv
+from .fdholes import holes
 
 log = logging.getLogger(__name__)
 
-ROUNDS = 4
 PROC = Path("/proc")
 
 
@@ -73,22 +73,13 @@ def park(pid: int, numbers: set[int], send: Send,
     """Fill every free number in *numbers* (and the holes below) with an eventfd."""
     parked = 0
     stamp = time.monotonic_ns()
-    for _ in range(ROUNDS):
-        now = fds_of(pid)
-        free = numbers - now
-        if not free:
-            return parked
-        for _ in [n for n in range(max(free) + 1) if n not in now]:
-            fd = os.eventfd(0, os.EFD_CLOEXEC)
-            try:
-                send(fd, f"ivl-park-{stamp}-{parked}")
-            finally:
-                os.close(fd)
-            parked += 1
-    left = numbers - fds_of(pid)
-    if left:
-        log.warning("QEMU pid %d: fd numbers %s freed by an ivshmem unplug stay free",
-                    pid, sorted(left))
+    for _ in holes(pid, numbers, fds_of):
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            send(fd, f"ivl-park-{stamp}-{parked}")
+        finally:
+            os.close(fd)
+        parked += 1
     return parked
 
 
