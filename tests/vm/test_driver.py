@@ -20,6 +20,10 @@ from .lab import Lab, received_bytes
 IVLOOP_ERROR = re.compile(r"ivloop.*error", re.IGNORECASE)
 
 
+# the widest poll window (rx-usecs) ivl0 accepts, IVL_POLL_US_MAX
+POLL_US_MAX = 10_000
+
+
 def deltas(lab: Lab, vm: str, before: dict[str, int]) -> dict[str, int]:
     after = paths.counters(lab.guest(vm))
     return {k: after[k] - before.get(k, 0) for k in after}
@@ -156,24 +160,23 @@ def rr_deltas(lab: Lab, seconds: int = 3) -> dict[str, int]:
 
 def test_request_response_is_polled_instead_of_rung(coresident: Lab) -> None:
     lab = coresident
-    assert int(lab.guest("vm1").run(paths.GET_POLL_US)) > 0  # the default polls
-
-    def rung(d: dict[str, int]) -> float:
-        return d["doorbells_sent"] / max(d["shm_tx_packets"], 1)
-
-    # A burst of load on this shared 2-core host stretches a round trip past
-    # the poll window (one failed run: 1 ms round trips, 32 % rung): judge
-    # the best of up to three runs.  Without polling every run rings (the
-    # next test), so this still fails when the poller does not work.
-    runs = [rr_deltas(lab)]
-    while rung(runs[-1]) >= 0.1 and len(runs) < 3:
-        runs.append(rr_deltas(lab))
-    d = min(runs, key=rung)
+    g1, g2 = lab.guest("vm1"), lab.guest("vm2")
+    assert int(g1.run(paths.GET_POLL_US)) > 0  # the default polls
+    # The claim is the mechanism: an answer that comes back while a window
+    # is open is found by the poller, and nobody rings.  Whether it comes
+    # back within the default 500 us is timing, and on this shared 2-core
+    # host it often does not: with one CPU hog on the host a round trip
+    # took 1 ms and 75 % of requests rang at 500 us, against 0.1 % at 10 ms
+    # (README, "Polling instead of doorbells").  So the windows here may
+    # grow to the widest, 10 ms; what the default buys on a quiet host is
+    # `harness bench`'s TCP_RR row.
+    with poll_us((g1, g2), POLL_US_MAX):
+        d = rr_deltas(lab)
     # Nearly every reply is found by the poller before a doorbell, and the
     # requests find vm2 polling too, so they need no doorbell either.
-    assert d["shm_rx_packets"] > 100, runs
-    assert d["poll_hits"] > d["shm_rx_packets"] // 2, runs
-    assert d["doorbells_sent"] < d["shm_tx_packets"] // 10, runs
+    assert d["shm_rx_packets"] > 100, d
+    assert d["poll_hits"] > d["shm_rx_packets"] // 2, d
+    assert d["doorbells_sent"] < d["shm_tx_packets"] // 10, d
 
 
 @contextlib.contextmanager
@@ -239,8 +242,8 @@ def test_a_busy_receiver_goes_back_to_doorbells(coresident: Lab) -> None:
 def test_rx_usecs_refuses_windows_over_10_ms(coresident: Lab) -> None:
     g = coresident.guest("vm1")
     old = g.run(paths.GET_POLL_US).strip()
-    code, out = g.status(f"{paths.SET_POLL_US} 10001 2>&1")
-    assert code != 0 and "at most 10000" in out, out
+    code, out = g.status(f"{paths.SET_POLL_US} {POLL_US_MAX + 1} 2>&1")
+    assert code != 0 and f"at most {POLL_US_MAX}" in out, out
     assert g.run(paths.GET_POLL_US).strip() == old
     # the module parameter is only the default for new devices
     code, _ = g.status("echo 0 > /sys/module/ivloop/parameters/poll_us")
