@@ -9,6 +9,7 @@ does), and a skipped kernel is a kernel nobody tested.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +23,20 @@ DRIVER = REPO / "guest-driver"
 SERIES = ("6.1", "6.12")
 #: What a build of the module needs from guest-driver/.
 SOURCES = ("ivl*.c", "ivl*.h", "Kbuild", "Makefile", "dkms.conf")
+#: What a make that runs pytest passes down to every make below it.
+MAKE_VARS = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+
+
+def build_env(**extra: str) -> dict[str, str]:
+    """This environment without the calling make's flags, plus @extra.
+
+    A build judged by its output must run the way a user's does: under
+    `make -s test` the module build would be silent too, and the W=1 it is
+    checked for would never be printed.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_VARS}
+    env.update(extra)
+    return env
 
 
 @dataclass(frozen=True)

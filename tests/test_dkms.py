@@ -10,13 +10,12 @@ on the 2-core build machine.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from kernel_headers import SERIES, copy_sources, headers, modinfo, package_version
+from kernel_headers import SERIES, build_env, copy_sources, headers, modinfo, package_version
 
 ARCH = "x86_64"
 
@@ -31,8 +30,8 @@ class Dkms:
         self.install = root / "modules"
         for d in (self.tree, self.sources, self.install):
             d.mkdir(parents=True)
-        self.env = dict(os.environ, mok_signing_key=str(root / "mok.key"),
-                        mok_certificate=str(root / "mok.pub"))
+        self.env = build_env(mok_signing_key=str(root / "mok.key"),
+                             mok_certificate=str(root / "mok.pub"))
 
     def run(self, *args: str) -> str:
         proc = subprocess.run(

@@ -14,7 +14,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kernel_headers import DRIVER, REPO, SERIES, copy_sources, headers, modinfo, package_version
+from kernel_headers import (
+    DRIVER,
+    REPO,
+    SERIES,
+    build_env,
+    copy_sources,
+    headers,
+    modinfo,
+    package_version,
+)
 
 # Our files; ivl_ring.c, ivl_ring.h and ivl_abi.h have their own checks.
 CHECKPATCH_FILES = ("ivl_main.c", "ivl_pci.c", "ivl_netdev.c", "ivl_peer.c", "ivl_poll.c",
@@ -46,6 +55,7 @@ def build(request: pytest.FixtureRequest,
         text=True,
         timeout=600,
         check=False,
+        env=build_env(),
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"module build for {hdr.abi} failed:\n{output}"
