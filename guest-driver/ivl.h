@@ -23,6 +23,7 @@
 #include <linux/completion.h>
 #include <linux/etherdevice.h>
 #include <linux/hrtimer.h>
+#include <linux/if_vlan.h>
 #include <linux/mutex.h>
 #include <linux/netdevice.h>
 #include <linux/pci.h>
@@ -68,6 +69,8 @@ struct ivl_stats {
 	u64_stats_t tx_wakeups;
 	u64_stats_t tx_no_room;		/* reserve failed anyway: sent lower */
 	u64_stats_t tx_stalled_lower;	/* for a stalled or broken peer: sent lower */
+	u64_stats_t tx_foreign_src;	/* to a peer, from a MAC not ivl0's: sent lower */
+	u64_stats_t tx_offload_lower;	/* offloads a record cannot carry: sent lower */
 	u64_stats_t tx_lower_drops;	/* lower dev_queue_xmit refused */
 	u64_stats_t tx_bad_ring;	/* peer broke the cons of our ring */
 	u64_stats_t rx_bad_record;	/* ring broken by the peer */
@@ -132,6 +135,8 @@ struct ivl_peer {
 	bool attached;			/* rings attached (for @gen) */
 	bool want_rx, want_tx, reattach;
 	bool hb_dead, bad_entry, dup_mac;
+	bool guest_odd;			/* its half of the slot is mid-update ... */
+	unsigned long guest_odd_since;	/* ... since then (jiffies) */
 	bool bad_mac;			/* slot MAC is not the server-seen NIC's */
 	bool leaving;			/* slot says LEAVING: we ack once out */
 	/* written under shm->lock, read locklessly (TX flow control) */
@@ -176,6 +181,12 @@ struct ivl_route {
 /* Immutable once published; replaced whole under RCU. */
 struct ivl_peer_table {
 	struct rcu_head rcu;
+	/*
+	 * The source MAC peers accept from us: the one published in our
+	 * slot.  Frames from any other (a container's, a bridge's) go lower.
+	 */
+	u8 src[ETH_ALEN];
+	u16 src_pad;			/* ether_addr_equal_64bits() reads 8 bytes */
 	unsigned int nr_tx;
 	unsigned int nr_rx;
 	u64 rx_map;			/* BIT_ULL(slot) for every peer in @rx */
@@ -209,11 +220,13 @@ struct ivl_shm {
 	bool nic_mac_known;		/* the server saw our data NIC ... */
 	u8 nic_mac[ETH_ALEN] __aligned(2);	/* ... with this MAC */
 
-	struct mutex lock;		/* peers' table state, @priv, @stopping */
+	/* peers' table state, @priv, @stopping, my slot's guest half */
+	struct mutex lock;
 	struct ivl_priv *priv;		/* attached upper; READ_ONCE in IRQs */
 	bool stopping;			/* refresh work must not run */
 	bool table_dirty;		/* last rebuild failed: retry */
 	u8 my_mac[ETH_ALEN] __aligned(2);	/* as published in my slot */
+	u32 my_state;			/* as published: we send only while UP */
 	u32 slot_seq;			/* my slot's seq: ours, never read back */
 	u64 leave_ack;			/* as published in my slot (shm->lock) */
 
@@ -237,6 +250,7 @@ struct ivl_priv {
 	bool napi_on;
 	bool upper_linked;
 	bool rx_handler_on;
+	unsigned long vids[BITS_TO_LONGS(VLAN_N_VID)];	/* 802.1Q IDs given lower */
 
 	/*
 	 * Ring poller (ivl_poll.c).  Times are local_clock() ns, written from

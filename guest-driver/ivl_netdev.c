@@ -32,6 +32,7 @@
 #include <linux/ethtool.h>
 #include <linux/highmem.h>
 #include <linux/if_arp.h>
+#include <linux/if_vlan.h>
 #include <linux/ip.h>
 #include <linux/skbuff.h>
 #include <linux/tcp.h>
@@ -39,10 +40,18 @@
 #include <net/tcp.h>
 
 #include "ivl.h"
+#include "ivl_meta.h"
 
 #define IVL_FEATURES	(NETIF_F_SG | NETIF_F_FRAGLIST | NETIF_F_HW_CSUM | \
 			 NETIF_F_HIGHDMA | NETIF_F_RXCSUM | NETIF_F_TSO | \
 			 NETIF_F_TSO6 | NETIF_F_TSO_ECN | NETIF_F_GSO_UDP_L4)
+/*
+ * VLAN IDs go down to the lower NIC's filter (virtio-net drops tagged
+ * frames whose VID it was never told); tags stay in the frame data, so
+ * tagged frames cross rings like any other.
+ */
+#define IVL_VLAN_FEATURES (NETIF_F_HW_VLAN_CTAG_FILTER | \
+			   NETIF_F_HW_VLAN_STAG_FILTER)
 
 /* GSO types a record can carry; others go to the lower NIC. */
 #define IVL_SKB_GSO_OK	(SKB_GSO_TCPV4 | SKB_GSO_TCPV6 | SKB_GSO_TCP_ECN | \
@@ -78,6 +87,8 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(tx_wakeups),
 	IVL_STAT(tx_no_room),
 	IVL_STAT(tx_stalled_lower),
+	IVL_STAT(tx_foreign_src),
+	IVL_STAT(tx_offload_lower),
 	IVL_STAT(tx_lower_drops),
 	IVL_STAT(tx_bad_ring),
 	IVL_STAT(rx_bad_record),
@@ -223,10 +234,17 @@ static void ivl_copy_from_skb(u8 *dst, const struct sk_buff *skb)
 /* ------------------------------------------------------------------ */
 /* transmit                                                           */
 
-/* Offload metadata for @skb, or false when a record cannot carry it. */
+/*
+ * Offload metadata for @skb, or false when a record cannot carry it: when
+ * the receiver would refuse it (ivl_meta_check(), the rule both ends
+ * apply), the frame goes lower instead of vanishing.
+ */
 static bool ivl_tx_meta(const struct sk_buff *skb, struct ivl_rec_meta *m)
 {
 	const struct skb_shared_info *si = skb_shinfo(skb);
+	u8 buf[IVL_META_HDR_MAX];
+	const u8 *hdr;
+	u32 hlen;
 	int start;
 
 	memset(m, 0, sizeof(*m));
@@ -268,18 +286,30 @@ static bool ivl_tx_meta(const struct sk_buff *skb, struct ivl_rec_meta *m)
 	} else if (skb->ip_summed == CHECKSUM_UNNECESSARY) {
 		m->flags = IVL_REC_CSUM_VALID;
 	}
-	return true;
+	if (!(m->flags & IVL_REC_CSUM_PARTIAL))
+		return true;
+	/* the headers are linear in practice: no copy then */
+	hlen = min_t(u32, skb->len, IVL_META_HDR_MAX);
+	hdr = skb_header_pointer(skb, 0, hlen, buf);
+	return hdr && !ivl_meta_check(hdr, hlen, skb->len, m);
 }
 
-/* The table entry for @skb's destination, or NULL. */
+/*
+ * The table entry for @skb's destination, or NULL.  Under
+ * rcu_read_lock_bh.  A peer takes only frames from the MAC we published
+ * (the server vouches for it): frames to a peer from any other source (a
+ * container's macvlan, a bridge's own address) go lower, *@foreign says.
+ */
 static struct ivl_peer *ivl_route_lookup(struct ivl_priv *priv,
 					 struct ivl_shm *shm,
-					 const struct sk_buff *skb)
+					 const struct sk_buff *skb,
+					 bool *foreign)
 {
 	const struct ivl_peer_table *t;
 	const u8 *dest = skb->data;
 	unsigned int i;
 
+	*foreign = false;
 	if (test_bit(IVL_F_FORCE_LOWER, &priv->flags))
 		return NULL;
 	t = ivl_table_rcu_bh(shm);
@@ -288,8 +318,14 @@ static struct ivl_peer *ivl_route_lookup(struct ivl_priv *priv,
 		return NULL;
 	for (i = 0; i < t->nr_tx; i++) {
 		/* reads 8 bytes: the skb has a full header, routes are padded */
-		if (ether_addr_equal_64bits(dest, t->tx[i].mac))
-			return t->tx[i].peer;
+		if (!ether_addr_equal_64bits(dest, t->tx[i].mac))
+			continue;
+		/* the source: bytes 6-13 of the header, the table's is padded */
+		if (unlikely(!ether_addr_equal_64bits(dest + ETH_ALEN, t->src))) {
+			*foreign = true;
+			return NULL;
+		}
+		return t->tx[i].peer;
 	}
 	return NULL;
 }
@@ -297,23 +333,32 @@ static struct ivl_peer *ivl_route_lookup(struct ivl_priv *priv,
 /*
  * Which queue @skb waits in: its peer's while that peer can take frames,
  * else the lower NIC's.  A stalled or broken peer's frames thus never
- * wait behind its ring.  Under rcu_read_lock_bh (dev_queue_xmit).
+ * wait behind its ring.  dev_queue_xmit() calls this under
+ * rcu_read_lock_bh, but af_packet's PACKET_QDISC_BYPASS from process
+ * context: take our own (it nests), which also keeps the per-CPU
+ * counters' BH rule.
  */
 static u16 ivl_select_queue(struct net_device *dev, struct sk_buff *skb,
 			    struct net_device *sb_dev)
 {
 	struct ivl_priv *priv = netdev_priv(dev);
-	struct ivl_shm *shm = ivl_shm_rcu_bh(priv);
-	struct ivl_peer *peer;
+	u16 qid = IVL_TXQ_LOWER;
+	struct ivl_peer *peer = NULL;
+	struct ivl_shm *shm;
+	bool foreign;
 
-	peer = shm ? ivl_route_lookup(priv, shm, skb) : NULL;
-	if (!peer)
-		return IVL_TXQ_LOWER;
-	if (!ivl_peer_usable_tx(peer)) {
+	rcu_read_lock_bh();
+	shm = ivl_shm_rcu_bh(priv);
+	if (shm)
+		peer = ivl_route_lookup(priv, shm, skb, &foreign);
+	if (peer && ivl_peer_usable_tx(peer))
+		qid = ivl_peer_qid(priv, peer->id);
+	else if (peer)
 		ivl_stat_inc(priv, tx_stalled_lower);
-		return IVL_TXQ_LOWER;
-	}
-	return ivl_peer_qid(priv, peer->id);
+	else if (shm && foreign)
+		ivl_stat_inc(priv, tx_foreign_src);
+	rcu_read_unlock_bh();
+	return qid;
 }
 
 /* Peer TX queue lock held.  Ring the doorbell deferred by xmit_more. */
@@ -409,10 +454,35 @@ enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer)
 	return ret;
 }
 
-/* Peer TX queue lock held.  @peer's ring cannot take another maximal frame. */
+/*
+ * Does @txq have a qdisc of its own?  Under the default mq root every
+ * queue does.  A classful root (htb, tbf, cake: what rate limiters
+ * install) or noqueue is one qdisc for all queues: it stops dequeuing
+ * when the queue of its next frame is stopped, so one full ring would
+ * hold every other flow, the lower NIC's included.
+ */
+static bool ivl_txq_own_qdisc(struct ivl_priv *priv, struct netdev_queue *txq)
+{
+	struct netdev_queue *lower = netdev_get_tx_queue(priv->dev,
+							 IVL_TXQ_LOWER);
+
+	return rcu_access_pointer(txq->qdisc) !=
+	       rcu_access_pointer(lower->qdisc);
+}
+
+/*
+ * Peer TX queue lock held.  @peer's ring cannot take another maximal frame.
+ * Behind a shared qdisc the queue keeps running: frames that find the
+ * ring full go lower (tx_no_room) until it has room, and a peer that
+ * stops reading is bypassed after stall_ms as ever.
+ */
 static void ivl_tx_stop(struct ivl_priv *priv, struct ivl_shm *shm,
 			struct ivl_peer *peer, struct netdev_queue *txq)
 {
+	if (!ivl_txq_own_qdisc(priv, txq)) {
+		ivl_tx_kick_flush(priv, shm, peer);
+		return;
+	}
 	netif_tx_stop_queue(txq);
 	WRITE_ONCE(peer->tx_stopped, true);
 	peer->stop_since = jiffies;
@@ -444,8 +514,10 @@ static bool ivl_xmit_shm(struct ivl_priv *priv, struct ivl_shm *shm,
 	u32 len = skb->len;
 	void *buf;
 
-	if (len > IVL_MAX_FRAME || !ivl_tx_meta(skb, &meta))
+	if (unlikely(len > IVL_MAX_FRAME || !ivl_tx_meta(skb, &meta))) {
+		ivl_stat_inc(priv, tx_offload_lower);
 		return false;
+	}
 	buf = ivl_ring_reserve(r, len);
 	if (unlikely(!buf)) {
 		/*
@@ -526,9 +598,11 @@ static netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev)
 	u16 qid = skb_get_queue_mapping(skb);
 	struct netdev_queue *txq = netdev_get_tx_queue(dev, qid);
 	struct ivl_peer *peer = NULL;
+	bool foreign;
 
 	if (shm && qid != IVL_TXQ_LOWER) {
-		peer = ivl_route_lookup(priv, shm, skb);
+		/* select_queue counted a foreign source; it is rare here */
+		peer = ivl_route_lookup(priv, shm, skb, &foreign);
 		if (peer && ivl_peer_qid(priv, peer->id) != qid) {
 			peer = NULL;
 		} else if (peer && !ivl_peer_usable_tx(peer)) {
@@ -636,9 +710,13 @@ static struct sk_buff *ivl_rx_build_skb(struct ivl_priv *priv,
 static int ivl_rx_offload(struct sk_buff *skb, const struct ivl_rec_meta *m)
 {
 	struct skb_shared_info *si = skb_shinfo(skb);
+	u32 hlen = min_t(u32, skb_headlen(skb), IVL_META_HDR_MAX);
 	u32 type = 0, thlen = 0, check = 0, start, off, needed, p_off;
 	u16 gso_size = m->gso_size;
 
+	/* the sender checked the same (ivl_tx_meta()): only a liar fails */
+	if (ivl_meta_check(skb->data, hlen, skb->len, m))
+		return -EINVAL;
 	switch (m->gso_type & ~IVL_GSO_ECN) {
 	case IVL_GSO_NONE:
 		break;
@@ -688,9 +766,6 @@ static int ivl_rx_offload(struct sk_buff *skb, const struct ivl_rec_meta *m)
 	if (skb->csum_offset != check || gso_size == GSO_BY_FRAGS)
 		return -EINVAL;
 	p_off = skb_transport_offset(skb) + thlen;
-	if (type == SKB_GSO_UDP_L4 &&
-	    skb->len - p_off > (u32)gso_size * UDP_MAX_SEGMENTS)
-		return -EINVAL;
 	/* too small to be GSO: deliver as a plain frame */
 	if (skb->len - p_off > gso_size) {
 		si->gso_size = gso_size;
@@ -1079,11 +1154,15 @@ static void ivl_rx_uninit(struct ivl_shm *shm)
 	struct ivl_peer *p;
 	u32 id;
 
+	/* one grace period for all, not one per slot (netif_napi_del()) */
+	for (id = 0; id < shm->max_peers; id++)
+		if (id != shm->my_slot)
+			__netif_napi_del(&shm->peers[id].napi);
+	synchronize_net();
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
 		if (id == shm->my_slot)
 			continue;
-		netif_napi_del(&p->napi);
 		/* pages still in skbs come back later; the pool waits for them */
 		if (p->rx_pool)
 			page_pool_destroy(p->rx_pool);
@@ -1321,6 +1400,65 @@ static void ivl_change_rx_flags(struct net_device *dev, int change)
 				    dev->flags & IFF_PROMISC ? 1 : -1);
 }
 
+/*
+ * ivl0 carries its NIC's MAC: the host knows the NIC by it, and peers
+ * reach us at the MAC the host vouches for.  So a new address (bonding's
+ * balance modes set every port's) goes to the lower NIC, and ivl0 follows
+ * it (NETDEV_CHANGEADDR).  Shared memory stays off while the MAC is not
+ * the one the server saw (ivl_shm_publish_up()): traffic takes the lower
+ * NIC, nothing is lost.
+ */
+static int ivl_set_mac_address(struct net_device *dev, void *p)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	struct sockaddr *sa = p;
+
+	if (!is_valid_ether_addr(sa->sa_data))
+		return -EADDRNOTAVAIL;
+	return dev_set_mac_address(priv->lower, sa, NULL);
+}
+
+static int ivl_vlan_rx_add_vid(struct net_device *dev, __be16 proto, u16 vid)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+	int err;
+
+	err = vlan_vid_add(priv->lower, proto, vid);
+	if (!err && proto == htons(ETH_P_8021Q))
+		set_bit(vid, priv->vids);
+	return err;
+}
+
+static int ivl_vlan_rx_kill_vid(struct net_device *dev, __be16 proto, u16 vid)
+{
+	struct ivl_priv *priv = netdev_priv(dev);
+
+	if (proto == htons(ETH_P_8021Q))
+		clear_bit(vid, priv->vids);
+	vlan_vid_del(priv->lower, proto, vid);
+	return 0;
+}
+
+/*
+ * rtnl.  QEMU before 8.1 empties virtio-net's VLAN filter when a migrated
+ * guest resumes (its set_features runs after the load), and tagged frames
+ * from the wire stop arriving.  virtio-net announces the guest after a
+ * migration: give its filter our VLAN IDs again (adding one twice is
+ * harmless, and the refcounted vlan_vid_add() would not call it again).
+ */
+static void ivl_vlan_resync(struct ivl_priv *priv)
+{
+	struct net_device *lower = priv->lower;
+	const struct net_device_ops *ops = lower->netdev_ops;
+	unsigned int vid;
+
+	if (!(lower->features & NETIF_F_HW_VLAN_CTAG_FILTER) ||
+	    !ops->ndo_vlan_rx_add_vid)
+		return;
+	for_each_set_bit(vid, priv->vids, VLAN_N_VID)
+		ops->ndo_vlan_rx_add_vid(lower, htons(ETH_P_8021Q), vid);
+}
+
 static int ivl_get_iflink(const struct net_device *dev)
 {
 	const struct ivl_priv *priv = netdev_priv(dev);
@@ -1341,6 +1479,9 @@ static const struct net_device_ops ivl_netdev_ops = {
 	.ndo_change_rx_flags	= ivl_change_rx_flags,
 	.ndo_get_iflink		= ivl_get_iflink,
 	.ndo_validate_addr	= eth_validate_addr,
+	.ndo_set_mac_address	= ivl_set_mac_address,
+	.ndo_vlan_rx_add_vid	= ivl_vlan_rx_add_vid,
+	.ndo_vlan_rx_kill_vid	= ivl_vlan_rx_kill_vid,
 };
 
 /* ------------------------------------------------------------------ */
@@ -1500,10 +1641,15 @@ static void ivl_setup(struct net_device *dev)
 	dev->priv_flags |= IFF_UNICAST_FLT;
 	/* real qdiscs: a peer's queue is stopped while its ring is full */
 	dev->hw_features = IVL_FEATURES;
-	dev->features = IVL_FEATURES;
+	dev->features = IVL_FEATURES | IVL_VLAN_FEATURES;
 	ivl_dev_set_netns_local(dev);
 	dev->vlan_features = IVL_FEATURES;
 	dev->min_mtu = ETH_MIN_MTU;
+	/*
+	 * What the core checks a new link's MTU against, before newlink
+	 * knows the lower device; newlink then holds it to the lower's.
+	 */
+	dev->max_mtu = ETH_MAX_MTU;
 	/* one record carries a whole 64 KiB GSO frame */
 	netif_set_tso_max_size(dev, IVL_GSO_MAX_SIZE);
 }
@@ -1563,10 +1709,13 @@ static int ivl_newlink(struct net *src_net, struct net_device *dev,
 		return err;
 
 	priv->lower = lower;
-	if (!tb[IFLA_MTU])
+	if (!tb[IFLA_MTU]) {
 		dev->mtu = lower->mtu;
-	else if (dev->mtu > lower->mtu)
+	} else if (dev->mtu > lower->mtu) {
+		/* frames that fit ivl0 but not the lower NIC would be lost */
+		NL_SET_ERR_MSG(extack, "MTU above the lower device's: raise that first");
 		return -EINVAL;
+	}
 	dev->max_mtu = lower->max_mtu;
 	eth_hw_addr_set(dev, lower->dev_addr);
 	dev->needed_headroom = lower->needed_headroom;
@@ -1673,6 +1822,8 @@ static int ivl_netdev_event(struct notifier_block *nb, unsigned long event,
 		ivl_follow_addr(priv);
 		break;
 	case NETDEV_NOTIFY_PEERS:
+		ivl_vlan_resync(priv);
+		fallthrough;
 	case NETDEV_RESEND_IGMP:
 		/* The lower NIC was asked to announce itself (virtio-net does
 		 * after a migration), but the addresses live on ivl0: it is

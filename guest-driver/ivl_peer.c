@@ -36,30 +36,27 @@ struct ivl_slot_snap {
 	u32 state;
 	u8 mac[ETH_ALEN] __aligned(2);
 	u8 nic_mac[ETH_ALEN] __aligned(2);
+	/*
+	 * The guest half could not be read stably: @state, @mac and
+	 * @joined_gen then say DOWN, and the caller decides what to keep.
+	 */
+	bool guest_odd;
 };
 
 /* A writer preempted mid-update keeps its seq odd for a while: give up soon. */
 #define IVL_SNAP_TRIES		4
 
-/*
- * Copy slot @id under both halves' sequence counters (ivl_abi.h).  False
- * when a half stayed odd or kept changing: the caller keeps its previous
- * view of the slot, so a writer caught mid-update costs nothing and a peer
- * that never settles only freezes its own entry.
- */
-static bool ivl_slot_snap(const struct ivl_shm *shm, u32 id,
-			  struct ivl_slot_snap *s)
+/* The server's half of slot @id under srv_seq; false if it kept changing. */
+static bool ivl_slot_snap_srv(const struct ivl_slot *slot,
+			      struct ivl_slot_snap *s)
 {
-	const struct ivl_slot *slot = ivl_slot(shm, id);
-	u32 srv1, srv2, seq1, seq2;
 	unsigned int tries;
+	u32 seq1, seq2;
 
 	for (tries = 0; tries < IVL_SNAP_TRIES; tries++) {
-		/* acquire, both: the fields below are no older than these */
-		srv1 = le32_to_cpu(virt_load_acquire(&slot->srv_seq));
-		/* pairs with the virt_wmb() after the odd seq in ivl_slot_publish() */
-		seq1 = le32_to_cpu(virt_load_acquire(&slot->seq));
-		if ((srv1 | seq1) & 1) {
+		/* acquire: the fields below are no older than the counter */
+		seq1 = le32_to_cpu(virt_load_acquire(&slot->srv_seq));
+		if (seq1 & 1) {
 			cpu_relax();
 			continue;
 		}
@@ -68,23 +65,68 @@ static bool ivl_slot_snap(const struct ivl_shm *shm, u32 id,
 		s->gen = le64_to_cpu(READ_ONCE(slot->generation));
 		s->srv_flags = le32_to_cpu(READ_ONCE(slot->srv_flags));
 		memcpy(s->nic_mac, slot->nic_mac, ETH_ALEN);
-		s->state = le32_to_cpu(READ_ONCE(slot->state));
-		memcpy(s->mac, slot->mac, ETH_ALEN);
-		s->joined_gen = le64_to_cpu(READ_ONCE(slot->joined_gen));
-		/* the copies above complete before the counters are reread */
+		/* the copies above complete before the counter is reread */
 		virt_rmb();
-		srv2 = le32_to_cpu(READ_ONCE(slot->srv_seq));
-		seq2 = le32_to_cpu(READ_ONCE(slot->seq));
-		if (srv1 == srv2 && seq1 == seq2)
-			goto stable;
+		seq2 = le32_to_cpu(READ_ONCE(slot->srv_seq));
+		if (seq1 == seq2)
+			return true;
 		cpu_relax();
 	}
 	return false;
+}
 
-stable:
+/* The guest's half under its seq; false if it stayed odd or kept changing. */
+static bool ivl_slot_snap_guest(const struct ivl_slot *slot,
+				struct ivl_slot_snap *s)
+{
+	unsigned int tries;
+	u32 seq1, seq2;
+
+	for (tries = 0; tries < IVL_SNAP_TRIES; tries++) {
+		/* pairs with the virt_wmb() after the odd seq in ivl_slot_publish() */
+		seq1 = le32_to_cpu(virt_load_acquire(&slot->seq));
+		if (seq1 & 1) {
+			cpu_relax();
+			continue;
+		}
+		s->state = le32_to_cpu(READ_ONCE(slot->state));
+		memcpy(s->mac, slot->mac, ETH_ALEN);
+		s->joined_gen = le64_to_cpu(READ_ONCE(slot->joined_gen));
+		/* the copies above complete before the counter is reread */
+		virt_rmb();
+		seq2 = le32_to_cpu(READ_ONCE(slot->seq));
+		if (seq1 == seq2)
+			return true;
+		cpu_relax();
+	}
+	return false;
+}
+
+/*
+ * Copy slot @id, each half under its own sequence counter (ivl_abi.h).
+ * False when the server's half stayed odd or kept changing: the caller
+ * keeps its previous view.  The guest's half is read apart from it, so a
+ * guest that died or was evicted in the middle of a write (its seq left
+ * odd for good) cannot hide what the server says of the slot: gone,
+ * evicted, or taken by someone else (s->guest_odd).
+ */
+static bool ivl_slot_snap(const struct ivl_shm *shm, u32 id,
+			  struct ivl_slot_snap *s)
+{
+	const struct ivl_slot *slot = ivl_slot(shm, id);
+
+	if (!ivl_slot_snap_srv(slot, s))
+		return false;
+	s->guest_odd = !ivl_slot_snap_guest(slot, s);
+	if (s->guest_odd) {
+		s->state = IVL_STATE_DOWN;
+		eth_zero_addr(s->mac);
+		s->joined_gen = U64_MAX;
+	}
 	/* single words, outside the protocol */
 	s->heartbeat = le64_to_cpu(READ_ONCE(slot->heartbeat));
-	s->leave_ack = le64_to_cpu(READ_ONCE(slot->leave_ack));
+	/* pairs with the release in ivl_leave_ack_publish(): its last records first */
+	s->leave_ack = le64_to_cpu(virt_load_acquire(&slot->leave_ack));
 	return true;
 }
 
@@ -102,12 +144,17 @@ void ivl_slot_read_nic(struct ivl_shm *shm)
 	shm->nic_mac_known = true;
 }
 
-/* Callers serialise (rtnl, or the shutdown path with nothing else left). */
+/*
+ * Publish my slot's guest half.  Takes shm->lock: the refresh builds the
+ * TX table from what is published here (ivl_table_publish()).
+ */
 void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 {
 	struct ivl_slot *slot = ivl_slot(shm, shm->my_slot);
 	u64 gen, hb;
 
+	mutex_lock(&shm->lock);
+	shm->my_state = state;
 	/* odd: readers retry or keep their view until we are done */
 	WRITE_ONCE(slot->seq, cpu_to_le32(++shm->slot_seq));
 	/* the odd seq is seen before any field changes (ivl_slot_snap()) */
@@ -124,6 +171,9 @@ void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 	/* every field is written before seq is even again */
 	virt_wmb();
 	WRITE_ONCE(slot->seq, cpu_to_le32(++shm->slot_seq));
+	mutex_unlock(&shm->lock);
+	/* up or down, the TX table follows (not while detaching: no priv) */
+	queue_work(system_wq, &shm->refresh_work);
 }
 
 /*
@@ -167,8 +217,18 @@ u32 ivl_peers_unacked(struct ivl_shm *shm)
 			missing++;
 			continue;
 		}
-		if (s.present != 1 || s.srv_flags & IVL_SLOT_F_EVICTED ||
-		    s.joined_gen != s.gen || s.state != IVL_STATE_UP)
+		if (s.present != 1 || s.srv_flags & IVL_SLOT_F_EVICTED)
+			continue;
+		/*
+		 * Mid-update: unknown, unless the refresh already judged it
+		 * gone (its half stuck odd, ivl_peer_assess()).
+		 */
+		if (s.guest_odd) {
+			if (shm->peers[id].want_rx)
+				missing++;
+			continue;
+		}
+		if (s.joined_gen != s.gen || s.state != IVL_STATE_UP)
 			continue;
 		if (!(s.leave_ack & BIT_ULL(shm->my_slot)))
 			missing++;
@@ -225,10 +285,28 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 {
 	unsigned long timeout = msecs_to_jiffies(IVL_HEARTBEAT_TIMEOUT_MS);
 	struct ivl_slot_snap s;
-	bool joined, bad, bad_mac, up;
+	bool joined, bad, bad_mac, up, stuck = false;
 
 	if (!ivl_slot_snap(shm, p->id, &s))
 		return;		/* mid-update: decide on the next look */
+	if (s.guest_odd) {
+		/*
+		 * Its guest is mid-write, or died there.  The same occupant
+		 * gets a heartbeat timeout's grace; one that left, was
+		 * evicted or was replaced is judged by the server's half.
+		 */
+		if (!p->guest_odd) {
+			p->guest_odd = true;
+			p->guest_odd_since = now;
+		}
+		stuck = time_after(now, p->guest_odd_since + timeout);
+		if (!stuck && s.present == 1 &&
+		    !(s.srv_flags & IVL_SLOT_F_EVICTED) &&
+		    s.gen == p->seen_gen && s.peer_id == p->seen_peer_id)
+			return;
+	} else {
+		p->guest_odd = false;
+	}
 
 	if (s.gen != p->seen_gen || s.peer_id != p->seen_peer_id) {
 		/* joined or left since we last looked: a fresh record */
@@ -254,7 +332,7 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 		 s.joined_gen == s.gen;
 	up = joined && s.state == IVL_STATE_UP;
 	/* an ID the doorbell cannot address, or mine, is a broken entry */
-	bad = s.present > 1 || s.state > IVL_STATE_LEAVING ||
+	bad = stuck || s.present > 1 || s.state > IVL_STATE_LEAVING ||
 	      s.srv_flags & ~IVL_SLOT_KNOWN_FLAGS ||
 	      (up && !is_valid_ether_addr(s.mac)) ||
 	      (joined && (s.peer_id > IVL_PEER_ID_MAX ||
@@ -325,9 +403,10 @@ static void ivl_peers_mark_dups(struct ivl_shm *shm)
 	}
 }
 
+/* While my own slot is not UP, peers do not take my frames: none go out. */
 static bool ivl_peer_tx_wanted(const struct ivl_peer *p)
 {
-	return p->want_tx && !p->dup_mac;
+	return p->want_tx && !p->dup_mac && p->shm->my_state == IVL_STATE_UP;
 }
 
 /*
@@ -414,6 +493,8 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 	u32 id;
 
 	t = kzalloc(sizeof(*t), GFP_KERNEL);
+	if (t)
+		ether_addr_copy(t->src, shm->my_mac);
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
 		if (id == shm->my_slot)

@@ -12,6 +12,10 @@ differs is who runs QEMU:
   kernel, initrd, serial log and the SSH forward are the same, and
   ``status``, ``ssh``, ``exec``, ``watch`` and ``bench`` work unchanged (the
   recorded process is the domain's QEMU);
+- a topology's MTU needs nothing of libvirt: the harness makes each tap
+  with it (``managed='no'``: libvirt opens the tap as it is and never
+  changes its MTU) and the guest reads it from its kernel command line
+  (``ivl.mtu``), which the domain carries word for word;
 - plug, unplug and migrate go through :mod:`ivloop_libvirt` (what
   ``ivloop-libvirt`` runs), with the harness's own path-switch
   measurements hooked in, and give the report ``harness migrate`` prints.
@@ -157,7 +161,7 @@ def up_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     )  # fmt: skip
     state.vms[vm.name] = vs
     sd.save(state)
-    hostnet.add_tap(hs.netns, vs.tap)
+    hostnet.add_tap(hs.netns, vs.tap, mtu=vm.mtu)
     xml = domain_xml(sd, state, vm, vs, binary)
     Path(vs.console).unlink(missing_ok=True)  # the serial appends: a new boot, a new log
     d = libvirtd.daemon(sd, vm.host)
@@ -240,7 +244,7 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
     try:
         with contextlib.suppress(HarnessError):
             hostnet.remove_link(dst_ns, vs.tap)  # a stale one from an aborted attempt
-        hostnet.add_tap(dst_ns, vs.tap)
+        hostnet.add_tap(dst_ns, vs.tap, mtu=spec.mtu)
         with libvirtd.connection(libvirtd.daemon(sd, source)) as sconn, \
                 libvirtd.connection(libvirtd.daemon(sd, dest)) as dconn:
             dom = lv.lookup(sconn, vm)

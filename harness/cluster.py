@@ -117,11 +117,11 @@ def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
             hs = HostState(name=host.name, netns=sd.netns_name(host.name))
             state.hosts[host.name] = hs
             sd.save(state)  # recorded before it exists: down can always remove it
-            hostnet.create_host(hs.netns)
+            hostnet.create_host(hs.netns, mtu=topo.mtu)
         names = list(topo.hosts)
         for other in names[1:]:  # a star of wires around the first host
             hostnet.add_wire(state.hosts[names[0]].netns, f"wire-{other}",
-                             state.hosts[other].netns, f"wire-{names[0]}")
+                             state.hosts[other].netns, f"wire-{names[0]}", mtu=topo.mtu)
         if ivshmem:
             for host in topo.hosts.values():
                 start_server(sd, state, host.name)
@@ -185,7 +185,7 @@ def start_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
     if not incoming:
         state.vms[vm.name] = vs
         sd.save(state)
-    hostnet.add_tap(hs.netns, vs.tap)
+    hostnet.add_tap(hs.netns, vs.tap, mtu=vm.mtu)
     pidfile = sd.file(f"qemu-{vm.name}{suffix}.pid")
     spec = qemu.LaunchSpec(
         vm=vm, kernel=kernel, initrd=initrd, accel_args=choice.qemu_args_for(binary),

@@ -3,6 +3,11 @@
 A host is a network namespace holding a bridge ``br0``; each VM has a tap on
 its host's bridge; a veth pair (the wire) joins two hosts' bridges.  Only
 namespaces whose names the state directory recorded are ever removed.
+
+A topology's MTU (``[network] mtu``) is given to every one of these links
+(``mtu=``): a bridge forwards no frame larger than the port it leaves by,
+so one link left at 1500 would drop jumbo frames silently.  Without it
+(None) every link keeps the kernel's default.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ def exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
 
 
-def create_host(name: str) -> None:
-    """Create namespace *name* with loopback and bridge ``br0`` up."""
+def _mtu(mtu: int | None) -> dict[str, int]:
+    """The netlink attribute for *mtu*, none at all for the kernel's default."""
+    return {} if mtu is None else {"mtu": mtu}
+
+
+def create_host(name: str, mtu: int | None = None) -> None:
+    """Create namespace *name* with loopback and bridge ``br0`` up (MTU *mtu*)."""
     if exists(name):
         raise HostNetError(f"network namespace {name} already exists; run 'harness down'")
     try:
@@ -40,7 +50,7 @@ def create_host(name: str) -> None:
         with NetNS(name) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             ns.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
-            ns.link("set", index=ns.link_lookup(ifname=BRIDGE)[0], state="up")
+            ns.link("set", index=ns.link_lookup(ifname=BRIDGE)[0], state="up", **_mtu(mtu))
     except (OSError, NetlinkError) as exc:
         raise HostNetError(f"cannot create host namespace {name}: {exc}") from exc
     log.info("host namespace %s created with bridge %s", name, BRIDGE)
@@ -58,14 +68,14 @@ def remove_host(name: str) -> bool:
     return True
 
 
-def add_tap(ns_name: str, tap: str) -> None:
-    """Create *tap* in *ns_name*, enslaved to its bridge, for QEMU to open."""
+def add_tap(ns_name: str, tap: str, mtu: int | None = None) -> None:
+    """Create *tap* in *ns_name* (MTU *mtu*), enslaved to its bridge, for QEMU to open."""
     try:
         with NetNS(ns_name) as ns:
             ns.link("add", ifname=tap, kind="tuntap", mode="tap")
             idx = ns.link_lookup(ifname=tap)[0]
             bridge = ns.link_lookup(ifname=BRIDGE)[0]
-            ns.link("set", index=idx, master=bridge, state="up")
+            ns.link("set", index=idx, master=bridge, state="up", **_mtu(mtu))
     except (OSError, NetlinkError) as exc:
         raise HostNetError(f"cannot create tap {tap} in {ns_name}: {exc}") from exc
 
@@ -80,23 +90,24 @@ def remove_link(ns_name: str, ifname: str) -> None:
         raise HostNetError(f"cannot remove {ifname} from {ns_name}: {exc}") from exc
 
 
-def add_wire(ns_a: str, end_a: str, ns_b: str, end_b: str) -> None:
-    """Join the bridges of two hosts with a veth pair."""
+def add_wire(ns_a: str, end_a: str, ns_b: str, end_b: str, mtu: int | None = None) -> None:
+    """Join the bridges of two hosts with a veth pair (both ends MTU *mtu*)."""
     try:
         with NetNS(ns_a) as ns:
             ns.link("add", ifname=end_a, kind="veth", peer={"ifname": end_b, "net_ns_fd": ns_b})
             ns.link(
                 "set", index=ns.link_lookup(ifname=end_a)[0],
-                master=ns.link_lookup(ifname=BRIDGE)[0], state="up",
+                master=ns.link_lookup(ifname=BRIDGE)[0], state="up", **_mtu(mtu),
             )  # fmt: skip
         with NetNS(ns_b) as ns:
             ns.link(
                 "set", index=ns.link_lookup(ifname=end_b)[0],
-                master=ns.link_lookup(ifname=BRIDGE)[0], state="up",
+                master=ns.link_lookup(ifname=BRIDGE)[0], state="up", **_mtu(mtu),
             )  # fmt: skip
     except (OSError, NetlinkError) as exc:
         raise HostNetError(f"cannot wire {ns_a} to {ns_b}: {exc}") from exc
-    log.info("wire %s:%s <-> %s:%s", ns_a, end_a, ns_b, end_b)
+    log.info("wire %s:%s <-> %s:%s%s", ns_a, end_a, ns_b, end_b,
+             "" if mtu is None else f" (MTU {mtu})")
 
 
 def connect(

@@ -30,7 +30,12 @@ _VM_KEYS = {"host", "mac", "ip", "ip6", "mobile", "memory", "cpus", "group", "dr
 #: Guest images a VM boots: the busybox initramfs (images/build, `make image`)
 #: or the systemd Debian disk (images/build-debian, `make debian-image`).
 IMAGES = ("initramfs", "debian")
-_NET_KEYS = {"subnet", "subnet6"}
+_NET_KEYS = {"subnet", "subnet6", "mtu"}
+#: The data network's MTU bounds: IPv6 (every guest has an address) needs
+#: 1280, and 65535 is the most Linux's bridges, taps, veths and virtio-net take.
+MTU_MIN, MTU_MAX = 1280, 65535
+#: What every link has when a topology sets no MTU (the kernel's default).
+DEFAULT_MTU = 1500
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class VMSpec:
     kernel_args: str = ""
     # Which guest image it boots (one of IMAGES).
     image: str = "initramfs"
+    # The data network's MTU ([network] mtu), None when the topology sets
+    # none: the guest is then told nothing and keeps the kernel's 1500.
+    mtu: int | None = None
 
     @property
     def mgmt_mac(self) -> str:
@@ -78,6 +86,9 @@ class Topology:
     vms: dict[str, VMSpec]
     source: str = "<default>"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    # [network] mtu: every host bridge, tap and wire gets it, and every
+    # guest's eth0 (so ivl0); None leaves all of them at the kernel's 1500.
+    mtu: int | None = None
 
     def host(self, name: str) -> HostSpec:
         try:
@@ -135,6 +146,18 @@ def _check_name(name: str, what: str, where: str) -> None:
         )
 
 
+def _mtu(net: dict[str, Any], where: str) -> int | None:
+    if "mtu" not in net:
+        return None
+    mtu = net["mtu"]
+    if not _is_int(mtu) or not MTU_MIN <= mtu <= MTU_MAX:
+        raise TopologyError(
+            f"{where}: mtu must be an integer in {MTU_MIN}..{MTU_MAX} (bytes of IP packet "
+            f"per frame, e.g. 9000 for jumbo frames; IPv6 needs at least {MTU_MIN}), "
+            f"not {mtu!r}")
+    return int(mtu)
+
+
 def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
     """Validate a decoded topology document and derive the missing fields."""
     _check_keys(data, {"network", "hosts", "vms"}, source)
@@ -147,6 +170,7 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
         raise TopologyError(f"{source} [network]: {exc}") from exc
     if not subnet.is_private or not subnet6.is_private:
         raise TopologyError(f"{source} [network]: data subnets must be private address ranges")
+    mtu = _mtu(net, f"{source} [network]")
 
     hosts: dict[str, HostSpec] = {}
     seen_lower: dict[str, str] = {}
@@ -234,13 +258,18 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
             raise TopologyError(
                 f"{where}: a debian guest always stacks ivl0 from its own configuration; "
                 "driver = false needs image = \"initramfs\"")
+        if image == "debian" and mtu not in (None, DEFAULT_MTU):
+            raise TopologyError(
+                f"{where}: a debian guest keeps its NIC at {DEFAULT_MTU} bytes (its own "
+                f"networkd configuration); [network] mtu = {mtu} needs image = \"initramfs\" "
+                "guests")
         macs[mac] = name
         ips[str(ip)] = name
         vms[name] = VMSpec(
             name=name, index=i, host=host, mac=mac, ip=str(ip), ip6=str(ip6),
             prefixlen=subnet.prefixlen, prefixlen6=subnet6.prefixlen,
             mobile=mobile, memory=memory, cpus=cpus, driver=driver,
-            kernel_args=" ".join(kernel_args.split()), image=image,
+            kernel_args=" ".join(kernel_args.split()), image=image, mtu=mtu,
         )
     for host in hosts.values():
         count = sum(1 for vm in vms.values() if vm.host == host.name)
@@ -248,7 +277,7 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> Topology:
             raise TopologyError(
                 f"{source}: host {host.name} has {count} VMs but max_peers = {host.max_peers}"
             )
-    return Topology(hosts=hosts, vms=vms, source=source, raw=data)
+    return Topology(hosts=hosts, vms=vms, source=source, raw=data, mtu=mtu)
 
 
 def load(path: Path | None = None) -> Topology:

@@ -8,7 +8,7 @@
  * It speaks ABI IVL_ABI_VERSION and refuses a region of another version.
  *
  *   ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED]
- *               [-o ON_MS] [-f OFF_MS] MODE
+ *               [-o ON_MS] [-f OFF_MS] [-a IPV4] [-b IPV6] MODE
  *
  * Modes:
  *   info         print my IVPosition, slot and the directory (both halves)
@@ -37,6 +37,36 @@
  *                huge heartbeat jumps, a bad present/peer_id
  *   sane         my slot DOWN, its guest half zeroed (seq kept, even), my
  *                rings zeroed
+ *   bad-offload  (needs -a) claim my own MAC (-m, default eth0's) for -t
+ *                seconds as claim does, a healthy peer; once the victims
+ *                have attached their rings to me (each UP peer's ring from
+ *                me asks for kicks, or 3 s pass), send every UP peer 5
+ *                rounds, 50 ms apart, of well-formed frames with bad
+ *                offload metadata, one record of each kind per round:
+ *                  csum-in-eth     plain IPv4/TCP, csum_start 4 (in the
+ *                                  Ethernet header), csum_offset 16
+ *                  gso-v6-on-v4    IPv4/TCP, 3000 bytes, GSO TCPV6
+ *                  gso-v4-on-v6    IPv6/TCP, 3000 bytes, GSO TCPV4 (needs
+ *                                  -b, else skipped with a line saying so)
+ *                  gso-udp-on-tcp  IPv4/TCP, 3000 bytes, GSO UDP_L4,
+ *                                  csum_offset 6
+ *                  gso-tcp-on-udp  IPv4/UDP, 3000 bytes, GSO TCPV4
+ *                  csum-before-l4  plain IPv4/TCP, csum_start 14 (the IP
+ *                                  header), csum_offset 10
+ *                every one CSUM_PARTIAL, GSO ones with gso_size 1400 and
+ *                the right csum_start; from my MAC to the victim's, IP
+ *                10.77.0.250 / fd77::fa to -a / -b, TCP or UDP ports 9/9,
+ *                IP checksum and lengths valid, the L4 check field holding
+ *                the pseudo-header sum as for any CHECKSUM_PARTIAL frame.
+ *                A victim that took the metadata would forward the frame
+ *                (-a is an address it routes elsewhere) into segmentation
+ *                or checksum code that WARNs; it must drop each record and
+ *                count rx_bad_offload.  The rounds finish even past -t.
+ *   dump-offload (debugging bad-offload; needs -a, maps no device) write
+ *                one round of bad-offload's records into a ring in memory,
+ *                from my MAC to 02:00:00:00:00:01, starting 4 KiB before
+ *                the ring's end (so a PAD record shows), and print every
+ *                record: header fields, then the frame in hex
  *
  * My guest half is written with the seq protocol of ivl_abi.h (seq odd,
  * fields, seq even) wherever a mode publishes a state: the lies are in
@@ -45,13 +75,17 @@
  * bypass it.
  *
  * SIGINT or SIGTERM ends a timed mode early, its summary lines printed.
- * flaky and claim print "ivl-hostile: MODE consumed R records B bytes";
- * every mode ends with a line "ivl-hostile: MODE done N" (N = actions:
- * attacks made, or consume phases for flaky).  up, deaf, flaky and claim
- * print "ivl-hostile: published UP slot S mac M" once peers can see it.
+ * flaky, claim and bad-offload print "ivl-hostile: MODE consumed R records
+ * B bytes"; bad-offload prints "ivl-hostile: bad-offload slot S kind K
+ * sent N" for every victim and kind; every mode ends with a line
+ * "ivl-hostile: MODE done N" (N = actions: attacks made, consume phases
+ * for flaky, records written for bad-offload and dump-offload).  up, deaf,
+ * flaky, claim and bad-offload print "ivl-hostile: published UP slot S
+ * mac M" once peers can see it.
  * Exit status: 0 ok, 1 runtime failure, 2 usage.
  */
 #define _DEFAULT_SOURCE
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -244,14 +278,24 @@ static int parse_mac(const char *s, uint8_t *mac)
 	return 0;
 }
 
-static void default_mac(void)
+/* eth0's MAC into my_mac; -1 if there is none to read. */
+static int eth0_mac(void)
 {
 	char buf[32] = "";
 	FILE *f = fopen("/sys/class/net/eth0/address", "r");
+	int err;
 
-	if (!f || !fgets(buf, sizeof(buf), f) || parse_mac(buf, my_mac))
-		die("cannot read eth0's MAC; pass -m");
+	if (!f)
+		return -1;
+	err = !fgets(buf, sizeof(buf), f) || parse_mac(buf, my_mac);
 	fclose(f);
+	return err ? -1 : 0;
+}
+
+static void default_mac(void)
+{
+	if (eth0_mac())
+		die("cannot read eth0's MAC; pass -m");
 }
 
 static void put_mac(volatile uint8_t *s, const uint8_t *mac)
@@ -799,32 +843,429 @@ static int still_claimed(const uint8_t *mac)
  * as fast as it fills, so I look like the healthiest peer there is.  If
  * anything rewrites my half (an eviction may), claim it again.
  */
+
+/* Consume and beat until @end; republish UP for @mac if my half changed. */
+static unsigned long hold_claim(const uint8_t *mac, uint64_t end)
+{
+	unsigned long reclaims = 0;
+
+	while (now_ms() < end && !stopping) {
+		consume_for(20, end);
+		if (!still_claimed(mac)) {
+			publish_up(mac);
+			reclaims++;
+		}
+	}
+	return reclaims;
+}
+
 static void claim(unsigned int secs)
 {
 	uint64_t end = now_ms() + secs * 1000ULL;
-	unsigned long reclaims = 0;
+	unsigned long reclaims;
 
 	publish_up(my_mac);
 	say_published(my_mac);
 	actions++;
-	while (now_ms() < end && !stopping) {
-		consume_for(20, end);
-		if (!still_claimed(my_mac)) {
-			publish_up(my_mac);
-			reclaims++;
-			actions++;
-		}
-	}
+	reclaims = hold_claim(my_mac, end);
+	actions += reclaims;
 	say_consumed("claim");
 	printf("ivl-hostile: %s reclaimed %lu\n", "claim", reclaims);
+}
+
+/*
+ * bad-offload: well-formed frames whose offload metadata a strict receiver
+ * (Linux 6.12's virtio_net_hdr_to_skb() and then some) must refuse.
+ */
+#define OFFLOAD_ROUNDS		5	/* the whole set, this many times */
+#define OFFLOAD_GAP_MS		50	/* between two rounds */
+#define ATTACH_MIN_MS		600	/* as bad-records gives victims */
+#define ATTACH_MAX_MS		3000	/* then send to whoever is UP */
+#define ROOM_WAIT_MS		200	/* for a victim to drain its ring */
+#define OFFLOAD_BUF		4096	/* the largest frame, padded */
+#define OFFLOAD_GSO_SIZE	1400
+#define OFFLOAD_BIG		3000	/* payload bytes of the GSO kinds */
+#define OFFLOAD_SMALL		64	/* and of the plain ones */
+#define ETH_HDR			14
+#define IP4_HDR			20
+#define IP6_HDR			40
+#define TCP_HDR			20
+#define UDP_HDR			8
+
+static const uint8_t src4[4] = { 10, 77, 0, 250 };
+static const uint8_t src6[16] = { 0xfd, 0x77, [15] = 0xfa };	/* fd77::fa */
+static uint8_t dst4[4], dst6[16];
+static int have_v4, have_v6;
+
+enum okind { K_CSUM_IN_ETH, K_GSO_V6_ON_V4, K_GSO_V4_ON_V6, K_GSO_UDP_ON_TCP,
+	     K_GSO_TCP_ON_UDP, K_CSUM_BEFORE_L4, K_NR };
+
+static const struct okind_spec {
+	const char *name;
+	uint8_t v6;		/* an IPv6 frame: needs -b */
+	uint8_t proto;		/* 6 TCP, 17 UDP */
+	uint16_t payload;	/* bytes after the L4 header */
+	uint16_t gso_type, gso_size, csum_start, csum_offset;
+} okinds[K_NR] = {
+	[K_CSUM_IN_ETH] = { "csum-in-eth", 0, 6, OFFLOAD_SMALL,
+			    IVL_GSO_NONE, 0, 4, 16 },
+	[K_GSO_V6_ON_V4] = { "gso-v6-on-v4", 0, 6, OFFLOAD_BIG,
+			     IVL_GSO_TCPV6, OFFLOAD_GSO_SIZE, ETH_HDR + IP4_HDR, 16 },
+	[K_GSO_V4_ON_V6] = { "gso-v4-on-v6", 1, 6, OFFLOAD_BIG,
+			     IVL_GSO_TCPV4, OFFLOAD_GSO_SIZE, ETH_HDR + IP6_HDR, 16 },
+	[K_GSO_UDP_ON_TCP] = { "gso-udp-on-tcp", 0, 6, OFFLOAD_BIG,
+			       IVL_GSO_UDP_L4, OFFLOAD_GSO_SIZE, ETH_HDR + IP4_HDR, 6 },
+	[K_GSO_TCP_ON_UDP] = { "gso-tcp-on-udp", 0, 17, OFFLOAD_BIG,
+			       IVL_GSO_TCPV4, OFFLOAD_GSO_SIZE, ETH_HDR + IP4_HDR, 16 },
+	[K_CSUM_BEFORE_L4] = { "csum-before-l4", 0, 6, OFFLOAD_SMALL,
+			       IVL_GSO_NONE, 0, ETH_HDR, 10 },
+};
+
+static int okind_enabled(int k)
+{
+	return !okinds[k].v6 || have_v6;
+}
+
+static void be16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static void be32(uint8_t *p, uint32_t v)
+{
+	be16(p, (uint16_t)(v >> 16));
+	be16(p + 2, (uint16_t)v);
+}
+
+/* One's complement sum of @n bytes as big-endian 16-bit words. */
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t n)
+{
+	for (size_t k = 0; k + 1 < n; k += 2)
+		sum += (uint32_t)p[k] << 8 | p[k + 1];
+	if (n & 1)
+		sum += (uint32_t)p[n - 1] << 8;
+	return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)sum;
+}
+
+/*
+ * Frame @k of round @round from @src to @dst into @buf (OFFLOAD_BUF bytes,
+ * zero padded past the frame): Ethernet, IPv4 or IPv6, TCP or UDP, payload.
+ * Returns its length.
+ */
+static uint32_t build_offload(int k, unsigned int round, const uint8_t *dst,
+			      const uint8_t *src, uint8_t *buf)
+{
+	const struct okind_spec *o = &okinds[k];
+	uint32_t l3 = o->v6 ? IP6_HDR : IP4_HDR;
+	uint32_t l4 = (o->proto == 17 ? UDP_HDR : TCP_HDR) + o->payload;
+	uint8_t *ip = buf + ETH_HDR, *th = ip + l3;
+	uint32_t sum;
+
+	memset(buf, 0, OFFLOAD_BUF);
+	memcpy(buf, dst, 6);
+	memcpy(buf + 6, src, 6);
+	be16(buf + 12, o->v6 ? 0x86dd : 0x0800);
+	if (o->v6) {
+		be32(ip, 6U << 28);		/* version, class 0, flow 0 */
+		be16(ip + 4, (uint16_t)l4);	/* payload length */
+		ip[6] = o->proto;
+		ip[7] = 64;			/* hop limit */
+		memcpy(ip + 8, src6, 16);
+		memcpy(ip + 24, dst6, 16);
+		sum = csum_add(0, ip + 8, 32);
+	} else {
+		ip[0] = 0x45;
+		be16(ip + 2, (uint16_t)(l3 + l4));
+		be16(ip + 4, (uint16_t)(round << 8 | (unsigned int)k));	/* id */
+		be16(ip + 6, 0x4000);		/* DF */
+		ip[8] = 64;			/* TTL */
+		ip[9] = o->proto;
+		memcpy(ip + 12, src4, 4);
+		memcpy(ip + 16, dst4, 4);
+		be16(ip + 10, (uint16_t)~csum_fold(csum_add(0, ip, IP4_HDR)));
+		sum = csum_add(0, ip + 12, 8);
+	}
+	be16(th, 9);				/* discard, both ways */
+	be16(th + 2, 9);
+	if (o->proto == 17) {
+		be16(th + 4, (uint16_t)l4);
+	} else {
+		be32(th + 4, 0x10000000U + round * 0x10000U);	/* seq */
+		be32(th + 8, 1);		/* ack */
+		th[12] = 5 << 4;		/* data offset 5 words */
+		th[13] = 0x10;			/* ACK */
+		be16(th + 14, 64240);		/* window */
+	}
+	for (uint32_t i = 0; i < o->payload; i++)
+		th[l4 - o->payload + i] = (uint8_t)('a' + (i + round) % 26);
+	/*
+	 * The pseudo-header sum, uncomplemented, in the check field: what a
+	 * CHECKSUM_PARTIAL sender leaves there for the device to finish.
+	 */
+	sum += o->proto + (l4 >> 16) + (l4 & 0xffff);	/* both pseudo-headers */
+	be16(th + (o->proto == 17 ? 6 : 16), csum_fold(sum));
+	return ETH_HDR + l3 + l4;
+}
+
+static uint32_t rec_span(uint32_t len)
+{
+	return (uint32_t)sizeof(struct ivl_rec_hdr) +
+	       ((len + IVL_REC_ALIGN - 1) & ~(IVL_REC_ALIGN - 1));
+}
+
+/*
+ * Append a record (@o's metadata, @len frame bytes from @buf, zero padded
+ * to IVL_REC_ALIGN there) to ring @r at my producer position *@prod, after
+ * an IVL_REC_PAD record to the ring's end if it would cross it (never at
+ * offset 0: there any record fits).  Nothing is published: the caller
+ * stores prod, with release, after its batch.  -1: no room now, against
+ * the consumer's @cons.
+ */
+static int append_rec(volatile uint8_t *r, uint32_t *prod, uint32_t cons,
+		      const struct okind_spec *o, const uint8_t *buf, uint32_t len)
+{
+	uint32_t used = *prod - cons, span = rec_span(len);
+	uint32_t tail = ring_size - (*prod & (ring_size - 1));
+	uint32_t need = span > tail ? tail + span : span;
+	volatile uint8_t *f;
+
+	if (used > ring_size || need > ring_size - used)
+		return -1;
+	if (span > tail) {
+		put_rec(r, *prod, tail - (uint32_t)sizeof(struct ivl_rec_hdr),
+			IVL_REC_PAD, 0, 0, 0, 0);
+		*prod += tail;
+	}
+	put_rec(r, *prod, len, IVL_REC_CSUM_PARTIAL, o->gso_type, o->gso_size,
+		o->csum_start, o->csum_offset);
+	f = r + IVL_RING_CTRL_SIZE + ((*prod + sizeof(struct ivl_rec_hdr)) & (ring_size - 1));
+	for (uint32_t k = 0; k < span - sizeof(struct ivl_rec_hdr); k += 8) {
+		uint64_t w;
+
+		memcpy(&w, buf + k, sizeof(w));
+		wr64(f + k, w);
+	}
+	*prod += span;
+	return 0;
+}
+
+/* An UP peer's published MAC, read with the seq protocol; -1: torn. */
+static int peer_mac(uint32_t j, uint8_t *mac)
+{
+	volatile uint8_t *s = slot(j);
+
+	for (int tries = 0; tries < 1000; tries++) {
+		uint32_t seq = rd32_acquire(s + SLOT_OFF(seq));
+
+		if (seq & 1) {
+			sleep_ms(1);
+			continue;
+		}
+		for (int k = 0; k < 6; k++)
+			mac[k] = s[SLOT_OFF(mac) + k];
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);	/* smp_rmb */
+		if (rd32(s + SLOT_OFF(seq)) == seq)
+			return 0;
+	}
+	return -1;
+}
+
+static int up_peer(uint32_t j)
+{
+	return victim(j) && rd32(slot(j) + SLOT_OFF(state)) == IVL_STATE_UP;
+}
+
+/*
+ * A victim attaching its rings to me asks for kicks in the ring from me
+ * (need_kick := 1, ivl_peer_attach()).  Give them ATTACH_MIN_MS, as
+ * bad-records does, then wait for that flag on every UP peer's ring, at
+ * most ATTACH_MAX_MS from @start, consuming and beating all along.
+ */
+static void wait_attached(uint64_t start)
+{
+	uint32_t j;
+
+	consume_for(ATTACH_MIN_MS, UINT64_MAX);
+	while (!stopping) {
+		for (j = 0; j < max_peers; j++)
+			if (up_peer(j) && !rd32_acquire(ring(my_slot, j) + CTRL_KICK))
+				break;
+		if (j == max_peers || now_ms() - start >= ATTACH_MAX_MS)
+			break;
+		consume_for(20, UINT64_MAX);
+	}
+	for (j = 0; j < max_peers; j++)
+		if (up_peer(j) && !rd32(ring(my_slot, j) + CTRL_KICK))
+			fprintf(stderr, "ivl-hostile: bad-offload slot %u asks for no kicks "
+				"(not attached?): sending anyway\n", j);
+}
+
+/* One round of every kind to UP peer @j; sent[k] counts what went out. */
+static void offload_round(uint32_t j, unsigned int round, unsigned long *sent)
+{
+	volatile uint8_t *r = ring(my_slot, j);
+	uint32_t peer = rd32(slot(j) + 4);
+	uint32_t prod = rd32(r + CTRL_PROD), cons, len;
+	uint8_t dst[6], buf[OFFLOAD_BUF];
+	unsigned int room_wait = ROOM_WAIT_MS;	/* once per round */
+
+	if (peer_mac(j, dst)) {
+		fprintf(stderr, "ivl-hostile: bad-offload slot %u: its MAC stays torn\n", j);
+		return;
+	}
+	cons = rd32_acquire(r + CTRL_CONS);
+	if (cons & (IVL_REC_ALIGN - 1)) {
+		fprintf(stderr, "ivl-hostile: bad-offload slot %u: cons %u misaligned\n", j, cons);
+		return;
+	}
+	/* junk an earlier run left: restart where the consumer is */
+	if ((prod & (IVL_REC_ALIGN - 1)) || prod - cons > ring_size)
+		prod = cons;
+	for (int k = 0; k < K_NR; k++) {
+		int err;
+
+		if (!okind_enabled(k))
+			continue;
+		len = build_offload(k, round, dst, my_mac, buf);
+		for (unsigned int t = 0;
+		     (err = append_rec(r, &prod, cons, &okinds[k], buf, len)) &&
+		     t < room_wait && !stopping; t += 20) {
+			/* publish what is written, and let the victim drain it */
+			wr32_release(r + CTRL_PROD, prod);
+			doorbell(peer, IVL_VEC_DATA);
+			consume_for(20, UINT64_MAX);
+			cons = rd32_acquire(r + CTRL_CONS);
+		}
+		if (err) {
+			fprintf(stderr, "ivl-hostile: bad-offload slot %u kind %s: no room in its ring\n",
+				j, okinds[k].name);
+			room_wait = 0;
+			continue;
+		}
+		sent[k]++;
+		actions++;
+	}
+	/* every record's bytes before the prod that covers them */
+	wr32_release(r + CTRL_PROD, prod);
+	doorbell(peer, IVL_VEC_DATA);
+}
+
+/*
+ * Claim my own MAC for -t seconds, a healthy peer; once the victims have
+ * attached, OFFLOAD_ROUNDS rounds of bad offload metadata to each UP peer.
+ */
+static void bad_offload(unsigned int secs)
+{
+	static unsigned long sent[IVL_MAX_PEERS][K_NR];
+	static uint8_t hit[IVL_MAX_PEERS];
+	uint64_t start = now_ms(), end = start + secs * 1000ULL;
+
+	publish_up(my_mac);
+	say_published(my_mac);
+	if (!have_v6)
+		printf("ivl-hostile: bad-offload kind %s skipped (no -b IPV6)\n",
+		       okinds[K_GSO_V4_ON_V6].name);
+	wait_attached(start);
+	for (unsigned int round = 0; round < OFFLOAD_ROUNDS && !stopping; round++) {
+		if (round)
+			consume_for(OFFLOAD_GAP_MS, UINT64_MAX);
+		for (uint32_t j = 0; j < max_peers; j++) {
+			if (!up_peer(j))
+				continue;
+			hit[j] = 1;
+			offload_round(j, round, sent[j]);
+		}
+	}
+	hold_claim(my_mac, end);
+	say_consumed("bad-offload");
+	for (uint32_t j = 0; j < max_peers; j++)
+		for (int k = 0; hit[j] && k < K_NR; k++)
+			if (okind_enabled(k))
+				printf("ivl-hostile: bad-offload slot %u kind %s sent %lu\n",
+				       j, okinds[k].name, sent[j][k]);
+}
+
+/*
+ * bad-offload's records for one round, written by the same code into a
+ * ring in memory, walked back and printed: to check the bytes without a
+ * device.  The ring starts 4 KiB before its end, so the set wraps.
+ */
+static void dump_offload(unsigned int secs __maybe_unused)
+{
+	static const uint8_t dst[6] = { 0x02, 0, 0, 0, 0, 0x01 };
+	volatile uint8_t *r;
+	uint8_t buf[OFFLOAD_BUF];
+	uint32_t start, prod, cons, len;
+	int kind[2 * K_NR], n = 0, i = 0;
+
+	ring_size = IVL_RING_MIN_SIZE;
+	r = aligned_alloc(IVL_CACHELINE, IVL_RING_CTRL_SIZE + ring_size);
+	if (!r)
+		die("out of memory");
+	memset((void *)r, 0, IVL_RING_CTRL_SIZE + ring_size);
+	start = prod = cons = ring_size - 4096;
+	wr32(r + CTRL_PROD, prod);
+	wr32(r + CTRL_CONS, cons);
+	printf("dump-offload ring_size %u start %u src %02x:%02x:%02x:%02x:%02x:%02x "
+	       "dst %02x:%02x:%02x:%02x:%02x:%02x\n", ring_size, start,
+	       my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5],
+	       dst[0], dst[1], dst[2], dst[3], dst[4], dst[5]);
+	if (!have_v6)
+		printf("ivl-hostile: dump-offload kind %s skipped (no -b IPV6)\n",
+		       okinds[K_GSO_V4_ON_V6].name);
+	for (int k = 0; k < K_NR; k++) {
+		if (!okind_enabled(k))
+			continue;
+		len = build_offload(k, 0, dst, my_mac, buf);
+		if (append_rec(r, &prod, cons, &okinds[k], buf, len))
+			die("dump-offload: no room for %s", okinds[k].name);
+		kind[n++] = k;
+		actions++;
+	}
+	wr32_release(r + CTRL_PROD, prod);
+
+	/* walk it back as a consumer would */
+	prod = rd32_acquire(r + CTRL_PROD);
+	for (cons = start; cons != prod && prod - cons <= ring_size;) {
+		volatile uint8_t *h = r + IVL_RING_CTRL_SIZE + (cons & (ring_size - 1));
+		uint16_t flags = rd16(h + 4);
+
+		len = rd32(h);
+		if (flags & IVL_REC_PAD) {
+			printf("pad pos %u len %u\n", cons, len);
+		} else {
+			printf("record kind %s pos %u len %u flags 0x%04x gso_type %u gso_size %u "
+			       "csum_start %u csum_offset %u reserved %u\nframe ",
+			       i < n ? okinds[kind[i]].name : "?", cons, len, flags,
+			       rd16(h + 6), rd16(h + 8), rd16(h + 10), rd16(h + 12), rd16(h + 14));
+			for (uint32_t b = 0; b < len; b++)
+				printf("%02x", h[sizeof(struct ivl_rec_hdr) + b]);
+			putchar('\n');
+			i++;
+		}
+		cons += rec_span(len);
+	}
+	printf("dump-offload prod %u\n", prod);
+	free((void *)r);
 }
 
 static void usage(void)
 {
 	static const char text[] =
 		"usage: ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED] [-o ON_MS] [-f OFF_MS]\n"
-		"       info|up|deaf|flaky|claim|bad-records|scribble|lying-dir|sane\n"
-		"  claim needs -m (the MAC to claim); -o/-f: flaky's consume/stop milliseconds\n";
+		"                   [-a IPV4] [-b IPV6]\n"
+		"       info|up|deaf|flaky|claim|bad-records|scribble|lying-dir|sane|bad-offload\n"
+		"  claim needs -m (the MAC to claim); -o/-f: flaky's consume/stop milliseconds\n"
+		"  bad-offload needs -a (the IPv4 destination of its frames), -b adds its IPv6\n"
+		"  kind; dump-offload (same options) prints its records, without a device\n";
 
 	fputs(text, stderr);
 	exit(2);
@@ -855,6 +1296,8 @@ static const struct mode {
 	{ "scribble", scribble },
 	{ "lying-dir", lying_dir },
 	{ "sane", sane },
+	{ "bad-offload", bad_offload },
+	{ "dump-offload", dump_offload },
 	{ NULL, NULL },
 };
 
@@ -866,7 +1309,7 @@ int main(int argc, char **argv)
 	int opt, have_mac = 0;
 
 	rng_state = (uint64_t)time(NULL) * 2654435761U | 1;
-	while ((opt = getopt(argc, argv, "d:t:m:s:o:f:")) != -1) {
+	while ((opt = getopt(argc, argv, "d:t:m:s:o:f:a:b:")) != -1) {
 		switch (opt) {
 		case 'd':
 			snprintf(dev, sizeof(dev), "%s", optarg);
@@ -888,6 +1331,16 @@ int main(int argc, char **argv)
 		case 's':
 			rng_state = strtoull(optarg, NULL, 0) | 1;
 			break;
+		case 'a':
+			if (inet_pton(AF_INET, optarg, dst4) != 1)
+				usage();
+			have_v4 = 1;
+			break;
+		case 'b':
+			if (inet_pton(AF_INET6, optarg, dst6) != 1)
+				usage();
+			have_v6 = 1;
+			break;
 		default:
 			usage();
 		}
@@ -902,6 +1355,17 @@ int main(int argc, char **argv)
 		usage();	/* claiming my own MAC is no attack */
 	if (m->run == flaky && !on_ms)
 		usage();	/* that is deaf */
+	if ((m->run == bad_offload || m->run == dump_offload) && !have_v4)
+		usage();	/* where the frames are for */
+	if (m->run == dump_offload) {
+		/* no device: any MAC will do to look at the bytes */
+		if (!have_mac && eth0_mac())
+			parse_mac("02:00:00:00:00:fe", my_mac);
+		setvbuf(stdout, NULL, _IOLBF, 0);
+		m->run(secs);
+		printf("ivl-hostile: %s done %lu\n", m->name, actions);
+		return 0;
+	}
 	if (!have_mac)
 		default_mac();
 	if (!dev[0])

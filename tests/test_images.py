@@ -1,6 +1,8 @@
-"""images/: the kernel series parameter and the private apt configurations.
+"""images/: the kernel series parameter, the private apt configurations and
+the modules the busybox guest carries.
 
-Fast: nothing is built.  The private sources are derived from a fixture
+Fast: nothing is built (an image `make image` left behind is read, if its
+images/build is today's).  The private sources are derived from a fixture
 /etc/apt (IVLOOP_APT_ETC); the series checks run the real scripts and the
 real Makefile with an unknown KERNEL=, which must stop with one line before
 anything exists.
@@ -8,6 +10,8 @@ anything exists.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -115,3 +119,64 @@ def test_make_image_rejects_an_unknown_series() -> None:
     assert len(lines) == 1 and UNKNOWN in lines[0], proc.stderr
     assert not (IMAGES / "out-5.10").exists()
     assert not (REPO / "build/driver-5.10").exists()
+
+
+# ---------------------------------------------------------------------------
+# the busybox guest carries what users stack on a NIC (issue 26), autoloaded
+
+#: What `ip link add ... type vlan|macvlan|bridge|veth|bond` and `tc ... htb`
+#: need in the guest, by module name; their own dependencies come along.
+STACKING = ("bridge", "8021q", "macvlan", "veth", "bonding", "sch_htb")
+#: The kernel asks modprobe for these names when a link kind is missing.
+LINK_ALIASES = {"rtnl-link-bridge": "bridge", "rtnl-link-vlan": "8021q",
+                "rtnl-link-macvlan": "macvlan", "rtnl-link-veth": "veth",
+                "rtnl-link-bond": "bonding"}
+
+
+def test_build_lists_the_stacking_modules() -> None:
+    text = (IMAGES / "build").read_text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("stack_mods=(")]
+    assert set(line.removeprefix("stack_mods=(").removesuffix(")").split()) >= set(STACKING)
+
+
+def _cpio(archive: bytes, *args: str) -> str:
+    return subprocess.run(["cpio", "--quiet", *args], input=archive, capture_output=True,
+                          check=True).stdout.decode()
+
+
+def _built_by_this_script(out: Path) -> bool:
+    """The image in *out* exists and was made by today's images/build (its
+    manifest records the script's hash), so its contents are this script's."""
+    digest = hashlib.sha256((IMAGES / "build").read_bytes()).hexdigest()
+    manifest = out / "manifest"
+    return (out / "initrd.img").exists() and manifest.exists() and \
+        digest in manifest.read_text().split()
+
+
+@pytest.mark.parametrize("out", ["out", "out-6.12"])
+def test_built_image_can_autoload_the_stacking_modules(out: str) -> None:
+    """modules.dep (busybox modprobe's index, made by depmod at build time)
+    lists each module with dependencies that are all in the image."""
+    d = IMAGES / out
+    if not _built_by_this_script(d):
+        pytest.skip(f"no image in images/{out} built by this images/build (make image)")
+    abi = (d / "kernel-abi").read_text().strip()
+    archive = gzip.decompress((d / "initrd.img").read_bytes())
+    files = set(_cpio(archive, "-t").splitlines())
+    moddir = f"lib/modules/{abi}"
+    dep = _cpio(archive, "-i", "--to-stdout", f"{moddir}/modules.dep")
+    alias = _cpio(archive, "-i", "--to-stdout", f"{moddir}/modules.alias")
+    index: dict[str, list[str]] = {}
+    for line in dep.splitlines():
+        path, _, deps = line.partition(":")
+        index[Path(path).name.removesuffix(".ko")] = [path, *deps.split()]
+    for name in STACKING:
+        assert name in index, f"{name} is not in {out}'s modules.dep"
+        for path in index[name]:
+            assert f"{moddir}/{path}" in files, f"{name} needs {path}, not in {out}"
+    aliases = {tuple(ln.split()[1:3]) for ln in alias.splitlines() if ln.startswith("alias ")}
+    assert set(LINK_ALIASES.items()) <= aliases
+    # the kernel runs /sbin/modprobe (busybox's); init loads by /lib/modules/ivl
+    assert "usr/bin/modprobe" in files and "lib/modules/ivl" in files
+    # bonding makes no unasked-for bond0 when `ip link add ... type bond` loads it
+    assert "etc/modprobe.d/bonding.conf" in files

@@ -119,6 +119,18 @@ def test_vcpus_and_extra_kernel_args(tmp_path: Path) -> None:
     assert p.vcpus == 2 and p.cmdline.endswith(" profile=2")
 
 
+def test_the_mtu_reaches_the_guest_and_leaves_the_tap_to_the_harness(tmp_path: Path) -> None:
+    """libvirt opens a managed='no' tap as it is, so the harness's MTU on the
+    tap holds; the guest learns it from its command line, as without libvirt."""
+    vm = dataclasses.replace(topology.load().vm("vm2"), mtu=9000)
+    xml = domain.render(spec(tmp_path, vm=vm))
+    assert "ivl.mtu=9000" in domain.parse(xml).cmdline.split()
+    iface = ET.fromstring(xml).find("./devices/interface")
+    assert iface is not None and iface.find("mtu") is None
+    target = iface.find("target")
+    assert target is not None and target.get("managed") == "no"
+
+
 def test_unknown_arguments_pass_through_in_order(tmp_path: Path) -> None:
     argv = [*qemu.render(spec(tmp_path)), "-drive", "file=/d.img,if=none,id=disk0",
             "-device", "virtio-blk-pci,drive=disk0,bus=pci.0,addr=0x6"]

@@ -72,3 +72,12 @@ def test_render_incoming_defers_migration(tmp_path: Path) -> None:
 
 def test_render_gives_tcg_guests_the_padded_ram_size(tmp_path: Path) -> None:
     assert opt(qemu.render(spec(tmp_path)), "-m") == [f"{256 * 1024 + 8}K"]
+
+
+def test_render_tells_the_guest_the_topologys_mtu(tmp_path: Path) -> None:
+    vm = dataclasses.replace(topology.load().vm("vm2"), mtu=9000)
+    words = opt(qemu.render(spec(tmp_path, vm=vm)), "-append")[0].split()
+    assert "ivl.mtu=9000" in words
+    # nothing of the kind without [network] mtu: the guest keeps the kernel's 1500
+    assert not any(w.startswith("ivl.mtu") for w in opt(qemu.render(spec(tmp_path)),
+                                                        "-append")[0].split())

@@ -139,3 +139,69 @@ def test_shipped_debian_topology_boots_two_debian_guests_on_one_host() -> None:
 def test_bad_image_is_refused_with_the_choices(tmp_path: Path, value: str, message: str) -> None:
     with pytest.raises(TopologyError, match=message):
         topology.load(write(tmp_path, f'[hosts.A]\n[vms.v1]\nhost = "A"\nimage = {value}\n'))
+
+
+# ---------------------------------------------------------------------------
+# [network] mtu (issue 26: jumbo frames)
+
+
+def test_no_mtu_leaves_every_link_at_the_kernels_default() -> None:
+    topo = topology.load()
+    assert topo.mtu is None
+    assert all(vm.mtu is None for vm in topo.vms.values())
+
+
+def test_the_network_mtu_reaches_every_vm(tmp_path: Path) -> None:
+    topo = topology.load(write(tmp_path, '''
+[network]
+mtu = 9000
+[hosts.A]
+[hosts.B]
+[vms.v1]
+host = "A"
+[vms.v2]
+host = "B"
+'''))
+    assert topo.mtu == 9000
+    assert [vm.mtu for vm in topo.vms.values()] == [9000, 9000]
+
+
+def test_shipped_jumbo_topology_is_the_default_one_at_9000() -> None:
+    topo = topology.load(Path(topology.__file__).parent / "topologies" / "jumbo.toml")
+    default = topology.load()
+    assert topo.mtu == 9000
+    assert {h: (s.region_size, s.max_peers) for h, s in topo.hosts.items()} == {
+        "A": ("128M", 8), "B": ("128M", 8)}
+    assert [(vm.name, vm.host, vm.mobile, vm.mtu) for vm in topo.vms.values()] == [
+        ("vm1", "A", False, 9000), ("vm2", "A", True, 9000), ("vm3", "B", False, 9000)]
+    # the same guests as the default topology, only the MTU differs
+    assert [(vm.mac, vm.ip, vm.ip6) for vm in topo.vms.values()] == [
+        (vm.mac, vm.ip, vm.ip6) for vm in default.vms.values()]
+
+
+@pytest.mark.parametrize("mtu", ["1280", "1500", "9000", "65535"])
+def test_mtu_bounds_are_accepted(tmp_path: Path, mtu: str) -> None:
+    topo = topology.load(write(tmp_path, f"[network]\nmtu = {mtu}\n[hosts.A]\n"))
+    assert topo.mtu == int(mtu)
+
+
+@pytest.mark.parametrize("mtu", ["1279", "68", "0", "-1", "65536", "9000.0", '"9000"', "true"])
+def test_bad_mtu_is_refused_with_the_bounds(tmp_path: Path, mtu: str) -> None:
+    with pytest.raises(TopologyError,
+                       match=r"\[network\]: mtu must be an integer in 1280\.\.65535 .*IPv6"):
+        topology.load(write(tmp_path, f"[network]\nmtu = {mtu}\n[hosts.A]\n"))
+
+
+def test_unknown_network_key_names_mtu_among_the_allowed(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match=r"unknown key\(s\) mtus \(allowed: mtu, subnet, "
+                                            r"subnet6\)"):
+        topology.load(write(tmp_path, "[network]\nmtus = 9000\n[hosts.A]\n"))
+
+
+def test_debian_guests_refuse_a_jumbo_mtu_but_take_1500(tmp_path: Path) -> None:
+    vm = '[hosts.A]\n[vms.d1]\nhost = "A"\nimage = "debian"\n'
+    with pytest.raises(TopologyError,
+                       match=r"\[vms\.d1\]: a debian guest keeps its NIC at 1500 bytes .*"
+                             r"mtu = 9000 needs image = \"initramfs\""):
+        topology.load(write(tmp_path, "[network]\nmtu = 9000\n" + vm))
+    assert topology.load(write(tmp_path, "[network]\nmtu = 1500\n" + vm)).vm("d1").mtu == 1500

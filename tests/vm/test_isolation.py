@@ -195,6 +195,77 @@ def test_a_peer_that_stops_reading_costs_only_its_own_frames(iso: Lab) -> None:
     no_trouble(lab)
 
 
+HTB = ("tc qdisc add dev ivl0 root handle 1: htb default 1 && "
+       "tc class add dev ivl0 parent 1: classid 1:1 htb rate 10gbit")
+
+
+def test_a_deaf_peer_behind_a_classful_root_qdisc_holds_no_other_flow(iso: Lab) -> None:
+    """htb as ivl0's root (what rate limiters install) is one qdisc for every
+    queue: a queue stopped on the deaf peer's full ring would hold the
+    stream to vm2 and the pings to host B behind it for stall_ms."""
+    lab = iso
+    g1 = lab.guest("vm1")
+    g1.run(HTB)
+    try:
+        base = run_phase(lab, "htb_baseline", None)
+        assert base.ping.lost == 0, base.summarise()
+        deaf = run_phase(lab, "htb_deaf", "deaf")
+        qdisc = g1.run("tc qdisc show dev ivl0")
+    finally:
+        g1.run("tc qdisc del dev ivl0 root; true")
+    assert "htb" in qdisc, qdisc
+    check_unharmed(base, deaf)
+    assert deaf.vm1["peer_stalled"] >= 1, deaf.summarise()
+    # the flood's frames that found the ring full went lower, none waited
+    assert deaf.vm1["tx_no_room"] + deaf.vm1["tx_stalled_lower"] > 0, deaf.summarise()
+    assert deaf.vm1["ring_full"] == 0, deaf.summarise()  # no queue was stopped
+    no_trouble(lab)
+
+
+# ---------------------------------------------------------------------------
+# offload metadata a strict receiver refuses
+
+
+def test_bad_offload_metadata_never_reaches_a_forwarding_victim(iso: Lab) -> None:
+    """evil's records carry offloads that do not fit their frames (a checksum
+    starting in the Ethernet or IP header, a GSO type of the wrong protocol);
+    vm1 forwards what it accepts towards vm3, and runs with panic_on_warn=1,
+    so one accepted record that reached segmentation would take it down."""
+    lab = iso
+    g1, g2 = lab.guest("vm1"), lab.guest("vm2")
+    assert g1.run("cat /proc/sys/kernel/panic_on_warn").strip() == "1"
+    boot_id = g1.run("cat /proc/sys/kernel/random/boot_id").strip()
+    fresh_evil(lab)
+    wait_pair(lab)
+    g1.run("sysctl -q -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+    try:
+        b1, b2 = paths.counters(g1), paths.counters(g2)
+        start_hostile(lab, f"-t 8 -a {lab.ip('vm3')} -b {lab.topo.vm('vm3').ip6} bad-offload")
+        for g in (g1, g2):
+            paths.wait_peer(g, lab.mac("evil"), shm=True, timeout=15)
+        code, out = collect(lab.guest("evil"), HOSTILE_LOG, timeout=60)
+        time.sleep(1)  # the victims' NAPI has read the last round
+        d1, d2 = deltas(b1, paths.counters(g1)), deltas(b2, paths.counters(g2))
+    finally:
+        g1.run("sysctl -q -w net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0")
+    sent = re.findall(r"bad-offload slot (\d+) kind (\S+) sent (\d+)", out)
+    keys = ("rx_bad_offload", "rx_bad_record", "rx_bad_src", "shm_rx_packets")
+    REPORT["bad_offload"] = {"sent": sent, "vm1": {k: d1[k] for k in keys},
+                             "vm2": {k: d2[k] for k in keys}}
+    assert code == 0, out
+    per_victim = {slot: 0 for slot, _, _ in sent}
+    for slot, _, n in sent:
+        per_victim[slot] += int(n)
+    assert len(per_victim) >= 2 and min(per_victim.values()) >= 30, REPORT["bad_offload"]
+    # every record refused and counted, in both victims; no ring declared broken
+    for d in (d1, d2):
+        assert d["rx_bad_offload"] >= min(per_victim.values()), REPORT["bad_offload"]
+        assert d["rx_bad_record"] == 0, REPORT["bad_offload"]
+    # vm1 is the same boot, without a warning
+    assert g1.run("cat /proc/sys/kernel/random/boot_id").strip() == boot_id
+    no_trouble(lab)
+
+
 # ---------------------------------------------------------------------------
 # detach under load
 
