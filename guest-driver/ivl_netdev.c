@@ -1210,9 +1210,13 @@ static void ivl_pair_upper(struct ivl_priv *priv)
 	}
 }
 
+static void ivl_vlan_resync(struct ivl_priv *priv);
+
 void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm)
 {
 	ASSERT_RTNL();
+	/* after a migration the device joins before virtio-net announces us */
+	ivl_vlan_resync(priv);
 	shm->upper = priv;
 	ivl_rx_init(priv, shm);
 	rcu_assign_pointer(priv->shm, shm);

@@ -292,17 +292,17 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 	if (s.guest_odd) {
 		/*
 		 * Its guest is mid-write, or died there.  The same occupant
-		 * gets a heartbeat timeout's grace; one that left, was
-		 * evicted or was replaced is judged by the server's half.
+		 * gets a heartbeat timeout's grace, then counts as a broken
+		 * entry; one that left, was evicted or was replaced is
+		 * judged by the server's half at once.
 		 */
 		if (!p->guest_odd) {
 			p->guest_odd = true;
 			p->guest_odd_since = now;
 		}
-		stuck = time_after(now, p->guest_odd_since + timeout);
-		if (!stuck && s.present == 1 &&
-		    !(s.srv_flags & IVL_SLOT_F_EVICTED) &&
-		    s.gen == p->seen_gen && s.peer_id == p->seen_peer_id)
+		stuck = s.present == 1 && !(s.srv_flags & IVL_SLOT_F_EVICTED) &&
+			s.gen == p->seen_gen && s.peer_id == p->seen_peer_id;
+		if (stuck && !time_after(now, p->guest_odd_since + timeout))
 			return;
 	} else {
 		p->guest_odd = false;

@@ -35,8 +35,9 @@
  *   lying-dir    my slot claims UP with a victim's MAC, the broadcast MAC,
  *                garbage state (written torn, outside the seq protocol),
  *                huge heartbeat jumps, a bad present/peer_id
- *   sane         my slot DOWN, its guest half zeroed (seq kept, even), my
- *                rings zeroed
+ *   sane         my slot DOWN, its guest half zeroed under the seq protocol
+ *                (seq kept, and left even: an odd seq a stuck run left is
+ *                made even again), my rings zeroed
  *   bad-offload  (needs -a) claim my own MAC (-m, default eth0's) for -t
  *                seconds as claim does, a healthy peer; once the victims
  *                have attached their rings to me (each UP peer's ring from
@@ -62,6 +63,19 @@
  *                (-a is an address it routes elsewhere) into segmentation
  *                or checksum code that WARNs; it must drop each record and
  *                count rx_bad_offload.  The rounds finish even past -t.
+ *   stuck        publish UP with my own MAC (-m, default eth0's) and a live
+ *                heartbeat, consuming every ring to my slot continuously as
+ *                claim does; once the victims have attached their rings to
+ *                me (as bad-offload waits), -o ON_MS later (default 1000)
+ *                begin a rewrite of my guest half and never finish it: seq
+ *                made odd (seq + 1, as the protocol's writer starts), no
+ *                field written, and seq never made even again; heartbeat
+ *                and consuming go on until -t seconds (default 10) from the
+ *                start, and the exit leaves seq odd: a peer that died or was
+ *                evicted mid-write.  Victims keep their last view of my
+ *                half while it is odd, and must still see me leave when
+ *                the server marks my slot absent.  The seq goes odd even
+ *                past -t; SIGINT or SIGTERM before then exits with it even.
  *   dump-offload (debugging bad-offload; needs -a, maps no device) write
  *                one round of bad-offload's records into a ring in memory,
  *                from my MAC to 02:00:00:00:00:01, starting 4 KiB before
@@ -72,16 +86,18 @@
  * fields, seq even) wherever a mode publishes a state: the lies are in
  * what it says, which a victim must check, not in torn writes, which the
  * protocol already catches.  Only scribble and lying-dir's garbage state
- * bypass it.
+ * bypass it, and stuck, which starts a rewrite (seq odd) and never ends it.
  *
  * SIGINT or SIGTERM ends a timed mode early, its summary lines printed.
- * flaky, claim and bad-offload print "ivl-hostile: MODE consumed R records
- * B bytes"; bad-offload prints "ivl-hostile: bad-offload slot S kind K
- * sent N" for every victim and kind; every mode ends with a line
- * "ivl-hostile: MODE done N" (N = actions: attacks made, consume phases
- * for flaky, records written for bad-offload and dump-offload).  up, deaf,
- * flaky, claim and bad-offload print "ivl-hostile: published UP slot S
- * mac M" once peers can see it.
+ * flaky, claim, bad-offload and stuck print "ivl-hostile: MODE consumed R
+ * records B bytes"; bad-offload prints "ivl-hostile: bad-offload slot S
+ * kind K sent N" for every victim and kind; stuck prints "ivl-hostile:
+ * stuck slot S seq N" (N the odd seq) once it is stuck; every mode ends
+ * with a line "ivl-hostile: MODE done N" (N = actions: attacks made,
+ * consume phases for flaky, records written for bad-offload and
+ * dump-offload, 1 for stuck once its seq is odd).  up, deaf, flaky, claim
+ * and bad-offload print "ivl-hostile: published UP slot S mac M" once
+ * peers can see it, stuck once the victims have also attached their rings.
  * Exit status: 0 ok, 1 runtime failure, 2 usage.
  */
 #define _DEFAULT_SOURCE
@@ -104,6 +120,8 @@
 #define SLOT_CACHE	"/run/ivl-hostile.slot"
 #define __maybe_unused	__attribute__((unused))
 #define SLOT_OFF(f)	((size_t)__builtin_offsetof(struct ivl_slot, f))
+#define STR_(x)		#x
+#define STR(x)		STR_(x)
 
 static volatile uint8_t *regs;	/* BAR0 */
 static volatile uint8_t *region;	/* BAR2 */
@@ -115,6 +133,8 @@ static int claiming;		/* bump the heartbeat while idling */
 static uint64_t hb = 1000;
 static unsigned long actions;
 static unsigned int on_ms = 100, off_ms = 1500;	/* flaky's duty cycle */
+#define STUCK_ON_MS	1000	/* stuck's -o default: attached to stuck */
+#define STUCK_SECS	10	/* and its -t default */
 static uint64_t consumed_recs, consumed_bytes;
 static uint32_t half_seq;	/* my guest half's seq while I rewrite it */
 static volatile sig_atomic_t stopping;	/* SIGINT/SIGTERM: finish early */
@@ -1087,9 +1107,11 @@ static int up_peer(uint32_t j)
  * A victim attaching its rings to me asks for kicks in the ring from me
  * (need_kick := 1, ivl_peer_attach()).  Give them ATTACH_MIN_MS, as
  * bad-records does, then wait for that flag on every UP peer's ring, at
- * most ATTACH_MAX_MS from @start, consuming and beating all along.
+ * most ATTACH_MAX_MS from @start, consuming and beating all along.  A
+ * peer that never asked is named "ivl-hostile: @who S" on stderr, with
+ * @then, what I do next.
  */
-static void wait_attached(uint64_t start)
+static void wait_attached(const char *who, const char *then, uint64_t start)
 {
 	uint32_t j;
 
@@ -1104,8 +1126,8 @@ static void wait_attached(uint64_t start)
 	}
 	for (j = 0; j < max_peers; j++)
 		if (up_peer(j) && !rd32(ring(my_slot, j) + CTRL_KICK))
-			fprintf(stderr, "ivl-hostile: bad-offload slot %u asks for no kicks "
-				"(not attached?): sending anyway\n", j);
+			fprintf(stderr, "ivl-hostile: %s %u asks for no kicks "
+				"(not attached?): %s anyway\n", who, j, then);
 }
 
 /* One round of every kind to UP peer @j; sent[k] counts what went out. */
@@ -1173,7 +1195,7 @@ static void bad_offload(unsigned int secs)
 	if (!have_v6)
 		printf("ivl-hostile: bad-offload kind %s skipped (no -b IPV6)\n",
 		       okinds[K_GSO_V4_ON_V6].name);
-	wait_attached(start);
+	wait_attached("bad-offload slot", "sending", start);
 	for (unsigned int round = 0; round < OFFLOAD_ROUNDS && !stopping; round++) {
 		if (round)
 			consume_for(OFFLOAD_GAP_MS, UINT64_MAX);
@@ -1191,6 +1213,39 @@ static void bad_offload(unsigned int secs)
 			if (okind_enabled(k))
 				printf("ivl-hostile: bad-offload slot %u kind %s sent %lu\n",
 				       j, okinds[k].name, sent[j][k]);
+}
+
+/*
+ * A writer stuck mid-update of my guest half.  UP for my own MAC, healthy
+ * (heartbeat, every ring to me drained) until the victims have attached
+ * and -o ON_MS more have passed; then half_begin() (seq odd, as the driver
+ * starts a rewrite) and nothing after it: no field, no half_end().  The
+ * heartbeat is outside the protocol and keeps moving, and so does the
+ * consuming, so no stall detection fires: only my odd seq is wrong.  The
+ * seq stays odd when I exit, as a peer's does that died or was evicted
+ * mid-write; then the test unplugs my device, and victims must see the
+ * server's half say absent whatever my half's seq says.
+ */
+static void stuck(unsigned int secs)
+{
+	volatile uint8_t *s = slot(my_slot);
+	uint64_t start = now_ms(), end = start + secs * 1000ULL;
+
+	publish_up(my_mac);
+	/* not "stuck slot S": that line says I am stuck */
+	wait_attached("stuck: victim slot", "going stuck", start);
+	say_published(my_mac);
+	/* the whole ON_MS, even past -t: the point is to end up stuck */
+	consume_for(on_ms, UINT64_MAX);
+	/* stopped first: seq left even, and "stuck done 0" */
+	if (!stopping) {
+		half_begin(s);	/* and no half_end(), ever */
+		actions++;
+		printf("ivl-hostile: stuck slot %u seq %u\n", my_slot, half_seq);
+	}
+	while (now_ms() < end && !stopping)
+		consume_for(20, end);
+	say_consumed("stuck");
 }
 
 /*
@@ -1262,8 +1317,11 @@ static void usage(void)
 	static const char text[] =
 		"usage: ivl-hostile [-d PCI-ADDR] [-t SECONDS] [-m MAC] [-s SEED] [-o ON_MS] [-f OFF_MS]\n"
 		"                   [-a IPV4] [-b IPV6]\n"
-		"       info|up|deaf|flaky|claim|bad-records|scribble|lying-dir|sane|bad-offload\n"
+		"       info|up|deaf|flaky|claim|bad-records|scribble|lying-dir|sane|bad-offload|stuck\n"
 		"  claim needs -m (the MAC to claim); -o/-f: flaky's consume/stop milliseconds\n"
+		"  stuck: -o the milliseconds from attached to seq odd (default "
+		STR(STUCK_ON_MS) "), -t the\n"
+		"  seconds from start to exit (default " STR(STUCK_SECS) ", seq left odd)\n"
 		"  bad-offload needs -a (the IPv4 destination of its frames), -b adds its IPv6\n"
 		"  kind; dump-offload (same options) prints its records, without a device\n";
 
@@ -1297,6 +1355,7 @@ static const struct mode {
 	{ "lying-dir", lying_dir },
 	{ "sane", sane },
 	{ "bad-offload", bad_offload },
+	{ "stuck", stuck },
 	{ "dump-offload", dump_offload },
 	{ NULL, NULL },
 };
@@ -1306,7 +1365,7 @@ int main(int argc, char **argv)
 	char dev[256] = "";
 	unsigned int secs = 5;
 	const struct mode *m;
-	int opt, have_mac = 0;
+	int opt, have_mac = 0, have_secs = 0, have_on = 0;
 
 	rng_state = (uint64_t)time(NULL) * 2654435761U | 1;
 	while ((opt = getopt(argc, argv, "d:t:m:s:o:f:a:b:")) != -1) {
@@ -1316,9 +1375,11 @@ int main(int argc, char **argv)
 			break;
 		case 't':
 			secs = parse_uint(optarg);
+			have_secs = 1;
 			break;
 		case 'o':
 			on_ms = parse_uint(optarg);
+			have_on = 1;
 			break;
 		case 'f':
 			off_ms = parse_uint(optarg);
@@ -1357,6 +1418,13 @@ int main(int argc, char **argv)
 		usage();	/* that is deaf */
 	if ((m->run == bad_offload || m->run == dump_offload) && !have_v4)
 		usage();	/* where the frames are for */
+	if (m->run == stuck) {
+		/* stuck's own defaults, not flaky's and the other modes' */
+		if (!have_on)
+			on_ms = STUCK_ON_MS;
+		if (!have_secs)
+			secs = STUCK_SECS;
+	}
 	if (m->run == dump_offload) {
 		/* no device: any MAC will do to look at the bytes */
 		if (!have_mac && eth0_mac())

@@ -23,6 +23,7 @@ from harness import cluster, paths
 from .conftest import booted
 from .lab import (
     Lab,
+    PeerRow,
     PingRun,
     collect,
     deltas,
@@ -263,6 +264,68 @@ def test_bad_offload_metadata_never_reaches_a_forwarding_victim(iso: Lab) -> Non
         assert d["rx_bad_record"] == 0, REPORT["bad_offload"]
     # vm1 is the same boot, without a warning
     assert g1.run("cat /proc/sys/kernel/random/boot_id").strip() == boot_id
+    no_trouble(lab)
+
+
+# ---------------------------------------------------------------------------
+# a peer that dies in the middle of writing its slot
+
+
+def test_a_peer_stuck_mid_write_neither_delays_a_leave_nor_hides_its_own(iso: Lab) -> None:
+    """evil starts a write of its slot's guest half and never ends it (seq
+    left odd, as a guest that died or was evicted mid-write leaves it).  Its
+    half says nothing any more: after a heartbeat timeout it counts as DOWN,
+    so vm2's leave handshake waits for nobody; and when its device goes, the
+    server's half says so, and vm1 sees it leave."""
+    lab = iso
+    g1, g2 = lab.guest("vm1"), lab.guest("vm2")
+    evil_mac = lab.mac("evil")
+    fresh_evil(lab)
+    wait_pair(lab)
+    start_hostile(lab, "-t 60 -o 3000 stuck")
+    paths.wait_peer(g1, evil_mac, shm=True, timeout=10)
+    # evil's slot, as each victim numbers it (its MAC is unreadable once stuck)
+    slot = {vm: rows_for(peer_rows(lab.guest(vm)), evil_mac)[0].id for vm in ("vm1", "vm2")}
+    lab.guest("evil").run(f"t=0; until grep -q 'stuck slot' {HOSTILE_LOG}; do sleep 0.1; "
+                          "t=$((t + 1)); [ $t -gt 100 ] && exit 1; done; true", timeout=30)
+    t_stuck = time.monotonic()
+    paths.wait_peer(g1, evil_mac, shm=False, timeout=10)
+    judged_s = time.monotonic() - t_stuck
+    states = [r.state for r in peer_rows(g2) if r.id == slot["vm2"]]
+
+    b2 = paths.counters(g2)
+    with lab.sd:
+        cluster.set_ivshmem(lab.sd, "vm2", attached=False)
+    with lab.sd:
+        cluster.set_ivshmem(lab.sd, "vm2", attached=True)
+    d2 = deltas(b2, paths.counters(g2))
+
+    out = stop_hostile(lab)  # exits with its seq still odd
+    with lab.sd:
+        cluster.set_ivshmem(lab.sd, "evil", attached=False)
+    t_gone = time.monotonic()
+    def evil_rows() -> list[PeerRow]:
+        return [r for r in peer_rows(g1) if r.id == slot["vm1"]]
+
+    rows = evil_rows()
+    deadline = t_gone + 10
+    while any(r.state != "down" for r in rows) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = evil_rows()
+    gone_s = time.monotonic() - t_gone
+    with lab.sd:
+        cluster.set_ivshmem(lab.sd, "evil", attached=True)
+    REPORT["stuck"] = {"off_shm_after_s": round(judged_s, 2), "vm2_saw": states,
+                       "vm2_leave_ack_timeouts": d2["leave_ack_timeouts"],
+                       "vm2_rx_leave_lost": d2["rx_leave_lost"],
+                       "vm1_rows_after_unplug": [r.state for r in rows],
+                       "gone_after_s": round(gone_s, 2)}
+    assert "stuck slot" in out, out
+    # a broken entry within a heartbeat timeout (1 s) and a few refresh ticks
+    assert judged_s < 4 and states == ["bad-entry"], REPORT["stuck"]
+    assert d2["leave_ack_timeouts"] == 0, REPORT["stuck"]
+    assert all(r.state == "down" for r in rows) and gone_s < 4, REPORT["stuck"]
+    wait_pair(lab)
     no_trouble(lab)
 
 

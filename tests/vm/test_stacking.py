@@ -224,6 +224,49 @@ def test_bridge_over_ivl0_carries_the_guest_and_a_container(stk: Lab) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bonding
+
+
+def test_bond_over_ivl0_keeps_shared_memory_while_it_carries_ivl0s_mac(stk: Lab) -> None:
+    """balance-rr needs a port that takes a MAC (ndo_set_mac_address): the
+    bond takes ivl0's, and rides shared memory; another MAC on the bond goes
+    to the NIC, ivl0's slot goes DOWN, and traffic takes the lower NIC."""
+    lab = stk
+    g1, g2 = lab.guest("vm1"), lab.guest("vm2")
+    ip, ip6 = lab.ip("vm1"), lab.topo.vm("vm1").ip6
+    other = "02:00:00:77:00:0b"
+    g1.run(f"ip link add bond0 type bond mode balance-rr && ip addr flush dev ivl0 && "
+           f"ip link set ivl0 down && ip link set ivl0 master bond0 && "
+           f"ip link set bond0 up && ip addr add {ip}/24 dev bond0")
+    try:
+        assert g1.run("cat /sys/class/net/bond0/address").strip() == lab.mac("vm1")
+        paths.wait_peer(g2, lab.mac("vm1"), shm=True, timeout=30)
+        with counting(lab, "vm1") as on_shm:
+            assert ping(g1, lab.ip("vm2"), count=10) == 0
+            transfer(g1, g2, lab.ip("vm2"), 6241)
+        g1.run(f"ip link set bond0 address {other}")
+        assert g1.run("cat /sys/class/net/eth0/address").strip() == other
+        paths.wait_peer(g2, lab.mac("vm1"), shm=False, timeout=30)
+        g2.run("ip neigh flush all")
+        with counting(lab, "vm1") as off_shm:
+            assert ping(g1, lab.ip("vm2"), count=10) == 0
+            transfer(g1, g2, lab.ip("vm2"), 6242)
+    finally:
+        undo(g1, "ip link del bond0", "ip link set ivl0 up", f"ip addr add {ip}/24 dev ivl0",
+             f"ip -6 addr add {ip6}/64 dev ivl0 nodad")
+        g2.run("ip neigh flush all")
+    REPORT["bond"] = {"ivl0_mac": pick(on_shm["vm1"]), "other_mac": pick(off_shm["vm1"])}
+    assert on_shm["vm1"]["shm_tx_bytes"] >= PAYLOAD_MIB << 20, REPORT["bond"]
+    assert off_shm["vm1"]["shm_tx_bytes"] == 0, REPORT["bond"]
+    assert off_shm["vm1"]["lower_tx_bytes"] >= PAYLOAD_MIB << 20, REPORT["bond"]
+    # released, the NIC has its own MAC again and vm1 is back on shared memory
+    assert g1.run("cat /sys/class/net/eth0/address").strip() == lab.mac("vm1")
+    paths.wait_peer(g2, lab.mac("vm1"), shm=True, timeout=30)
+    assert ping(g1, lab.ip("vm2"), count=3) == 0
+    no_trouble(lab)
+
+
+# ---------------------------------------------------------------------------
 # VLANs
 
 
