@@ -227,6 +227,7 @@ def test_a_deaf_peer_behind_a_classful_root_qdisc_holds_no_other_flow(iso: Lab) 
 # offload metadata a strict receiver refuses
 
 
+@pytest.mark.versions
 def test_bad_offload_metadata_never_reaches_a_forwarding_victim(iso: Lab) -> None:
     """evil's records carry offloads that do not fit their frames (a checksum
     starting in the Ethernet or IP header, a GSO type of the wrong protocol);

@@ -144,6 +144,7 @@ def pick(d: dict[str, int]) -> dict[str, int]:
     return {k: d[k] for k in keys if k in d}
 
 
+@pytest.mark.versions
 def test_macvlan_container_talks_to_a_coresident_guest(stk: Lab) -> None:
     g1 = stk.guest("vm1")
     add_macvlan_container(g1, "c1", C1_IP)
@@ -311,6 +312,7 @@ def check_vlans(lab: Lab, label: str) -> None:
         assert d["rx_bad_offload"] == 0 and d["rx_bad_src"] == 0, (vm, d)
 
 
+@pytest.mark.versions
 def test_vlan_between_coresident_guests_rides_shared_memory(stk: Lab) -> None:
     add_vlans(stk)
     try:
