@@ -13,6 +13,7 @@ move of vm2 to host B and back.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -374,19 +375,40 @@ def test_jumbo_frames_cross_shared_memory(stk: Lab) -> None:
 
 
 def ping_log(g: Guest, dst: str, log: str, *, ns: str | None = None, size: int = 56,
-              six: bool = False) -> None:
+             six: bool = False) -> None:
     """Ping *dst* every 50 ms for as long as the move takes (ended by SIGINT)."""
     cmd = f"{'ping6' if six else 'ping'} -i 0.05 -W 2 -s {size} {dst}"
     spawn(g, in_ns(ns, cmd), log)
 
 
 def stop_pings(g: Guest, logs: list[str]) -> dict[str, Any]:
+    """Sent and lost of each ping :func:`ping_log` started, and which echo
+    requests went unanswered (at 50 ms each, seq says when)."""
     g.run("killall -q -INT ping ping6; true")
     runs = {}
     for log in logs:
         _, out = collect(g, log, timeout=30)
-        runs[log] = parse_ping(out)
-    return {log: {"sent": r.sent, "lost": r.lost} for log, r in runs.items()}
+        run = parse_ping(out)
+        answered = {int(n) for n in re.findall(r"seq=(\d+) ", out)}
+        runs[log] = {"sent": run.sent, "lost": run.lost,
+                     "unanswered": sorted(set(range(run.sent)) - answered)}
+    return runs
+
+
+def pings_across_a_round_trip(lab: Lab, label: str,
+                              pings: dict[str, dict[str, Any]]) -> None:
+    """vm1 pings (log -> ping_log's arguments) while vm2 moves to host B and
+    back; none may lose more than the moves' own downtime."""
+    g1 = lab.guest("vm1")
+    for log, args in pings.items():
+        ping_log(g1, log=log, **args)
+    moves = round_trip(lab)
+    time.sleep(1)
+    runs = stop_pings(g1, list(pings))
+    REPORT[label] = {"moves": moves, "pings": runs}
+    budget = loss_budget(moves)
+    for log, run in runs.items():
+        assert run["sent"] > 20 and run["lost"] <= budget, (log, run, budget, moves)
 
 
 def round_trip(lab: Lab) -> list[dict[str, Any]]:
@@ -413,18 +435,12 @@ def test_container_vlan_and_jumbo_survive_a_round_trip_migration(stk: Lab) -> No
     add_macvlan_container(g1, "c1", C1_IP)
     add_vlans(lab)
     try:
-        logs = ["/tmp/p-c1.log", "/tmp/p-vlan.log", "/tmp/p-vlan6.log", "/tmp/p-jumbo.log"]
-        ping_log(g1, lab.ip("vm2"), logs[0], ns="c1")
-        ping_log(g1, f"{VLAN_NET}.2", logs[1])
-        ping_log(g1, f"{VLAN_NET6}:2", logs[2], six=True)
-        ping_log(g1, lab.ip("vm2"), logs[3], size=MTU - 28)
-        moves = round_trip(lab)
-        time.sleep(1)
-        pings = stop_pings(g1, logs)
-        REPORT["round_trip"] = {"moves": moves, "pings": pings}
-        budget = loss_budget(moves)
-        for log, run in pings.items():
-            assert run["sent"] > 20 and run["lost"] <= budget, (log, run, budget, moves)
+        pings_across_a_round_trip(lab, "round_trip", {
+            "/tmp/p-c1.log": {"dst": lab.ip("vm2"), "ns": "c1"},
+            "/tmp/p-vlan.log": {"dst": f"{VLAN_NET}.2"},
+            "/tmp/p-vlan6.log": {"dst": f"{VLAN_NET6}:2", "six": True},
+            "/tmp/p-jumbo.log": {"dst": lab.ip("vm2"), "size": MTU - 28},
+        })
         # Back home, each configuration is where it was: on its path, whole.
         check_macvlan_container(lab, "after_round_trip")
         check_vlans(lab, "after_round_trip")
@@ -439,17 +455,10 @@ def test_bridge_survives_a_round_trip_migration(stk: Lab) -> None:
     lab = stk
     make_bridge(lab, lab.mac("vm1"))
     try:
-        g1 = lab.guest("vm1")
-        logs = ["/tmp/p-br.log", "/tmp/p-c2.log"]
-        ping_log(g1, lab.ip("vm2"), logs[0])
-        ping_log(g1, lab.ip("vm2"), logs[1], ns="c2")
-        moves = round_trip(lab)
-        time.sleep(1)
-        pings = stop_pings(g1, logs)
-        REPORT["bridge_round_trip"] = {"moves": moves, "pings": pings}
-        budget = loss_budget(moves)
-        for log, run in pings.items():
-            assert run["sent"] > 20 and run["lost"] <= budget, (log, run, budget, moves)
+        pings_across_a_round_trip(lab, "bridge_round_trip", {
+            "/tmp/p-br.log": {"dst": lab.ip("vm2")},
+            "/tmp/p-c2.log": {"dst": lab.ip("vm2"), "ns": "c2"},
+        })
         moved = check_bridge(lab, "after_round_trip", lab.mac("vm1"))
         assert moved["vm1"]["shm_tx_bytes"] >= PAYLOAD_MIB << 20, moved["vm1"]
     finally:
