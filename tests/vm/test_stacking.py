@@ -464,3 +464,26 @@ def test_bridge_survives_a_round_trip_migration(stk: Lab) -> None:
     finally:
         unmake_bridge(lab)
     no_trouble(lab)
+
+
+def test_htb_root_qdisc_survives_a_round_trip_migration(stk: Lab) -> None:
+    """A rate limiter's classful root on ivl0: shaped traffic keeps its paths
+    across the move (test_isolation.py has it beside a deaf peer)."""
+    lab = stk
+    g1 = lab.guest("vm1")
+    g1.run("tc qdisc add dev ivl0 root handle 1: htb default 1 && "
+           "tc class add dev ivl0 parent 1: classid 1:1 htb rate 10gbit")
+    try:
+        pings_across_a_round_trip(lab, "htb_round_trip", {
+            "/tmp/p-htb2.log": {"dst": lab.ip("vm2")},
+            "/tmp/p-htb3.log": {"dst": lab.ip("vm3")},
+        })
+        with counting(lab, "vm1") as moved:
+            transfer(g1, lab.guest("vm2"), lab.ip("vm2"), 6251)
+        qdisc = g1.run("tc qdisc show dev ivl0")
+    finally:
+        undo(g1, "tc qdisc del dev ivl0 root")
+    REPORT["htb_round_trip"]["vm1"] = pick(moved["vm1"])
+    assert "htb" in qdisc, qdisc
+    assert moved["vm1"]["shm_tx_bytes"] >= PAYLOAD_MIB << 20, moved["vm1"]
+    no_trouble(lab)
