@@ -763,7 +763,7 @@ void ivl_peers_stop(struct ivl_shm *shm)
 	cancel_work_sync(&shm->refresh_work);
 }
 
-/* --- debugfs: /sys/kernel/debug/ivloop/peers --- */
+/* --- debugfs: /sys/kernel/debug/ivloop/<pci name>/peers --- */
 
 static const char *ivl_peer_state(const struct ivl_peer *p)
 {

@@ -1,4 +1,10 @@
-"""The ``harness`` command: a thin layer over :mod:`harness.cluster`."""
+"""The ``harness`` command: argument parsing and output over the library.
+
+Each subcommand calls one module: :mod:`harness.cluster` (up, down, plug,
+restart, server-restart), :mod:`harness.migrate`, :mod:`harness.watch`,
+:mod:`harness.demo`, :mod:`harness.bench` with :mod:`harness.bench_report`,
+:mod:`harness.soak`; guests are reached through :mod:`harness.guest`.
+"""
 
 from __future__ import annotations
 

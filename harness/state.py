@@ -1,7 +1,10 @@
 """The state directory: everything a running topology owns, on disk.
 
-Every resource is recorded *before* it is created, so ``harness down`` can
-remove it even when the harness that created it was killed half-way.
+Hosts, VMs and servers are recorded *before* they are created, so
+``harness down`` can remove them even when the harness that created them
+was killed half-way.  A migration destination is recorded only once the
+move succeeds; until then its QEMU is known by its pidfile
+(``qemu-VM-gN.pid``), which ``harness down`` also looks for.
 Processes are recorded with their PID and start time and are only ever
 signalled when both still match.
 """
