@@ -349,6 +349,21 @@ static inline struct netdev_queue *ivl_peer_txq(const struct ivl_priv *priv,
 	return netdev_get_tx_queue(priv->dev, ivl_peer_qid(priv, peer->id));
 }
 
+/*
+ * The peer after @p (NULL: the first) other than my own slot, or NULL.
+ * Every "all the others" loop is
+ *	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p))
+ */
+static inline struct ivl_peer *ivl_peer_next(const struct ivl_shm *shm,
+					     const struct ivl_peer *p)
+{
+	u32 id = p ? p->id + 1 : 0;
+
+	if (id == shm->my_slot)
+		id++;
+	return id < shm->max_peers ? &shm->peers[id] : NULL;
+}
+
 /* --- region geometry (offsets validated at probe) --- */
 
 static inline struct ivl_slot *ivl_slot(const struct ivl_shm *shm, u32 id)
@@ -372,6 +387,10 @@ static inline void ivl_doorbell(const struct ivl_shm *shm, u32 peer_id,
 {
 	writel((peer_id << 16) | vec, shm->regs + IVL_REG_DOORBELL);
 }
+
+/* @peer's queue lock is its ring's one producer lock (ndo_start_xmit holds it). */
+#define ivl_assert_txq_held(priv, peer) \
+	lockdep_assert_held(&ivl_peer_txq(priv, peer)->_xmit_lock)
 
 static inline bool ivl_peer_usable_tx(const struct ivl_peer *peer)
 {
@@ -416,16 +435,41 @@ static inline void ivl_peer_stat_add(struct ivl_peer_stats *ps, u32 bytes)
 /* ivl_pci.c */
 extern struct pci_driver ivl_pci_driver;
 
-/* ivl_netdev.c */
+/*
+ * Who calls whom: ivl_pci.c and ivl_netdev.c (control, rtnl) call down
+ * into ivl_peer.c (the table), ivl_core.c and ivl_poll.c (the data path);
+ * ivl_peer.c calls into ivl_core.c; ivl_core.c and ivl_poll.c call each
+ * other, and nothing above them.  Each function below has its kernel-doc
+ * where it is defined.
+ */
+
+/* ivl_netdev.c: ivl0, its link ops, the lower NIC's events */
 extern struct rtnl_link_ops ivl_link_ops;
 extern struct notifier_block ivl_netdev_notifier;
 void ivl_pair_shm(struct ivl_shm *shm);
 void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm);
 void ivl_detach(struct ivl_priv *priv, u32 state);
+
+/* ivl_ethtool.c: counters and ethtool */
+extern const struct ethtool_ops ivl_ethtool_ops;
+void ivl_get_stats64(struct net_device *dev, struct rtnl_link_stats64 *st);
+
+/* ivl_core.c: the data path */
+u16 ivl_select_queue(struct net_device *dev, struct sk_buff *skb,
+		     struct net_device *sb_dev);
+netdev_tx_t ivl_start_xmit(struct sk_buff *skb, struct net_device *dev);
+rx_handler_result_t ivl_handle_frame(struct sk_buff **pskb);
 void ivl_tx_wake_check(struct ivl_priv *priv, struct ivl_shm *shm);
 enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer);
+void ivl_tx_flow_reset(struct ivl_priv *priv, struct ivl_shm *shm);
 void ivl_napi_schedule_rx(struct ivl_priv *priv, struct ivl_shm *shm,
 			  bool only_busy);
+void ivl_rx_init(struct ivl_priv *priv, struct ivl_shm *shm);
+void ivl_rx_uninit(struct ivl_shm *shm);
+void ivl_rx_drain(struct ivl_priv *priv, struct ivl_shm *shm);
+void ivl_peer_broken(struct ivl_peer *peer, const char *why);
+void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
+		      const char *why);
 
 /* ivl_poll.c */
 int ivl_poll_init(struct ivl_priv *priv);
@@ -441,9 +485,6 @@ void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac);
 void ivl_notify_peers(struct ivl_shm *shm);
 u32 ivl_peers_unacked(struct ivl_shm *shm);
 void ivl_slot_read_nic(struct ivl_shm *shm);
-void ivl_peer_broken(struct ivl_peer *peer, const char *why);
-void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
-		      const char *why);
 void ivl_peers_debugfs_add(struct ivl_shm *shm);
 
 #endif /* IVL_H */

@@ -124,6 +124,26 @@ static int ivl_meta_check_gso(const u8 *frame, u32 hlen, u32 len,
 	}
 }
 
+/**
+ * ivl_meta_check() - may a record carry @m for this frame?
+ * @frame: the frame's first @hlen bytes, starting at the Ethernet header;
+ *         a private copy (the receiver's skb), never shared memory
+ * @hlen: bytes readable at @frame (at most @len)
+ * @len: the whole frame's length
+ * @m: the record's offload metadata
+ *
+ * Checks what the receive path relies on: a checksum to fill in starts at
+ * or after the transport header (past the Ethernet header, up to two VLAN
+ * tags and, for IP, the IP header) and lies within @hlen; a GSO record
+ * says it is TCP over the frame's IP version, or UDP, with the transport
+ * header where csum_start says, a checksum offset matching it, and at most
+ * IVL_UDP_MAX_SEGS UDP segments.
+ *
+ * Context: Any context; does not sleep.  Reads only @m and the first
+ * @hlen bytes of @frame, and writes nothing, so it needs no lock.
+ *
+ * Return: 0 if the metadata fits the frame, -EINVAL if not.
+ */
 int ivl_meta_check(const u8 *frame, u32 hlen, u32 len,
 		   const struct ivl_rec_meta *m)
 {

@@ -26,22 +26,9 @@
 /* Bytes of a frame ivl_meta_check() may read: all headers it looks at. */
 #define IVL_META_HDR_MAX	256U
 
-/**
- * ivl_meta_check() - may a record carry @m for this frame?
- * @frame: the frame's first @hlen bytes, starting at the Ethernet header;
- *         a private copy (the receiver's skb), never shared memory
- * @hlen: bytes readable at @frame (at most @len)
- * @len: the whole frame's length
- * @m: the record's offload metadata
- *
- * Checks what the receive path relies on: a checksum to fill in starts at
- * or after the transport header (past the Ethernet header, up to two VLAN
- * tags and, for IP, the IP header) and lies within @hlen; a GSO record
- * says it is TCP over the frame's IP version, or UDP, with the transport
- * header where csum_start says, a checksum offset matching it, and at most
- * IVL_UDP_MAX_SEGS UDP segments.
- *
- * Return: 0 if the metadata fits the frame, -EINVAL if not.
+/*
+ * May a record carry this metadata for this frame?  0 or -EINVAL; the
+ * kernel-doc is at the definition in ivl_meta.c.
  */
 int ivl_meta_check(const u8 *frame, u32 hlen, u32 len,
 		   const struct ivl_rec_meta *m);

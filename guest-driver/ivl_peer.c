@@ -130,7 +130,14 @@ static bool ivl_slot_snap(const struct ivl_shm *shm, u32 id,
 	return true;
 }
 
-/* Probe: what the server learned about our data NIC, if anything. */
+/**
+ * ivl_slot_read_nic() - what the server learned about our data NIC
+ * @shm: the device being probed, my slot found
+ *
+ * Sets @shm->nic_mac and @shm->nic_mac_known.
+ *
+ * Context: probe.
+ */
 void ivl_slot_read_nic(struct ivl_shm *shm)
 {
 	struct ivl_slot_snap s;
@@ -144,9 +151,17 @@ void ivl_slot_read_nic(struct ivl_shm *shm)
 	shm->nic_mac_known = true;
 }
 
-/*
- * Publish my slot's guest half.  Takes shm->lock: the refresh builds the
- * TX table from what is published here (ivl_table_publish()).
+/**
+ * ivl_slot_publish() - publish my slot's guest half
+ * @shm: the device
+ * @state: IVL_STATE_DOWN, _UP or _LEAVING
+ * @mac: with IVL_STATE_UP, the MAC peers accept frames from
+ *
+ * Written under the half's seq protocol (ivl_abi.h).  The TX table
+ * follows: the refresh it queues builds the table from what is published
+ * here (ivl_table_publish()), so no frame goes out while we are not UP.
+ *
+ * Context: process; takes shm->lock.
  */
 void ivl_slot_publish(struct ivl_shm *shm, u32 state, const u8 *mac)
 {
@@ -186,13 +201,11 @@ static void ivl_leave_ack_publish(struct ivl_shm *shm)
 	struct ivl_slot *slot = ivl_slot(shm, shm->my_slot);
 	struct ivl_peer *p;
 	u64 ack = 0;
-	u32 id;
 
-	for (id = 0; id < shm->max_peers; id++) {
-		p = &shm->peers[id];
-		if (id != shm->my_slot && p->leaving && !p->tx_on)
-			ack |= BIT_ULL(id);
-	}
+	lockdep_assert_held(&shm->lock);
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p))
+		if (p->leaving && !p->tx_on)
+			ack |= BIT_ULL(p->id);
 	if (ack == shm->leave_ack)
 		return;
 	shm->leave_ack = ack;
@@ -200,20 +213,26 @@ static void ivl_leave_ack_publish(struct ivl_shm *shm)
 	virt_store_release(&slot->leave_ack, cpu_to_le64(ack));
 }
 
-/*
- * Peers that may still send to me and have not acknowledged my LEAVING:
- * present, joined and UP, without my bit in their leave_ack.  A slot that
- * cannot be read stably counts as not acknowledged.
+/**
+ * ivl_peers_unacked() - peers that may still send to me, not acknowledged
+ * @shm: the device, my slot LEAVING
+ *
+ * Present, joined and UP, without my bit in their leave_ack.  A slot whose
+ * server half cannot be read stably counts as not acknowledged; one whose
+ * guest half is mid-update counts unless the refresh already judged it
+ * gone.
+ *
+ * Context: process.
+ * Return: how many.
  */
 u32 ivl_peers_unacked(struct ivl_shm *shm)
 {
 	struct ivl_slot_snap s;
-	u32 id, missing = 0;
+	struct ivl_peer *p;
+	u32 missing = 0;
 
-	for (id = 0; id < shm->max_peers; id++) {
-		if (id == shm->my_slot)
-			continue;
-		if (!ivl_slot_snap(shm, id, &s)) {
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
+		if (!ivl_slot_snap(shm, p->id, &s)) {
 			missing++;
 			continue;
 		}
@@ -224,7 +243,7 @@ u32 ivl_peers_unacked(struct ivl_shm *shm)
 		 * gone (its half stuck odd, ivl_peer_assess()).
 		 */
 		if (s.guest_odd) {
-			if (shm->peers[id].want_rx)
+			if (p->want_rx)
 				missing++;
 			continue;
 		}
@@ -236,17 +255,24 @@ u32 ivl_peers_unacked(struct ivl_shm *shm)
 	return missing;
 }
 
-/* Ring the membership vector of every present peer, at its QEMU peer ID. */
+/**
+ * ivl_notify_peers() - ring the membership vector of every present peer
+ * @shm: the device
+ *
+ * At each slot's QEMU peer ID, as read from the region: at worst we ring
+ * an ID that holds no guest.
+ *
+ * Context: any.
+ */
 void ivl_notify_peers(struct ivl_shm *shm)
 {
 	const struct ivl_slot *slot;
-	u32 id, present, peer_id;
+	u32 present, peer_id;
+	struct ivl_peer *p;
 
-	for (id = 0; id < shm->max_peers; id++) {
-		if (id == shm->my_slot)
-			continue;
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
 		/* untrusted: at worst we ring an ID that holds no guest */
-		slot = ivl_slot(shm, id);
+		slot = ivl_slot(shm, p->id);
 		present = le32_to_cpu(READ_ONCE(slot->present));
 		peer_id = le32_to_cpu(READ_ONCE(slot->peer_id));
 		if (present != 1 || peer_id > IVL_PEER_ID_MAX ||
@@ -254,29 +280,6 @@ void ivl_notify_peers(struct ivl_shm *shm)
 			continue;
 		ivl_doorbell(shm, peer_id, IVL_VEC_MEMBERSHIP);
 	}
-}
-
-void ivl_peer_broken(struct ivl_peer *peer, const char *why)
-{
-	if (test_and_set_bit(IVL_PEER_BROKEN, &peer->flags))
-		return;
-	dev_warn_ratelimited(&peer->shm->pdev->dev,
-			     "peer %u: %s; using the lower path until it rejoins\n",
-			     peer->id, why);
-	queue_work(system_wq, &peer->shm->refresh_work);
-}
-
-/* The peer's TX queue lock held. */
-void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,
-		      const char *why)
-{
-	if (test_and_set_bit(IVL_PEER_STALLED, &peer->flags))
-		return;
-	ivl_stat_inc(priv, peer_stalled);
-	dev_warn_ratelimited(&peer->shm->pdev->dev,
-			     "peer %u: %s for %u ms; using the lower path\n",
-			     peer->id, why, ivl_param_stall_ms);
-	queue_work(system_wq, &peer->shm->refresh_work);
 }
 
 /* Decide from one slot snapshot what the peer may be used for. */
@@ -383,18 +386,16 @@ static void ivl_peer_assess(struct ivl_shm *shm, struct ivl_priv *priv,
 static void ivl_peers_mark_dups(struct ivl_shm *shm)
 {
 	struct ivl_peer *p, *q;
-	u32 i, j;
 
-	for (i = 0; i < shm->max_peers; i++)
-		shm->peers[i].dup_mac = false;
-	for (i = 0; i < shm->max_peers; i++) {
-		p = &shm->peers[i];
+	lockdep_assert_held(&shm->lock);
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p))
+		p->dup_mac = false;
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
 		if (!p->want_tx)
 			continue;
 		if (ether_addr_equal(p->new_mac, shm->my_mac))
 			p->dup_mac = true;
-		for (j = i + 1; j < shm->max_peers; j++) {
-			q = &shm->peers[j];
+		for (q = ivl_peer_next(shm, p); q; q = ivl_peer_next(shm, q)) {
 			if (q->want_tx && ether_addr_equal(p->new_mac, q->new_mac)) {
 				p->dup_mac = true;
 				q->dup_mac = true;
@@ -490,15 +491,12 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 	struct ivl_peer_table *t;
 	struct ivl_peer *p;
 	bool rx, tx;
-	u32 id;
 
+	lockdep_assert_held(&shm->lock);
 	t = kzalloc(sizeof(*t), GFP_KERNEL);
 	if (t)
 		ether_addr_copy(t->src, shm->my_mac);
-	for (id = 0; id < shm->max_peers; id++) {
-		p = &shm->peers[id];
-		if (id == shm->my_slot)
-			continue;
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
 		rx = p->want_rx && p->attached;
 		tx = ivl_peer_tx_wanted(p) && p->attached;
 		if (!final) {
@@ -518,7 +516,7 @@ static bool ivl_table_publish(struct ivl_shm *shm, struct ivl_priv *priv,
 			if (!p->rx_on)
 				memcpy(p->rx_mac, p->new_mac, ETH_ALEN);
 			t->rx[t->nr_rx++] = p;
-			t->rx_map |= BIT_ULL(id);
+			t->rx_map |= BIT_ULL(p->id);
 		}
 		if (tx) {
 			memcpy(p->mac, p->new_mac, ETH_ALEN);
@@ -567,6 +565,7 @@ static void ivl_peer_tx_check(struct ivl_priv *priv, struct ivl_peer *p,
 {
 	bool progressed;
 
+	ivl_assert_txq_held(priv, p);
 	if (ivl_ring_check_producer(&p->tx)) {
 		if (!test_bit(IVL_PEER_BROKEN, &p->flags))
 			ivl_stat_inc(priv, tx_bad_ring);
@@ -595,12 +594,11 @@ static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 	unsigned long stall = msecs_to_jiffies(ivl_param_stall_ms);
 	unsigned long now = jiffies;
 	struct ivl_peer *p;
-	u32 id;
 
-	for (id = 0; id < shm->max_peers; id++) {
-		p = &shm->peers[id];
+	lockdep_assert_held(&shm->lock);
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
 		/* a rejoined peer's ring was zeroed: it gets new rings anyway */
-		if (!p->attached || id == shm->my_slot || ivl_peer_moved(p))
+		if (!p->attached || ivl_peer_moved(p))
 			continue;
 		txq = ivl_peer_txq(priv, p);
 		__netif_tx_lock_bh(txq);
@@ -616,18 +614,14 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 	bool drop = false;
 	struct ivl_peer *p;
 	bool tx, macs, rx_macs;
-	u32 id;
 
-	for (id = 0; id < shm->max_peers; id++)
-		if (id != shm->my_slot)
-			ivl_peer_assess(shm, priv, &shm->peers[id], now);
+	lockdep_assert_held(&shm->lock);
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p))
+		ivl_peer_assess(shm, priv, p, now);
 	ivl_peers_tx_check(shm, priv);
 	ivl_peers_mark_dups(shm);
 
-	for (id = 0; id < shm->max_peers; id++) {
-		p = &shm->peers[id];
-		if (id == shm->my_slot)
-			continue;
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
 		tx = ivl_peer_tx_wanted(p);
 		p->reattach = (p->want_rx || tx) &&
 			      (!p->attached || ivl_peer_moved(p));
@@ -650,11 +644,9 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 		/* no xmit or NAPI still uses a ring of a peer taken out */
 		synchronize_rcu();
 	}
-	for (id = 0; id < shm->max_peers; id++) {
-		p = &shm->peers[id];
-		if (id != shm->my_slot && p->reattach)
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p))
+		if (p->reattach)
 			ivl_peer_attach(shm, priv, p);
-	}
 	shm->table_dirty = !ivl_table_publish(shm, priv, true);
 	/* a peer taken out above is a grace period behind us now */
 	ivl_leave_ack_publish(shm);
@@ -689,6 +681,12 @@ static void ivl_hb_timer_fn(struct timer_list *t)
 	mod_timer(&shm->hb_timer, jiffies + msecs_to_jiffies(IVL_HEARTBEAT_MS));
 }
 
+/**
+ * ivl_peers_init() - initialise the peer array, the lock, work and timers
+ * @shm: the device being probed, @shm->peers allocated
+ *
+ * Context: probe.
+ */
 void ivl_peers_init(struct ivl_shm *shm)
 {
 	struct ivl_peer *p;
@@ -709,12 +707,22 @@ void ivl_peers_init(struct ivl_shm *shm)
 	}
 }
 
-/* rtnl.  Start a session with @priv: forget ring state from any earlier one. */
+/**
+ * ivl_peers_start() - start a session with @priv
+ * @shm: the device
+ * @priv: the ivl0 it is attached to
+ *
+ * Forgets ring state from any earlier session and starts the heartbeat
+ * and the table refresh.
+ *
+ * Context: rtnl.
+ */
 void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv)
 {
 	struct ivl_peer *p;
 	u32 id;
 
+	ASSERT_RTNL();
 	mutex_lock(&shm->lock);
 	for (id = 0; id < shm->max_peers; id++) {
 		p = &shm->peers[id];
@@ -741,15 +749,20 @@ void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv)
 	queue_work(system_wq, &shm->refresh_work);
 }
 
-/*
- * rtnl.  Stop rebuilding and publish an empty table; the caller waits for
- * a grace period before touching rings.  Peers keep rx_on/attached so the
- * caller can drain them.
+/**
+ * ivl_peers_stop() - stop rebuilding and publish an empty table
+ * @shm: the device
+ *
+ * The caller waits for a grace period before touching rings.  Peers keep
+ * rx_on/attached so the caller can drain them.
+ *
+ * Context: rtnl; waits for the heartbeat timer and the refresh work.
  */
 void ivl_peers_stop(struct ivl_shm *shm)
 {
 	struct ivl_peer_table *old;
 
+	ASSERT_RTNL();
 	mutex_lock(&shm->lock);
 	shm->stopping = true;
 	old = ivl_table_locked(shm);
@@ -803,7 +816,6 @@ static int ivl_peers_show(struct seq_file *m, void *v)
 	struct ivl_shm *shm = m->private;
 	u64 txp, txb, rxp, rxb;
 	struct ivl_peer *p;
-	u32 id;
 
 	mutex_lock(&shm->lock);
 	seq_printf(m, "# my_slot %u my_peer_id %u max_peers %u ring_size %u attached %s\n",
@@ -811,14 +823,13 @@ static int ivl_peers_show(struct seq_file *m, void *v)
 		   shm->priv && !shm->stopping ? "yes" : "no");
 	/* id is the slot; the harness parses the first three columns */
 	seq_puts(m, "# id mac state gen tx_packets tx_bytes rx_packets rx_bytes peer_id\n");
-	for (id = 0; id < shm->max_peers; id++) {
-		p = &shm->peers[id];
-		if (id == shm->my_slot || (!p->attached && !p->want_rx))
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
+		if (!p->attached && !p->want_rx)
 			continue;
 		ivl_peer_stats_read(&p->tx_stats, &txp, &txb);
 		ivl_peer_stats_read(&p->rx_stats, &rxp, &rxb);
 		seq_printf(m, "%u %pM %s %llu %llu %llu %llu %llu %u\n",
-			   id, p->tx_on ? p->mac : p->new_mac,
+			   p->id, p->tx_on ? p->mac : p->new_mac,
 			   ivl_peer_state(p), p->gen, txp, txb, rxp, rxb,
 			   p->attached ? p->peer_id : p->seen_peer_id);
 	}
@@ -827,6 +838,14 @@ static int ivl_peers_show(struct seq_file *m, void *v)
 }
 DEFINE_SHOW_ATTRIBUTE(ivl_peers);
 
+/**
+ * ivl_peers_debugfs_add() - ivloop/<pci name>/peers in debugfs
+ * @shm: the device
+ *
+ * The harness reads it; debugfs is optional, errors are ignored.
+ *
+ * Context: probe.
+ */
 void ivl_peers_debugfs_add(struct ivl_shm *shm)
 {
 	/* ERR_PTR-tolerant, like the root: debugfs is optional */

@@ -103,10 +103,15 @@ static bool ivl_poll_starved(const struct ivl_priv *priv, u64 now)
 	return now < READ_ONCE(priv->poll_starved);
 }
 
-/*
- * We put a frame into a peer's ring: an answer may follow, so open a
- * window unless one is open.  Only the opening counts: a sender that never
- * hears back must not keep its window open by sending.  TX lock held.
+/**
+ * ivl_poll_tx() - we put a frame into a peer's ring
+ * @priv: ivl0
+ *
+ * An answer may follow, so open a window unless one is open.  Only the
+ * opening counts: a sender that never hears back must not keep its
+ * window open by sending.
+ *
+ * Context: xmit, for every frame it puts into a ring.
  */
 void ivl_poll_tx(struct ivl_priv *priv)
 {
@@ -137,14 +142,18 @@ void ivl_poll_tx(struct ivl_priv *priv)
 	}
 }
 
-/*
- * NAPI took frames from the rings.  While a window is open, frames keep
- * it open only if we sent something since it was last extended: an
- * exchange goes on polling, while a peer that sends one unanswered frame
- * per window cannot keep ours open for ever.  Otherwise, a frame after
- * one of ours is an answer that had to wait for a doorbell: poll longer
- * next time.  Frames that answer nothing (a one-way stream to us) never
- * start polling.
+/**
+ * ivl_poll_rx() - NAPI took frames from the rings
+ * @priv: ivl0
+ *
+ * While a window is open, frames keep it open only if we sent something
+ * since it was last extended: an exchange goes on polling, while a peer
+ * that sends one unanswered frame per window cannot keep ours open for
+ * ever.  Otherwise, a frame after one of ours is an answer that had to
+ * wait for a doorbell: poll longer next time.  Frames that answer nothing
+ * (a one-way stream to us) never start polling.
+ *
+ * Context: NAPI.
  */
 void ivl_poll_rx(struct ivl_priv *priv)
 {
@@ -321,6 +330,13 @@ static int ivl_poll_thread(void *data)
 	return 0;
 }
 
+/**
+ * ivl_poll_init() - create ivl0's ring poller thread and watchdog
+ * @priv: ivl0, being registered
+ *
+ * Context: process (ndo_init).
+ * Return: 0, or the error of creating the thread.
+ */
 int ivl_poll_init(struct ivl_priv *priv)
 {
 	struct task_struct *t;
@@ -337,6 +353,12 @@ int ivl_poll_init(struct ivl_priv *priv)
 	return 0;
 }
 
+/**
+ * ivl_poll_uninit() - stop the poller thread and its watchdog
+ * @priv: ivl0, being unregistered
+ *
+ * Context: process (ndo_uninit).
+ */
 void ivl_poll_uninit(struct ivl_priv *priv)
 {
 	if (!priv->poller)

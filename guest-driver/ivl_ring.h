@@ -10,6 +10,9 @@
  * record header is read once with READ_ONCE/virt_load_acquire into a local,
  * checked, and only the local is used.  A check that fails returns -EBADMSG
  * and the caller drops the peer to the lower path.
+ *
+ * The types are documented below; each function is documented (kernel-doc)
+ * at its definition in ivl_ring.c, next to the barriers it describes.
  */
 #ifndef IVL_RING_H
 #define IVL_RING_H
@@ -22,36 +25,109 @@
 #endif
 #include "ivl_abi.h"
 
-/* Offload metadata carried by a record (host byte order). */
+/**
+ * struct ivl_rec_meta - offload metadata carried by a record
+ * @flags: IVL_REC_CSUM_PARTIAL (checksum still to be filled in) and
+ *         IVL_REC_CSUM_VALID (checksum already verified); a record
+ *         carries no other bit
+ * @gso_type: IVL_GSO_NONE, or IVL_GSO_TCPV4, IVL_GSO_TCPV6 (either may
+ *            have IVL_GSO_ECN or'ed in) or IVL_GSO_UDP_L4
+ * @gso_size: MSS of a GSO frame; not 0 when @gso_type is not IVL_GSO_NONE
+ * @csum_start: with IVL_REC_CSUM_PARTIAL, where checksumming starts, in
+ *              bytes from the frame's start
+ * @csum_offset: with IVL_REC_CSUM_PARTIAL, where the 16-bit checksum goes,
+ *               in bytes from @csum_start
+ *
+ * Host byte order; the record header holds the same fields little-endian.
+ * On the producer side the caller fills it for ivl_ring_commit(), which
+ * keeps only the two checksum bits of @flags and checks nothing else.  On
+ * the consumer side ivl_ring_peek() fills the one in &struct ivl_rec from
+ * its checked copy of the header: no unknown or pad flag, a GSO type and
+ * size that go together, and with IVL_REC_CSUM_PARTIAL a checksum field
+ * inside the frame.  Whether the metadata fits the frame's headers is
+ * ivl_meta_check()'s question, not the ring's.
+ */
 struct ivl_rec_meta {
-	u16 flags;		/* IVL_REC_CSUM_PARTIAL | IVL_REC_CSUM_VALID */
-	u16 gso_type;		/* IVL_GSO_* */
+	u16 flags;
+	u16 gso_type;
 	u16 gso_size;
 	u16 csum_start;
 	u16 csum_offset;
 };
 
-/* A producer's or consumer's private view of one ring. */
+/**
+ * struct ivl_ring - a producer's or consumer's private view of one ring
+ * @ctrl: the ring's control block in the shared region (both sides): shared
+ *        and untrusted, the peer may rewrite any of it at any time
+ * @data: the ring's @size data bytes, right after @ctrl (both sides):
+ *        shared and untrusted
+ * @size: data bytes in the ring, a power of two (both sides)
+ * @mask: @size - 1, to turn an index into an offset (both sides)
+ * @prod: producer side: the next byte to publish.  Private, and the truth:
+ *        the shared prod only mirrors it.  Stays 0 on a consumer's view.
+ * @cons: consumer side: the next byte to consume.  Private, and the truth:
+ *        the shared cons only mirrors it.  Stays 0 on a producer's view.
+ *        ivl_ring_pending() reads it beside the other consumer calls.
+ * @other: both sides: the last peer index seen and found sane, the
+ *         consumer's cons on a producer's view, the producer's prod on a
+ *         consumer's view (the attach sets it to its own start index)
+ * @pending: producer side: bytes reserved by ivl_ring_reserve() and not
+ *           yet committed, 0 when there is no reservation
+ * @broken: both sides: the peer broke the ring (a bad index or record);
+ *          sticky until the next attach
+ *
+ * One side's view: an attach (ivl_ring_attach_producer(),
+ * ivl_ring_restart_producer() or ivl_ring_attach_consumer()) sets every
+ * field and decides the side; only the ring functions write the fields
+ * after that, serialised by the caller as ivl_ring.c documents for each.
+ * The caller may read them under the same serialisation.  The two indices
+ * the sides share live in @ctrl, written by one side each; @prod, @cons
+ * and @other are the private copies each side trusts instead.
+ */
 struct ivl_ring {
-	struct ivl_ring_ctrl *ctrl;	/* shared, untrusted */
-	u8 *data;			/* shared, untrusted, @size bytes */
-	u32 size;			/* power of two */
+	struct ivl_ring_ctrl *ctrl;
+	u8 *data;
+	u32 size;
 	u32 mask;
-	u32 prod;		/* producer: next byte to publish (private) */
-	u32 cons;		/* consumer: next byte to consume (private) */
-	u32 other;		/* last peer index seen (cons or prod) */
-	u32 pending;		/* producer: bytes reserved, not yet committed */
-	bool broken;		/* the peer broke the ring; sticky */
+	u32 prod;
+	u32 cons;
+	u32 other;
+	u32 pending;
+	bool broken;
 };
 
-/* A record handed to the consumer: @data points into the ring. */
+/**
+ * struct ivl_rec - a record handed to the consumer by ivl_ring_peek()
+ * @data: the frame's first byte, inside the ring's shared data area: the
+ *        peer may rewrite it while the caller reads it
+ * @len: frame bytes at @data, at most IVL_MAX_FRAME, all published and
+ *       before the ring's end
+ * @meta: the record's offload metadata, as checked by ivl_ring_peek()
+ * @span: bytes the record occupies in the ring, header and alignment
+ *        padding included (ivl_rec_span() of @len)
+ *
+ * Consumer side: ivl_ring_peek() fills every field from its local, checked
+ * copy of the record header; the caller only reads them, copies the frame
+ * at @data once and uses only the copy, then hands the record back to
+ * ivl_ring_consume(), which releases @span bytes.
+ */
 struct ivl_rec {
 	const u8 *data;
 	u32 len;
 	struct ivl_rec_meta meta;
-	u32 span;		/* bytes the record occupies in the ring */
+	u32 span;
 };
 
+/**
+ * ivl_rec_span() - bytes a record of @len frame bytes occupies in a ring
+ * @len: frame bytes
+ *
+ * The record header and @len, rounded up to IVL_REC_ALIGN, which keeps
+ * every record header aligned.
+ *
+ * Context: Any context.
+ * Return: the record's span, a multiple of IVL_REC_ALIGN.
+ */
 static inline u32 ivl_rec_span(u32 len)
 {
 	return (u32)((sizeof(struct ivl_rec_hdr) + len + IVL_REC_ALIGN - 1) &
@@ -59,37 +135,18 @@ static inline u32 ivl_rec_span(u32 len)
 }
 
 /*
- * Attach to ring memory.  @base points at the struct ivl_ring_ctrl; the data
- * follows it.  @size must be a power of two within IVL_RING_{MIN,MAX}_SIZE.
- * Does not write shared memory.  The producer starts from the shared prod,
- * the consumer from the shared cons (the server zeroed both on join).
- * ivl_ring_restart_producer() is the producer's attach to a ring whose
- * consumer started afresh while we may have published into it: it starts
- * at the consumer's cons and publishes that as prod, so what we wrote
- * before is never parsed.  Each reads the shared index once and keeps the
- * local copy.
+ * Attach (kernel-doc at the definitions in ivl_ring.c): make @r the
+ * producer's or the consumer's view of the ring at @base.  Nothing else
+ * may use @r meanwhile.
  */
 int ivl_ring_attach_producer(struct ivl_ring *r, void *base, u32 size);
 int ivl_ring_restart_producer(struct ivl_ring *r, void *base, u32 size);
 int ivl_ring_attach_consumer(struct ivl_ring *r, void *base, u32 size);
 
 /*
- * Producer.  ivl_ring_reserve() returns where @len frame bytes may be
- * written contiguously, or NULL when the ring is full (or ERR-free NULL when
- * @len > IVL_MAX_FRAME).  It may write a pad record.  ivl_ring_commit()
- * writes the record header and publishes it (store-release on prod); @len
- * must not exceed the reserved length, @meta may be NULL (no offloads).
- * Several commits may precede one ivl_ring_need_kick() (xmit_more).
- * ivl_ring_need_kick() is called after commits: it orders the prod store
- * before the need_kick load (full barrier) and says whether to ring the
- * doorbell.  ivl_ring_has_room() says whether a reserve of @len (including
- * any pad it would need) would succeed now.
- *
- * reserve() and has_room() also return NULL/false when the consumer broke
- * the ring (cons out of range or misaligned).  ivl_ring_check_producer()
- * tells the two apart: 0 while the ring is sane (NULL meant full, or
- * @len > IVL_MAX_FRAME), -EBADMSG once the peer broke it (sticky until
- * the next attach).
+ * Producer (kernel-doc at the definitions in ivl_ring.c): reserve, write
+ * the frame, commit; after one or more commits, need_kick says whether to
+ * ring the doorbell.  The caller serialises all producer calls on a ring.
  */
 void *ivl_ring_reserve(struct ivl_ring *r, u32 len);
 void ivl_ring_commit(struct ivl_ring *r, u32 len, const struct ivl_rec_meta *meta);
@@ -98,23 +155,10 @@ bool ivl_ring_has_room(struct ivl_ring *r, u32 len);
 int ivl_ring_check_producer(struct ivl_ring *r);
 
 /*
- * Consumer.  ivl_ring_peek() returns 0 with @rec filled, -EAGAIN when empty,
- * -EBADMSG when the peer broke the ring (bad index, length, flags, or a
- * record crossing the ring's end); -EBADMSG is sticky until the next
- * attach.  Pad records are skipped (and released) internally.
- * @rec->data points into shared memory that the peer may rewrite while the
- * caller copies it: copy it once, then use only the copy.  A rewrite can
- * only corrupt that frame (checksums catch it), never the caller's memory.
- * ivl_ring_consume() releases the record (store-release on cons); call it
- * only after the copy.
- * ivl_ring_enable_kick() sets need_kick, issues a full barrier and returns
- * true when records arrived meanwhile (the caller keeps polling);
- * ivl_ring_disable_kick() clears it while polling.  ivl_ring_empty() is
- * true when the consumer has nothing to peek; a broken ring is not empty
- * (so the caller peeks and sees -EBADMSG).
- * ivl_ring_pending() is a lock-free hint that the producer published
- * something: it may run beside the other consumer calls, writes nothing,
- * and checks nothing (the next peek does).
+ * Consumer (kernel-doc at the definitions in ivl_ring.c): peek, copy the
+ * frame once, consume; enable_kick before going idle, disable_kick while
+ * polling.  The caller serialises all consumer calls on a ring; only
+ * ivl_ring_pending() may run beside them.
  */
 int ivl_ring_peek(struct ivl_ring *r, struct ivl_rec *rec);
 void ivl_ring_consume(struct ivl_ring *r, const struct ivl_rec *rec);

@@ -26,7 +26,8 @@ from kernel_headers import (
 )
 
 # Our files; ivl_ring.c, ivl_ring.h and ivl_abi.h have their own checks.
-CHECKPATCH_FILES = ("ivl_main.c", "ivl_pci.c", "ivl_netdev.c", "ivl_peer.c", "ivl_poll.c",
+CHECKPATCH_FILES = ("ivl_main.c", "ivl_pci.c", "ivl_netdev.c", "ivl_ethtool.c", "ivl_core.c",
+                    "ivl_peer.c", "ivl_poll.c",
                     "ivl_ring.c", "ivl_meta.c", "ivl.h", "ivl_ring.h", "ivl_meta.h")
 #: Headers shared with user space, checked with --ignore PREFER_KERNEL_TYPES
 #: (guest-driver/Makefile's ABI_HDRS says why).
