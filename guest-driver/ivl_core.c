@@ -179,7 +179,13 @@ static bool ivl_tx_meta(const struct sk_buff *skb, struct ivl_rec_meta *m)
 	}
 	if (!(m->flags & IVL_REC_CSUM_PARTIAL))
 		return true;
-	/* the headers are linear in practice: no copy then */
+	/* the stack keeps the headers linear: check them there, no copy */
+	hlen = min_t(u32, skb_headlen(skb), IVL_META_HDR_MAX);
+	if (!ivl_meta_check(skb->data, hlen, skb->len, m))
+		return true;
+	if (hlen == min_t(u32, skb->len, IVL_META_HDR_MAX))
+		return false;
+	/* headers reaching into the frags: what the receiver will see */
 	hlen = min_t(u32, skb->len, IVL_META_HDR_MAX);
 	hdr = skb_header_pointer(skb, 0, hlen, buf);
 	return hdr && !ivl_meta_check(hdr, hlen, skb->len, m);
