@@ -1,9 +1,9 @@
 """The ``harness`` command: argument parsing and output over the library.
 
 Each subcommand calls one module: :mod:`harness.cluster` (up, down, plug,
-restart, server-restart), :mod:`harness.migrate`, :mod:`harness.watch`,
-:mod:`harness.demo`, :mod:`harness.bench` with :mod:`harness.bench_report`,
-:mod:`harness.soak`; guests are reached through :mod:`harness.guest`.
+restart, server-restart), :mod:`harness.migrate`, :mod:`harness.experiments.watch`,
+:mod:`harness.experiments.demo`, :mod:`harness.experiments.bench` with :mod:`harness.experiments.bench_report`,
+:mod:`harness.experiments.soak`; guests are reached through :mod:`harness.lab.guest`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from . import bench as bench_mod
-from . import bench_report, cluster
-from . import demo as demo_mod
-from . import migrate as migrate_mod
-from . import soak as soak_mod
-from . import topology as topology_mod
-from . import watch as watch_mod
-from .errors import GuestError, HarnessError, StateError
-from .state import StateDir, VMState, VMStatus
+from harness import cluster
+from harness import migrate as migrate_mod
+from harness.errors import GuestError, HarnessError, StateError
+from harness.experiments import bench as bench_mod
+from harness.experiments import bench_report
+from harness.experiments import demo as demo_mod
+from harness.experiments import soak as soak_mod
+from harness.experiments import watch as watch_mod
+from harness.lab import topology as topology_mod
+from harness.lab.state import StateDir, VMState, VMStatus
 
 out = Console()
 err = Console(stderr=True)

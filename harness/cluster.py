@@ -13,15 +13,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.errors import HarnessError, ImageError, StateError
+from harness.lab import accel as accel_mod
+from harness.lab import guest as guest_mod
+from harness.lab import guestdisk, hostnet, paths, qemu, servers
+from harness.lab.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
+from harness.lab.topology import Topology, VMSpec
+from harness.lab.topology import parse as parse_topology
 from ivloop_libvirt import fdholes
-
-from . import accel as accel_mod
-from . import guest as guest_mod
-from . import guestdisk, hostnet, paths, qemu, servers
-from .errors import HarnessError, ImageError, StateError
-from .state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
-from .topology import Topology, VMSpec
-from .topology import parse as parse_topology
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
             for host in topo.hosts.values():
                 start_server(sd, state, host.name)
         if backend == "libvirt":
-            from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+            from harness.backends import libvirt as backend_libvirt
 
             backend_libvirt.start_daemons(sd, state)
         for vm in topo.vms.values():
@@ -258,7 +257,7 @@ def down(sd: StateDir) -> list[str]:
     except StateError:
         log.warning("state file unreadable; removing what can be found by name")
         state = State(instance=sd.instance, topology={}, topology_source="")
-    from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+    from harness.backends import libvirt as backend_libvirt
 
     # libvirt's domains and daemons first (found by their directories), while
     # the host namespaces their QEMUs are checked against still exist
@@ -439,7 +438,7 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
     """Hot-plug or hot-unplug a VM's ivshmem device and record it."""
     state = sd.load()
     if state.backend == "libvirt":
-        from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+        from harness.backends import libvirt as backend_libvirt
 
         backend_libvirt.set_ivshmem(sd, name, attached)
         return

@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import accel as accel_mod
-from . import cluster, hostnet, paths, qemu
-from .errors import HarnessError, MigrationError, QemuBinaryError, StateError
-from .guest import Guest
-from .state import State, StateDir, VMState, VMStatus
+from harness import cluster
+from harness.errors import HarnessError, MigrationError, QemuBinaryError, StateError
+from harness.lab import accel as accel_mod
+from harness.lab import hostnet, paths, qemu
+from harness.lab.guest import Guest
+from harness.lab.state import State, StateDir, VMState, VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
     """
     state = sd.load()
     if state.backend == "libvirt":
-        from . import backend_libvirt  # noqa: PLC0415 (it imports this module)
+        from harness.backends import libvirt as backend_libvirt
 
         return backend_libvirt.migrate(sd, vm, source, dest, timeout=timeout,
                                        max_bandwidth_mib=max_bandwidth_mib, progress=progress)

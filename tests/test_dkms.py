@@ -15,7 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kernel_headers import SERIES, build_env, copy_sources, headers, modinfo, package_version
+
+from .kernel_headers import SERIES, build_env, copy_sources, headers, modinfo, package_version
 
 ARCH = "x86_64"
 

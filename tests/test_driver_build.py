@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kernel_headers import (
+
+from .kernel_headers import (
     DRIVER,
     REPO,
     SERIES,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.state import StateDir
+from harness.lab.state import StateDir
 
 from .support import record_default_topology
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, topology
-from harness.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
+from harness import cli
+from harness.lab import topology
+from harness.lab.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
 
 #: A PID that no process has (above the kernel's pid_max limit).
 DEAD = ProcRecord(pid=2**22 + 1, start_time=1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.accel import Choice, Facts, decide
 from harness.errors import AccelError
+from harness.lab.accel import Choice, Facts, decide
 
 GOOD = Facts(kvm_usable=True, pvm_host=False, probe_booted=True)
 

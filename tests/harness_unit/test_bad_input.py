@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, cluster, qemu, topology
-from harness import soak as soak_mod
-from harness.accel import Choice
+from harness import cli, cluster
 from harness.errors import TopologyError
-from harness.state import State, StateDir
+from harness.experiments import soak as soak_mod
+from harness.lab import qemu, topology
+from harness.lab.accel import Choice
+from harness.lab.state import State, StateDir
 
 from .support import run, snapshot
 

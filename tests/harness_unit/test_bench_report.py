@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from harness import bench, bench_report, cli, paths
-from harness.bench_report import BenchReportError, validate
+from harness import cli
+from harness.experiments import bench, bench_report
+from harness.experiments.bench_report import BenchReportError, validate
+from harness.lab import paths
 
 REPO = Path(__file__).resolve().parents[2]
 

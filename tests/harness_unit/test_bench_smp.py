@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from harness import bench, bench_report, cli, topology
-from harness.bench_report import BenchReportError, smp_counters_problem, validate_smp
+from harness import cli
 from harness.errors import TopologyError
-from harness.state import State, VMState, VMStatus
+from harness.experiments import bench, bench_report
+from harness.experiments.bench_report import BenchReportError, smp_counters_problem, validate_smp
+from harness.lab import topology
+from harness.lab.state import State, VMState, VMStatus
 
 # (path, workload) -> metric -> values for reps 0..4
 THROUGHPUT = {

@@ -11,8 +11,8 @@ import pytest
 
 from harness import cli
 from harness import migrate as migrate_mod
-from harness import soak as soak_mod
-from harness.state import StateDir
+from harness.experiments import soak as soak_mod
+from harness.lab.state import StateDir
 
 from .support import run, snapshot
 

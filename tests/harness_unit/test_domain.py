@@ -11,8 +11,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from harness import domain, qemu, topology
-from harness.accel import Choice
+from harness.backends import domain
+from harness.lab import qemu, topology
+from harness.lab.accel import Choice
 from ivloop_libvirt.shmem import PciAddress, ShmemDevice
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from harness import cli, cluster
 from harness.errors import GuestError
-from harness.guest import Guest
-from harness.state import State, StateDir
+from harness.lab.guest import Guest
+from harness.lab.state import State, StateDir
 
 DD = ["sh", "-c", "dd if=/dev/zero of=/tmp/f count=1"]
 

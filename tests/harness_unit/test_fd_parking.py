@@ -18,7 +18,8 @@ from typing import Any, cast
 
 import pytest
 
-from harness import cluster, qemu
+from harness import cluster
+from harness.lab import qemu
 
 CHILD = r"""
 import json, os, socket, sys

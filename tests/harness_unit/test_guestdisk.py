@@ -1,4 +1,4 @@
-"""The systemd Debian guest's per-VM disk (harness.guestdisk) and its QEMU arguments."""
+"""The systemd Debian guest's per-VM disk (harness.lab.guestdisk) and its QEMU arguments."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import guestdisk, qemu, topology
-from harness.accel import Choice
 from harness.errors import ImageError
+from harness.lab import guestdisk, qemu, topology
+from harness.lab.accel import Choice
 
 needs_e2fs = pytest.mark.skipif(
     shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None,

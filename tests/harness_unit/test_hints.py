@@ -6,7 +6,7 @@ import pytest
 
 from harness import cluster
 from harness.errors import StateError
-from harness.state import StateDir
+from harness.lab.state import StateDir
 
 
 def test_a_down_vm_points_to_restart_not_up(state_dir: StateDir) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from harness import cluster, hostnet, qemu, topology
-from harness.state import HostState, State, StateDir
+from harness import cluster
+from harness.lab import hostnet, qemu, topology
+from harness.lab.state import HostState, State, StateDir
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -91,7 +92,7 @@ def test_a_vms_tap_gets_the_topologys_mtu(tmp_path: Path, monkeypatch: pytest.Mo
                                           toml: str, mtu: int | None) -> None:
     """Every VM start goes through cluster.start_vm: `up`, `restart` and a
     migration destination (which makes its tap on the destination host)."""
-    topo = topology.load(Path(topology.__file__).parent / "topologies" / toml)
+    topo = topology.load(Path(topology.__file__).parents[1] / "topologies" / toml)
     sd = StateDir(tmp_path / "state")
     state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
                   accel="tcg")

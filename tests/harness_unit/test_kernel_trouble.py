@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.soak import KERNEL_TROUBLE
+from harness.experiments.soak import KERNEL_TROUBLE
 
 QUIET = [
     "[    0.081234] smpboot: Total of 2 processors activated (7983.42 BogoMIPS)",

@@ -2,7 +2,7 @@
 
 No daemon runs here (tests/vm/test_libvirt.py starts real ones); the
 processes stood in for libvirtd and its QEMUs are plain shells whose command
-lines look like theirs, which is all :mod:`harness.libvirtd` goes by.
+lines look like theirs, which is all :mod:`harness.backends.libvirtd` goes by.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import libvirtd
+from harness.backends import libvirtd
 from harness.errors import StateError
-from harness.state import StateDir
+from harness.lab.state import StateDir
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import memcheck
 from harness.errors import GuestError
+from harness.lab import memcheck
 
 
 def test_a_clean_run_is_ok() -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import bench, cli, cluster, hostnet, migrate, qemu
-from harness.accel import Choice
+from harness import cli, cluster, migrate
 from harness.errors import QemuBinaryError
-from harness.qemu import Binary, Version
-from harness.state import ProcRecord, StateDir
+from harness.experiments import bench
+from harness.lab import hostnet, qemu
+from harness.lab.accel import Choice
+from harness.lab.qemu import Binary, Version
+from harness.lab.state import ProcRecord, StateDir
 
 from .support import record_default_topology, snapshot
 from .test_template import opt, spec

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from harness import topology
+from harness.lab import topology
 from ivloop_server.__main__ import _power_of_two_size
 
 

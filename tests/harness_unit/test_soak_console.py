@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from harness.soak import console_trouble
+from harness.experiments.soak import console_trouble
 
 PANIC = """[  393.613465] list_del corruption. next->prev should be fffd5582c03d4808
 [  393.617345] kernel BUG at lib/list_debug.c:62!

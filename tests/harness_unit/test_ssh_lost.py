@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from harness import cli, cluster
-from harness.guest import Guest
-from harness.state import ProcRecord, State, StateDir
+from harness.lab.guest import Guest
+from harness.lab.state import ProcRecord, State, StateDir
 
 from .support import record_default_topology
 

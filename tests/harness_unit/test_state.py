@@ -11,7 +11,7 @@ import pytest
 
 from harness import cli
 from harness.errors import BusyError, StateError
-from harness.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
+from harness.lab.state import HostState, ProcRecord, State, StateDir, VMState, VMStatus
 
 
 def test_state_round_trips_through_json(tmp_path: Path) -> None:

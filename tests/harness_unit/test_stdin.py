@@ -29,8 +29,8 @@ from invoke.runners import Result
 
 from harness import cli, cluster
 from harness.errors import GuestError
-from harness.guest import Guest, ensure_key
-from harness.state import State, StateDir
+from harness.lab.guest import Guest, ensure_key
+from harness.lab.state import State, StateDir
 
 
 def _copy(read: Callable[[int], bytes], write: Callable[[bytes], Any]) -> None:

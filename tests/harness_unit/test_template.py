@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from harness import qemu, topology
-from harness.accel import Choice
+from harness.lab import qemu, topology
+from harness.lab.accel import Choice
 
 
 def spec(tmp_path: Path, **kw: object) -> qemu.LaunchSpec:

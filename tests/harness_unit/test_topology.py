@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import topology
 from harness.errors import TopologyError
+from harness.lab import topology
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -125,7 +125,7 @@ image = "debian"
 
 
 def test_shipped_debian_topology_boots_two_debian_guests_on_one_host() -> None:
-    topo = topology.load(Path(topology.__file__).parent / "topologies" / "debian.toml")
+    topo = topology.load(Path(topology.__file__).parents[1] / "topologies" / "debian.toml")
     assert [(vm.host, vm.image) for vm in topo.vms.values()] == [("A", "debian")] * 2
     assert topo.vms_on("B") == [] and topo.vm("deb2").mobile
 
@@ -167,7 +167,7 @@ host = "B"
 
 
 def test_shipped_jumbo_topology_is_the_default_one_at_9000() -> None:
-    topo = topology.load(Path(topology.__file__).parent / "topologies" / "jumbo.toml")
+    topo = topology.load(Path(topology.__file__).parents[1] / "topologies" / "jumbo.toml")
     default = topology.load()
     assert topo.mtu == 9000
     assert {h: (s.region_size, s.max_peers) for h, s in topo.hosts.items()} == {

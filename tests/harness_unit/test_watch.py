@@ -18,8 +18,9 @@ from typing import ClassVar
 
 import pytest
 
-from harness import cluster, watch
-from harness.state import State, StateDir
+from harness import cluster
+from harness.experiments import watch
+from harness.lab.state import State, StateDir
 
 SERVER_PID = 50
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import qemu, topology
-from harness.accel import Choice
+from harness.lab import qemu, topology
+from harness.lab.accel import Choice
 from ivloop_server.errors import ConfigError, NicMapError
 from ivloop_server.nic import (
     ProcNicResolver,

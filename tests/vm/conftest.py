@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from harness import cluster, hostnet, topology
-from harness.state import StateDir
+from harness import cluster
+from harness.lab import hostnet, topology
+from harness.lab.state import StateDir
 
 from .lab import Lab
 

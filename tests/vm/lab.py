@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import cluster, paths, topology
+from harness import cluster
 from harness import migrate as migrate_mod
-from harness.guest import Guest
-from harness.soak import KERNEL_TROUBLE
-from harness.state import State, StateDir
-from harness.topology import Topology
+from harness.experiments.soak import KERNEL_TROUBLE
+from harness.lab import paths, topology
+from harness.lab.guest import Guest
+from harness.lab.state import State, StateDir
+from harness.lab.topology import Topology
 
 #: The longest a round-trip migration test streams: two migrations on a
 #: loaded 2-core machine and the seconds around them.  Watch.end_after()
@@ -182,7 +183,7 @@ def deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 def kernel_trouble(g: Guest) -> list[str]:
-    """dmesg lines that mean real kernel trouble (harness.soak's pattern)."""
+    """dmesg lines that mean real kernel trouble (harness.experiments.soak's pattern)."""
     return [line for line in g.run("dmesg").splitlines() if KERNEL_TROUBLE.search(line)]
 
 

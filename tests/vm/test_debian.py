@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import paths
-from harness.guest import Guest
-from harness.watch import Watch
+from harness.experiments.watch import Watch
+from harness.lab import paths
+from harness.lab.guest import Guest
 
 from .conftest import booted
 from .lab import ROUND_TRIP_MAX_S, Lab, deltas, kernel_trouble, topology_file

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import cluster, demo, paths
-from harness.guest import Guest
-from harness.soak import KERNEL_TROUBLE
+from harness import cluster
+from harness.experiments import demo
+from harness.experiments.soak import KERNEL_TROUBLE
+from harness.lab import paths
+from harness.lab.guest import Guest
 
 from .lab import Lab, received_bytes
 

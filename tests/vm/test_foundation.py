@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.state import StateDir
+from harness.lab.state import StateDir
 
 from .conftest import leftovers, recorded_pids
 from .lab import Lab, mbps, received_bytes

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from harness import cluster, paths
+from harness import cluster
+from harness.lab import paths
 
 from .conftest import booted
 from .lab import (

@@ -1,6 +1,6 @@
 """The harness on libvirt: a real libvirtd per simulated host, VMs as domains.
 
-Drives harness.backend_libvirt directly (the CLI's ``--backend libvirt``
+Drives harness.backends.libvirt directly (the CLI's ``--backend libvirt``
 wiring calls the same functions).  The default topology boots once for the
 module; its teardown checks that nothing is left: no libvirtd, no QEMU, no
 namespace, no mount, no socket, no libvirt directory.
@@ -23,10 +23,13 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from harness import accel, backend_libvirt, cluster, domain, hostnet, libvirtd, paths, topology
+from harness import cluster
+from harness.backends import domain, libvirtd
+from harness.backends import libvirt as backend_libvirt
 from harness.errors import MigrationError
-from harness.state import StateDir
-from harness.watch import Watch
+from harness.experiments.watch import Watch
+from harness.lab import accel, hostnet, paths, topology
+from harness.lab.state import StateDir
 
 from .conftest import leftovers, recorded_pids
 from .lab import ROUND_TRIP_MAX_S, Lab
@@ -95,7 +98,7 @@ def test_down_finds_a_daemon_whose_harness_was_killed(tmp_path: Path) -> None:
 import os, signal
 from pathlib import Path
 from harness import hostnet, libvirtd
-from harness.state import StateDir
+from harness.lab.state import StateDir
 sd = StateDir(Path({str(sd.path)!r}))
 (sd.path / "logs").mkdir(parents=True)
 hostnet.create_host(sd.netns_name("A"))

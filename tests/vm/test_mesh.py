@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import paths
+from harness.lab import paths
 
 from .conftest import booted
 from .lab import (

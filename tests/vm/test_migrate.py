@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from harness import memcheck, migrate, paths
+from harness import migrate
 from harness.errors import MigrationError
-from harness.watch import Watch
+from harness.experiments.watch import Watch
+from harness.lab import memcheck, paths
 
 from .lab import ROUND_TRIP_MAX_S, Lab
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import cluster, paths, topology
-from harness.soak import KERNEL_TROUBLE
-from harness.state import StateDir
+from harness import cluster
+from harness.experiments.soak import KERNEL_TROUBLE
+from harness.lab import paths, topology
+from harness.lab.state import StateDir
 from ivloop_server.region import find_server_region, read_directory
 
 from .conftest import boot, teardown

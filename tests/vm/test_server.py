@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from harness import cluster, topology
-from harness.state import StateDir
+from harness import cluster
+from harness.lab import topology
+from harness.lab.state import StateDir
 
 from .conftest import boot
 from .lab import Lab

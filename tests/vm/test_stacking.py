@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from harness import paths
-from harness.guest import Guest
+from harness.lab import paths
+from harness.lab.guest import Guest
 
 from .conftest import booted
 from .lab import Lab, collect, deltas, kernel_trouble, parse_ping, spawn, topology_file

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness import watch as watch_mod
-from harness.watch import Watch
+from harness.experiments import watch as watch_mod
+from harness.experiments.watch import Watch
 
 from .lab import Lab, received_bytes
 

@@ -1,0 +1,1 @@
+"""Who runs QEMU: the harness itself, or a libvirtd per simulated host."""
