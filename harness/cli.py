@@ -1,9 +1,9 @@
 """The ``harness`` command: argument parsing and output over the library.
 
-Each subcommand calls one module: :mod:`harness.cluster` (up, down, plug,
-restart, server-restart), :mod:`harness.migrate`, :mod:`harness.experiments.watch`,
-:mod:`harness.experiments.demo`, :mod:`harness.experiments.bench` with :mod:`harness.experiments.bench_report`,
-:mod:`harness.experiments.soak`; guests are reached through :mod:`harness.lab.guest`.
+Each subcommand calls one module: :mod:`harness.cluster` (up, down, status,
+plug, unplug, restart, server-restart), :mod:`harness.migrate`, or one of
+:mod:`harness.experiments` (watch, demo, bench, soak); guests are reached
+through :mod:`harness.lab.vms` and :mod:`harness.lab.guest`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from rich.table import Table
 
 from harness import cluster
 from harness import migrate as migrate_mod
-from harness.errors import GuestError, HarnessError, StateError
+from harness.errors import GuestError, HarnessError, MigrationError, StateError
 from harness.experiments import bench as bench_mod
 from harness.experiments import bench_report
 from harness.experiments import demo as demo_mod
 from harness.experiments import soak as soak_mod
 from harness.experiments import watch as watch_mod
 from harness.lab import topology as topology_mod
+from harness.lab import vms
 from harness.lab.state import StateDir, VMState, VMStatus
 
 out = Console()
@@ -200,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     s = add("restart", "boot a VM again (e.g. after its QEMU died)", "harness restart vm2")
     vm_arg(s)
 
-    for name, help_ in (("plug", "hot-add a VM's ivshmem device"),
+    for name, help_ in (("plug", "hot-add a VM's ivshmem device (also what finishes a "
+                                 "migration reported incomplete)"),
                         ("unplug", "hot-remove a VM's ivshmem device")):
         s = add(name, help_, f"harness {name} vm2")
         vm_arg(s)
@@ -324,7 +326,7 @@ def _run_in_guest(vm: str, sd: StateDir, command: str | None) -> int:
     status 255, as with ssh."""
     state = sd.load()
     stdin = _stdin_to_forward()
-    with cluster.guest(sd, state, vm) as g:
+    with vms.guest(sd, state, vm) as g:
         was = state.vms[vm]
         was_alive = was.proc is not None and was.proc.alive()
         try:
@@ -373,7 +375,7 @@ def _resolve_source(sd: StateDir, vm: str | None, source: str | None) -> tuple[s
     if source is not None and vm is None:
         return None, source  # migrate picks the one mobile VM on it
     state = sd.load()
-    topo = cluster.topology_of(state)
+    topo = vms.topology_of(state)
     if vm is None:
         mobile = [v.name for v in topo.vms.values() if v.mobile and v.name in state.vms]
         if len(mobile) != 1:
@@ -411,22 +413,21 @@ def cmd_migrate(args: argparse.Namespace, sd: StateDir) -> int:
                                f"{float(info['mib']):.0f} MiB sent")  # type: ignore[arg-type]
             elif phase != "migration":
                 human.print(f"[{t:5.1f} s] {phase}")
-        report = migrate_mod.migrate(sd, args.vm, args.source, args.dest,
-                                     timeout=args.timeout,
-                                     max_bandwidth_mib=args.max_bandwidth,
-                                     progress=progress, qemu_path=args.qemu)
-    table = Table(title=f"{report.vm}: {report.source} -> {report.destination}")
+        try:
+            report = migrate_mod.migrate(sd, args.vm, args.source, args.dest,
+                                         timeout=args.timeout,
+                                         max_bandwidth_mib=args.max_bandwidth,
+                                         progress=progress, qemu_path=args.qemu)
+        except MigrationError as exc:
+            if exc.report is not None:
+                _write_json(args, exc.report.as_dict())
+            raise
+    table = Table(title=f"{report.vm}: {report.source} -> {report.destination} "
+                        f"({report.backend})")
     table.add_column("step")
     table.add_column("seconds", justify="right")
-    for label, value in (("unplug ivshmem (source)", report.unplug_s),
-                         ("start destination", report.dest_start_s),
-                         ("migrate", report.migrate_s),
-                         ("plug ivshmem (destination)", report.plug_s),
-                         ("total (QEMU)", report.total_s)):
-        table.add_row(label, f"{value:.3f}")
-    table.add_row("downtime", "-" if report.downtime_ms is None
-                  else f"{report.downtime_ms / 1000:.3f}")
-    table.add_row("RAM transferred (MiB)", f"{report.transferred_mib:.1f}")
+    for step, seconds in report.rows():
+        table.add_row(step, seconds)
     human.print(table)
     _write_json(args, report.as_dict())
     return 0
@@ -487,7 +488,7 @@ def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
     vm, args.source = _resolve_source(sd, args.vm, args.source)
     if vm is None:  # --from HOST and no VM: the one mobile VM there
         state = sd.load()
-        cluster.topology_of(state).host(args.source)  # unknown host -> TopologyError
+        vms.topology_of(state).host(args.source)  # unknown host -> TopologyError
         vm = migrate_mod.pick_vm(state, args.source)
     human = err if args.json else out  # --json: stdout carries only the JSON
     report = soak_mod.run(sd, vm, args.source, args.dest, args.count, peer=args.peer,

@@ -15,9 +15,15 @@ its message says what went wrong and what to do about it::
      ├── GuestError         a command in a guest failed or SSH is unreachable
      ├── QMPError           QEMU's monitor refused or timed out
      └── MigrationError     a live migration failed (source kept running)
+          └── IncompleteMigrationError  the VM runs, but not on shared memory
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ivloop_libvirt.reports import MigrationReport
 
 
 class HarnessError(Exception):
@@ -85,4 +91,20 @@ class QMPError(HarnessError):
 
 
 class MigrationError(HarnessError):
-    """A live migration failed; the source VM is kept running."""
+    """A live migration failed before completing; the source VM is kept running.
+
+    ``report`` (an :class:`ivloop_libvirt.reports.MigrationReport`, None when
+    the request was refused before it started) says which phase failed.
+    """
+
+    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class IncompleteMigrationError(MigrationError):
+    """The VM runs, but not on shared memory; the message ends with the command to run.
+
+    After a completed migration the VM stays on the destination (on its
+    lower NIC if the plug failed) and the source is never resumed.
+    """

@@ -34,6 +34,7 @@ from .errors import (
     RequestError,
     ServerRestartError,
 )
+from .reports import MigrationReport
 from .shmem import DEFAULT_NAME, PciAddress
 
 PROG = "ivloop-libvirt"
@@ -224,21 +225,12 @@ def cmd_unplug(args: argparse.Namespace) -> int:
     return 0
 
 
-def _migration_table(report: migrate_mod.MigrationReport) -> Table:
-    table = Table(title=f"{report.domain}: {report.source} -> {report.destination}")
+def _migration_table(report: MigrationReport) -> Table:
+    table = Table(title=f"{report.vm}: {report.source} -> {report.destination}")
     table.add_column("step")
     table.add_column("seconds", justify="right")
-
-    def opt(v: float | None, scale: float = 1.0) -> str:
-        return "-" if v is None else f"{v * scale:.3f}"
-    table.add_row("unplug (source)", f"{report.unplug_s:.3f}")
-    table.add_row("path switch (source)", opt(report.switch_source_s))
-    table.add_row("migrate", f"{report.migrate_s:.3f}")
-    table.add_row("downtime", opt(report.downtime_ms, 1e-3))
-    table.add_row("plug (destination)", f"{report.plug_s:.3f}")
-    table.add_row("path switch (destination)", opt(report.switch_dest_s))
-    table.add_row("total", f"{report.total_s:.3f}")
-    table.add_row("RAM transferred (MiB)", f"{report.transferred_mib:.1f}")
+    for step, seconds in report.rows():
+        table.add_row(step, seconds)
     return table
 
 

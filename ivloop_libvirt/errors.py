@@ -24,11 +24,7 @@ never escapes: :func:`ivloop_libvirt.lv.translate` converts it::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .migrate import MigrationReport
-    from .restart import RestartReport
+from .reports import MigrationReport, RestartReport
 
 
 class IvloopLibvirtError(Exception):
@@ -60,7 +56,7 @@ class DeviceError(IvloopLibvirtError):
 
 
 class MigrationError(IvloopLibvirtError):
-    """A migration failed in ``report.failed_phase``; the source keeps the VM."""
+    """A migration failed in ``report.failed_phase``, before completing; the source keeps it."""
 
     def __init__(self, message: str, report: MigrationReport) -> None:
         super().__init__(message)
@@ -68,7 +64,12 @@ class MigrationError(IvloopLibvirtError):
 
 
 class IncompleteMigrationError(MigrationError):
-    """The VM runs, but without its shared-memory device: an operator must re-plug it."""
+    """The VM runs, but not as it should: ``report.hint`` is the command that finishes the move.
+
+    After a completed migration the VM stays on the destination whatever
+    fails next (``report.completed``); before it, the source could not get
+    its device back.
+    """
 
 
 class ServerRestartError(IvloopLibvirtError):

@@ -1,30 +1,25 @@
 """Live migration of a libvirt domain that has an ivloop device.
 
-libvirt refuses to migrate a peer-mode shmem device, and the region means
-nothing on another host, so the phases are those of ``harness migrate``:
+libvirt refuses to migrate a peer-mode shmem device, so the move runs
+:mod:`ivloop_libvirt.flow` (the phases, timings and failure rules
+``harness migrate`` uses too) with :class:`LibvirtMove`'s steps:
 
-1. ``check``: the domain runs, the destination answers and is another host
-   (its host UUID differs), the domain is not already active there.
-   Nothing has changed yet; a failure raises :class:`RequestError`.
-2. ``unplug``: detach the device live on the source and wait until the
-   guest let it go; then the caller's *switch_source* hook may wait until
-   the co-resident peers route over the lower NIC.
-3. ``migrate``: ``virDomainMigrate3`` from this client to the destination
-   connection (the ``virsh migrate`` flow without ``--p2p``: this process
-   reaches both daemons, the source daemon need not reach the destination's).
-   The job is aborted after *timeout*.  Downtime and the transfer come from
-   the completed job's statistics (``VIR_DOMAIN_JOB_STATS_COMPLETED``).
-4. ``plug``: attach a new device on the destination, on *dest_socket*
-   (default: the source's path) and at the same guest PCI address; then the
-   *switch_dest* hook may wait until the peers there use shared memory.
-
-Rollback: a failure in ``unplug`` or ``migrate`` (or Ctrl-C) leaves the VM
-on the source: the job is aborted, a source paused by the migration is
-resumed, and the device is attached again if the guest lost it, then
-:class:`MigrationError` says which phase failed.  If the source could not
-get its device back, or the VM moved but the destination refused the new
-device, :class:`IncompleteMigrationError` says so and how to re-plug: the VM
-runs either way, over the lower NIC.
+- ``check``: the domain runs, the destination answers and is another host
+  (its host UUID differs), the domain is not already active there;
+  a failure raises :class:`RequestError`.
+- ``unplug``: detach the device live on the source, wait until the guest
+  let it go.
+- ``prepare``: nothing of ours: libvirt's own Prepare runs inside the
+  migrate call.
+- ``migrate``: ``virDomainMigrate3`` from this client to the destination
+  connection (the ``virsh migrate`` flow without ``--p2p``: this process
+  reaches both daemons, the source daemon need not reach the destination's).
+  The job is aborted after *timeout*.  Downtime and the transfer come from
+  the completed job's statistics (``VIR_DOMAIN_JOB_STATS_COMPLETED``).
+- ``plug``: attach a new device on the destination, on *dest_socket*
+  (default: the source's path) and at the same guest PCI address.
+- ``finish``: nothing of ours: libvirt stops the source when the job
+  completes.
 
 Flags: always ``VIR_MIGRATE_LIVE``.  A persistent domain's definition moves
 with it (``PERSIST_DEST | UNDEFINE_SOURCE``, as OpenStack does) so exactly
@@ -41,61 +36,25 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import libvirt
 
-from . import lv, plug, shmem
-from .errors import (
-    IncompleteMigrationError,
-    IvloopLibvirtError,
-    MigrationError,
-    RequestError,
-)
+from . import flow, lv, plug, shmem
+from .errors import IvloopLibvirtError, RequestError
+from .flow import Completed, Progress
+from .reports import MigrationReport
 from .shmem import DEFAULT_NAME, FoundShmem
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, dict[str, Any]], None]
-# Called with the domain and the time.monotonic() at which the phase began;
-# returns the seconds from then until the guests switched path, None if unknown.
+# Called with the domain and the time.monotonic() at which unplug or plug
+# began; returns the seconds from then until the guests switched path.
 SwitchWait = Callable[[lv.Domain, float], float | None]
 
 DEFAULT_TIMEOUT = 300.0
 PROGRESS_INTERVAL = 0.5
 ABORT_GRACE = 30.0  # how long a job may take to end after abortJob()
-
-
-@dataclass
-class MigrationReport:
-    domain: str
-    source: str
-    destination: str
-    ok: bool = False
-    failed_phase: str = ""  # "", "check", "unplug", "migrate", "plug"
-    error: str = ""
-    hint: str = ""  # what an operator does next when the VM is not on shared memory
-    flags: list[str] = field(default_factory=list)
-    source_socket: str | None = None
-    dest_socket: str | None = None
-    # After a failure: the source runs and has its device again.
-    source_restored: bool | None = None
-    total_s: float = 0.0  # wall clock, unplug start to plug end
-    unplug_s: float = 0.0
-    migrate_s: float = 0.0  # the migrate3 call
-    plug_s: float = 0.0
-    downtime_ms: float | None = None  # libvirt's completed-job statistics
-    job_ms: float | None = None  # libvirt's time_elapsed for the job
-    setup_ms: float | None = None
-    transferred_mib: float = 0.0
-    # From the caller's hooks: unplug/plug start until the peers switched.
-    switch_source_s: float | None = None
-    switch_dest_s: float | None = None
-    events: list[tuple[float, str]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 FLAG_NAMES = ("VIR_MIGRATE_LIVE", "VIR_MIGRATE_PERSIST_DEST", "VIR_MIGRATE_UNDEFINE_SOURCE",
@@ -134,16 +93,6 @@ def persistent_xml_for(dom: lv.Domain, name: str, dest_socket: str) -> str | Non
             server.set("path", dest_socket)
             changed = True
     return ET.tostring(root, encoding="unicode") if changed else None
-
-
-def _call_hook(hook: SwitchWait | None, dom: lv.Domain, since: float, what: str) -> float | None:
-    if hook is None:
-        return None
-    try:
-        return hook(dom, since)
-    except Exception as exc:  # a measurement must not undo a migration
-        log.warning("%s: path switch not observed: %s", what, exc)
-        return None
 
 
 def _stats(dom: lv.Domain, flags: int) -> dict[str, Any]:
@@ -213,6 +162,121 @@ class _Job:
         return self.result
 
 
+class LibvirtMove:
+    """:class:`ivloop_libvirt.flow.Mover` for a domain, from its connection to *dconn*."""
+
+    backend = "libvirt"
+
+    def __init__(self, dom: lv.Domain, dconn: lv.Connection, *,
+                 migrate_uri: str | None = None, dest_socket: str | None = None,
+                 name: str = DEFAULT_NAME, max_bandwidth_mib: int | None = None,
+                 keep_source_definition: bool = False, extra_flags: int = 0,
+                 params: Mapping[str, Any] | None = None,
+                 unplug_timeout: float = plug.UNPLUG_TIMEOUT) -> None:
+        self.dom = dom
+        self.dconn = dconn
+        self.sconn = dom.connect()
+        self.migrate_uri = migrate_uri
+        self.name = name
+        self.max_bandwidth_mib = max_bandwidth_mib
+        self.keep_source_definition = keep_source_definition
+        self.extra_flags = extra_flags
+        self.params = dict(params or {})
+        self.unplug_timeout = unplug_timeout
+        self.dname = lv.safe_name(dom)
+        self.report = MigrationReport(vm=self.dname, source=lv.uri_of(self.sconn),
+                                      destination=lv.uri_of(dconn), backend=self.backend)
+        self.report.dest_socket = dest_socket
+        self.found: FoundShmem | None = None
+        self.uuid = ""
+        self.flags = 0
+        self.mparams: dict[str, Any] = {}
+        self.was_paused = False
+        self.ddom: lv.Domain | None = None
+
+    def check(self) -> None:
+        rep = self.report
+        lv.require_running(self.dom, f"migrating {self.dname}")
+        src_uuid, dst_uuid = lv.host_uuid(self.sconn), lv.host_uuid(self.dconn)
+        if src_uuid and src_uuid == dst_uuid:
+            raise RequestError(
+                f"{rep.source} and {rep.destination} report the same host UUID {src_uuid}: "
+                "the same libvirtd, or hosts cloned without a host_uuid of their own in "
+                "libvirtd.conf")
+        self.uuid = self.dom.UUIDString()
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.dconn.lookupByUUIDString(self.uuid).isActive():
+                raise RequestError(f"{self.dname} is already running on {rep.destination}")
+        self.found = shmem.find_shmem(lv.live_xml(self.dom), self.name)
+        if self.found is None:
+            log.warning("%s has no ivloop device %s: migrating without one, none plugged on %s",
+                        self.dname, self.name, rep.destination)
+        rep.source_socket = self.found.device.socket if self.found else None
+        rep.dest_socket = rep.dest_socket or rep.source_socket
+        self.flags = migration_flags(
+            self.dom, keep_source_definition=self.keep_source_definition) | self.extra_flags
+        rep.flags = flag_names(self.flags)
+        self.mparams = dict(self.params)
+        if self.migrate_uri:
+            self.mparams[libvirt.VIR_MIGRATE_PARAM_URI] = self.migrate_uri
+        if self.max_bandwidth_mib:
+            self.mparams[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(self.max_bandwidth_mib)
+        if rep.dest_socket and self.flags & libvirt.VIR_MIGRATE_PERSIST_DEST:
+            persist = persistent_xml_for(self.dom, self.name, rep.dest_socket)
+            if persist is not None:
+                self.mparams.setdefault(libvirt.VIR_MIGRATE_PARAM_PERSIST_XML, persist)
+        self.was_paused = self.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+
+    def has_device(self) -> bool:
+        return self.found is not None
+
+    def unplug(self) -> None:
+        plug.unplug(self.dom, name=self.name, timeout=self.unplug_timeout)
+
+    def prepare(self) -> None:
+        """libvirt's own Prepare runs inside virDomainMigrate3."""
+
+    def migrate(self, timeout: float, say: Progress, t0: float) -> Completed:
+        self.ddom = _Job(self.dom, self.dconn, self.mparams, self.flags).run(timeout, say, t0)
+        stats = _stats(self.ddom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED) \
+            or _stats(self.dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        done = Completed(transferred_mib=float(
+            stats.get("data_processed", stats.get("memory_processed", 0))) / 2**20)
+        if "downtime" in stats:
+            done.downtime_ms = float(stats["downtime"])
+        if "time_elapsed" in stats:
+            done.job_ms = float(stats["time_elapsed"])
+        if "setup_time" in stats:
+            done.setup_ms = float(stats["setup_time"])
+        return done
+
+    def landed(self) -> bool:
+        try:
+            return bool(self.dconn.lookupByUUIDString(self.uuid).isActive())
+        except libvirt.libvirtError:
+            return False
+
+    def plug(self) -> None:
+        assert self.found is not None and self.report.dest_socket is not None
+        if self.ddom is None:
+            self.ddom = self.dconn.lookupByUUIDString(self.uuid)
+        plug.attach(self.ddom, self.found.attach_xml(self.report.dest_socket),
+                    self.report.dest_socket, name=self.name)
+
+    def finish(self) -> None:
+        """libvirt stopped the source when the job completed."""
+
+    def plug_command(self) -> str:
+        rep = self.report
+        return (f"once that host's server is fixed: ivloop-libvirt plug {self.dname} "
+                f"--connect '{rep.destination}'"
+                + (f" --socket {rep.dest_socket}" if rep.dest_socket else ""))
+
+    def roll_back(self) -> str:
+        return _roll_back(self.sconn, self.dconn, self.uuid, found=self.found,
+                          was_paused=self.was_paused, report=self.report)
+
+
 def migrate(dom: lv.Domain, dconn: lv.Connection, *, migrate_uri: str | None = None,
             dest_socket: str | None = None, name: str = DEFAULT_NAME,
             timeout: float = DEFAULT_TIMEOUT, max_bandwidth_mib: int | None = None,
@@ -229,119 +293,23 @@ def migrate(dom: lv.Domain, dconn: lv.Connection, *, migrate_uri: str | None = N
     :class:`MigrationError` (rolled back) or
     :class:`IncompleteMigrationError`; each carries the report.
     """
-    say: Progress = progress or (lambda phase, info: None)
-    sconn = dom.connect()
-    dname = lv.safe_name(dom)
-    report = MigrationReport(domain=dname, source=lv.uri_of(sconn),
-                             destination=lv.uri_of(dconn))
-    t0 = time.monotonic()
+    mover = LibvirtMove(dom, dconn, migrate_uri=migrate_uri, dest_socket=dest_socket,
+                        name=name, max_bandwidth_mib=max_bandwidth_mib,
+                        keep_source_definition=keep_source_definition,
+                        extra_flags=extra_flags, params=params, unplug_timeout=unplug_timeout)
 
-    def mark(what: str) -> None:
-        report.events.append((round(time.monotonic() - t0, 3), what))
-        say(what, {"t": time.monotonic() - t0})
+    def on_source(since: float) -> float | None:
+        return switch_source(dom, since) if switch_source else None
 
-    # -- check: nothing changes before this passes
-    lv.require_running(dom, f"migrating {dname}")
-    src_uuid, dst_uuid = lv.host_uuid(sconn), lv.host_uuid(dconn)
-    if src_uuid and src_uuid == dst_uuid:
-        raise RequestError(
-            f"{report.source} and {report.destination} report the same host UUID {src_uuid}: "
-            "the same libvirtd, or hosts cloned without a host_uuid of their own in "
-            "libvirtd.conf")
-    uuid = dom.UUIDString()
-    with contextlib.suppress(libvirt.libvirtError):
-        if dconn.lookupByUUIDString(uuid).isActive():
-            raise RequestError(f"{dname} is already running on {report.destination}")
-    found = shmem.find_shmem(lv.live_xml(dom), name)
-    if found is None:
-        log.warning("%s has no ivloop device %s: migrating without one, none plugged on %s",
-                    dname, name, report.destination)
-    socket = dest_socket or (found.device.socket if found else None)
-    report.source_socket = found.device.socket if found else None
-    report.dest_socket = socket
-    flags = migration_flags(dom, keep_source_definition=keep_source_definition) | extra_flags
-    report.flags = flag_names(flags)
-    mparams: dict[str, Any] = dict(params or {})
-    if migrate_uri:
-        mparams[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
-    if max_bandwidth_mib:
-        mparams[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(max_bandwidth_mib)
-    if socket and flags & libvirt.VIR_MIGRATE_PERSIST_DEST:
-        persist = persistent_xml_for(dom, name, socket)
-        if persist is not None:
-            mparams.setdefault(libvirt.VIR_MIGRATE_PARAM_PERSIST_XML, persist)
-    was_paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
-
-    phase = "unplug"
-    ddom: lv.Domain | None = None
-    try:
-        if found is not None:
-            mark("unplug on source")
-            t = time.monotonic()
-            gone = plug.unplug(dom, name=name, timeout=unplug_timeout)
-            report.unplug_s = gone.seconds
-            mark("source left the shared region")
-            report.switch_source_s = _call_hook(switch_source, dom, t, dname)
-        phase = "migrate"
-        mark(f"migrate to {report.destination}")
-        t = time.monotonic()
-        ddom = _Job(dom, dconn, mparams, flags).run(timeout, say, t0)
-        report.migrate_s = time.monotonic() - t
-        mark("migration completed")
-    except BaseException as exc:  # roll back on every path, then re-raise
-        report.failed_phase = phase
-        report.error = "interrupted" if isinstance(exc, KeyboardInterrupt) else lv.error_text(exc)
-        log.error("%s: migration to %s failed in phase %s: %s; keeping the source",
-                  dname, report.destination, phase, report.error)
-        restored = _roll_back(sconn, dconn, uuid, found=found, was_paused=was_paused,
-                              report=report)
-        report.total_s = time.monotonic() - t0
-        if not isinstance(exc, Exception):
-            raise
-        if restored:
-            raise MigrationError(f"{dname} stays on {report.source}: {phase} failed: "
-                                 f"{report.error}", report) from exc
-        raise IncompleteMigrationError(f"{dname}: {phase} failed: {report.error}; "
-                                       f"{report.hint}", report) from exc
-
-    stats = _stats(ddom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED) \
-        or _stats(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    if "downtime" in stats:
-        report.downtime_ms = float(stats["downtime"])
-    if "time_elapsed" in stats:
-        report.job_ms = float(stats["time_elapsed"])
-    if "setup_time" in stats:
-        report.setup_ms = float(stats["setup_time"])
-    report.transferred_mib = float(stats.get("data_processed",
-                                             stats.get("memory_processed", 0))) / 2**20
-
-    if found is not None and socket is not None:
-        report.failed_phase = "plug"
-        mark(f"plug on {report.destination}")
-        t = time.monotonic()
-        try:
-            report.plug_s = plug.attach(ddom, found.attach_xml(socket), socket, name=name)
-        except IvloopLibvirtError as exc:
-            report.error = str(exc)
-            report.hint = (f"once that host's server is fixed: ivloop-libvirt plug {dname} "
-                           f"--connect '{report.destination}' --socket {socket}")
-            report.total_s = time.monotonic() - t0
-            raise IncompleteMigrationError(
-                f"{dname} moved to {report.destination} but runs there without shared memory "
-                f"(over its lower NIC): {exc}", report) from exc
-        mark("destination plugged")
-        report.switch_dest_s = _call_hook(switch_dest, ddom, t, dname)
-        if report.switch_dest_s is not None:
-            mark("peers on the destination use shared memory")
-    report.failed_phase = ""
-    report.ok = True
-    report.total_s = time.monotonic() - t0
-    return report
+    def on_dest(since: float) -> float | None:
+        return switch_dest(mover.ddom, since) if switch_dest and mover.ddom else None
+    return flow.run(mover, timeout=timeout, progress=progress,
+                    switch_source=on_source, switch_dest=on_dest)
 
 
 def _roll_back(sconn: lv.Connection, dconn: lv.Connection, uuid: str, *,
-               found: FoundShmem | None, was_paused: bool, report: MigrationReport) -> bool:
-    """Source running with its device again; False (and report.hint) if not."""
+               found: FoundShmem | None, was_paused: bool, report: MigrationReport) -> str:
+    """Source running with its device again: ""; else what an operator runs."""
     try:
         src = sconn.lookupByUUIDString(uuid)
         alive = lv.is_running(src)
@@ -351,37 +319,31 @@ def _roll_back(sconn: lv.Connection, dconn: lv.Connection, uuid: str, *,
         moved = False
         with contextlib.suppress(libvirt.libvirtError):
             moved = bool(dconn.lookupByUUIDString(uuid).isActive())
-        report.source_restored = False
         if moved:
-            report.hint = (
-                f"the domain runs on {report.destination} without its ivloop device: "
-                f"ivloop-libvirt plug {report.domain} --connect '{report.destination}'"
-                + (f" --socket {report.dest_socket}" if report.dest_socket else ""))
+            hint = (f"the domain runs on {report.destination} without its ivloop device: "
+                    f"ivloop-libvirt plug {report.vm} --connect '{report.destination}'"
+                    + (f" --socket {report.dest_socket}" if report.dest_socket else ""))
         else:
-            report.hint = (
-                f"the source domain is no longer running on {report.source} and not running "
-                f"on {report.destination} either; check `virsh list --all` on both")
-        log.error("%s: %s", report.domain, report.hint)
-        return False
+            hint = (f"the source domain is no longer running on {report.source} and not "
+                    f"running on {report.destination} either; check `virsh list --all` on both")
+        log.error("%s: %s", report.vm, hint)
+        return hint
     try:
         # libvirt resumes a source whose migration failed; an aborted job or
         # a lost destination daemon can still leave it paused.
         if src.state()[0] == libvirt.VIR_DOMAIN_PAUSED and not was_paused:
             src.resume()
-            log.info("%s: resumed on the source", report.domain)
+            log.info("%s: resumed on the source", report.vm)
         if found is not None and shmem.find_shmem(lv.live_xml(src), found.device.name) is None:
             plug.attach(src, found.attach_xml(), found.device.socket, name=found.device.name)
-            log.info("%s: ivloop device back on the source", report.domain)
+            log.info("%s: ivloop device back on the source", report.vm)
     except (libvirt.libvirtError, IvloopLibvirtError) as exc:
-        report.source_restored = False
-        report.hint = (
-            f"the source keeps running but without shared memory ({lv.error_text(exc)}); "
-            f"ivloop-libvirt plug {report.domain} --connect '{report.source}'"
-            + (f" --socket {found.device.socket}" if found else ""))
-        log.error("%s: %s", report.domain, report.hint)
-        return False
-    report.source_restored = True
-    return True
+        hint = (f"the source keeps running but without shared memory ({lv.error_text(exc)}); "
+                f"ivloop-libvirt plug {report.vm} --connect '{report.source}'"
+                + (f" --socket {found.device.socket}" if found else ""))
+        log.error("%s: %s", report.vm, hint)
+        return hint
+    return ""
 
 
 def migrate_by_name(domain: str, to_uri: str, *, connect_uri: str | None = None,

@@ -27,13 +27,13 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import libvirt
 
 from . import lv, plug, shmem
 from .errors import IvloopLibvirtError, ServerRestartError
+from .reports import DomainResult, RestartReport
 from .shmem import DEFAULT_NAME, FoundShmem
 
 log = logging.getLogger(__name__)
@@ -42,27 +42,6 @@ COMMAND_TIMEOUT = 120.0
 SOCKET_WAIT = 30.0
 
 Progress = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass
-class DomainResult:
-    domain: str
-    unplugged: bool = False
-    plugged: bool = False
-    error: str = ""
-
-
-@dataclass
-class RestartReport:
-    socket: str
-    command: list[str] = field(default_factory=list)
-    command_status: int | None = None
-    command_output: str = ""
-    ok: bool = False
-    domains: list[DomainResult] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def users_of(conn: lv.Connection, socket: str, name: str = DEFAULT_NAME

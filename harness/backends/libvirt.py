@@ -27,33 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
-from harness import cluster
-from harness import migrate as migrate_mod
 from harness.backends import domain, libvirtd
+from harness.backends.base import Backend
 from harness.backends.libvirtd import LibvirtError
-from harness.errors import HarnessError, LaunchError, MigrationError, StateError
+from harness.errors import HarnessError, LaunchError, StateError
 from harness.lab import accel as accel_mod
 from harness.lab import guest as guest_mod
-from harness.lab import hostnet, qemu
+from harness.lab import hostnet, qemu, vms
 from harness.lab.state import ProcRecord, State, StateDir, VMState, VMStatus
 from harness.lab.topology import VMSpec
 from ivloop_libvirt import lv, plug
 from ivloop_libvirt import migrate as lv_migrate
-from ivloop_libvirt.errors import IncompleteMigrationError, IvloopLibvirtError
-from ivloop_libvirt.errors import MigrationError as LvMigrationError
+from ivloop_libvirt.errors import IvloopLibvirtError
+from ivloop_libvirt.flow import Completed, Progress
 from ivloop_libvirt.shmem import PC_SLOT, PciAddress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, dict[str, Any]], None]
-
 
 def in_use(sd: StateDir) -> bool:
     """Whether *sd*'s topology runs on libvirt (its hosts have daemon directories)."""
@@ -114,7 +108,7 @@ def down(sd: StateDir) -> list[str]:
 def launch_spec(sd: StateDir, state: State, vm: VMSpec, vs: VMState,
                 binary: qemu.Binary) -> qemu.LaunchSpec:
     """What the direct backend would run for *vs*; the domain is made from it."""
-    kernel, initrd, disk = cluster.boot_files(sd, state, vm, incoming=False)
+    kernel, initrd, disk = vms.boot_files(sd, state, vm, incoming=False)
     choice = accel_mod.Choice(state.accel, "recorded")
     hs = state.hosts[vs.host]
     return qemu.LaunchSpec(
@@ -124,7 +118,7 @@ def launch_spec(sd: StateDir, state: State, vm: VMSpec, vs: VMState,
         qmp=sd.file(f"qmp-{vm.name}.sock"), pidfile=sd.file(f"qemu-{vm.name}.pid"),
         tap=vs.tap, ssh_port=vs.ssh_port, ssh_key=guest_mod.ensure_key(sd.key_path),
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None,
-        lower_only=not cluster.driver_for(state, vm), binary=binary.path, disk=disk,
+        lower_only=not vms.driver_for(state, vm), binary=binary.path, disk=disk,
     )  # fmt: skip
 
 
@@ -148,15 +142,15 @@ def up_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
           binary: qemu.Binary | None = None) -> VMState:
     """Define and start *vm* as a persistent domain on its host's libvirtd.
 
-    Recorded before it starts, like :func:`cluster.start_vm`; returns once
-    QEMU runs (:func:`cluster.wait_ssh` waits for the guest).
+    Recorded before it starts, like the direct backend's VMs; returns once
+    QEMU runs (:func:`harness.lab.vms.wait_ssh` waits for the guest).
     """
-    binary = binary or cluster.qemu_for(state)
+    binary = binary or vms.qemu_for(state)
     hs = state.hosts[vm.host]
     vs = VMState(
         name=vm.name, host=vm.host, status=VMStatus.BOOTING, qmp="",
         console=str(sd.file("logs", f"console-{vm.name}.log")),
-        ssh_port=cluster.SSH_PORT_BASE + vm.index, tap=f"tap-{vm.name}"[:15],
+        ssh_port=vms.SSH_PORT_BASE + vm.index, tap=f"tap-{vm.name}"[:15],
         accel=state.accel, ivshmem=ivshmem and bool(hs.server_socket),
         qemu=binary.path, qemu_banner=binary.banner,
     )  # fmt: skip
@@ -184,24 +178,14 @@ def up_vm(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
 # ivshmem
 
 
-def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
-    """:func:`cluster.set_ivshmem` through ivloop_libvirt (plug at 00:05, unplug live)."""
-    state = sd.load()
-    cluster.topology_of(state).vm(name)
-    vs = state.vms.get(name)
-    if vs is None or vs.proc is None or not vs.proc.alive():
-        raise StateError(f"VM {name} is down")
-    if vs.ivshmem == attached:
-        raise StateError(f"{name}'s ivshmem device is already "
-                         f"{'attached' if attached else 'detached'}")
-    server = state.hosts[vs.host].server_socket
-    if attached and not server:
-        raise StateError(f"host {vs.host} runs no ivloop-server")
+def set_ivshmem(sd: StateDir, state: State, vs: VMState, attached: bool) -> None:
+    """Plug (at 00:05, on the host's server) or unplug *vs*'s device through ivloop_libvirt."""
     with libvirtd.connection(libvirtd.daemon(sd, vs.host)) as conn:
         try:
-            dom = lv.lookup(conn, name)
+            dom = lv.lookup(conn, vs.name)
             if attached:
-                plug.plug(dom, server, address=PciAddress(bus=0, slot=PC_SLOT))
+                plug.plug(dom, state.hosts[vs.host].server_socket,
+                          address=PciAddress(bus=0, slot=PC_SLOT))
             else:
                 # ivloop_libvirt parks the fd numbers the unplug freed (QEMU
                 # 7.2's stale TCG handlers; see ivloop_libvirt.fdpark)
@@ -209,117 +193,128 @@ def set_ivshmem(sd: StateDir, name: str, attached: bool) -> None:
                 vs.unplugs += 1
         except IvloopLibvirtError as exc:
             raise LibvirtError(str(exc)) from exc
-    vs.ivshmem = attached
-    sd.save(state)
 
 
 # ---------------------------------------------------------------------------
 # migration
 
 
-def migrate(sd: StateDir, vm: str | None, source: str, dest: str, *,
-            timeout: float = 120, max_bandwidth_mib: int | None = None,
-            progress: Progress | None = None) -> migrate_mod.Report:
-    """:func:`harness.migrate.migrate` through :func:`ivloop_libvirt.migrate.migrate`.
+class HarnessLibvirtMove(lv_migrate.LibvirtMove):
+    """ivloop_libvirt's move of a domain, plus what the harness owns around it.
 
-    The destination's tap exists before the move (libvirt opens it by name);
-    on failure ivloop_libvirt has kept (or restored) the source and this
-    removes the destination's tap again.  Raises :class:`MigrationError`.
+    The destination's tap exists before the move (libvirt opens it by name,
+    ``managed='no'``) and goes again on a roll back; the state records the
+    domain's new QEMU on the destination as soon as the migration completed.
     """
-    state = sd.load()
-    topo = cluster.topology_of(state)
-    vm = vm or migrate_mod.pick_vm(state, source)
-    vs = migrate_mod.validate(state, vm, source, dest)
-    spec = topo.vm(vm)
-    say: Progress = progress or (lambda phase, info: None)
-    src_ns, dst_ns = state.hosts[source].netns, state.hosts[dest].netns
-    mig_sock = sd.file(f"migrate-{vm}.sock")
-    mig_sock.unlink(missing_ok=True)
-    vs.status = VMStatus.MIGRATING
-    sd.save(state)
-    src_peers = migrate_mod._SwitchObserver(sd, state, source, vm, spec.mac)
-    dst_peers = migrate_mod._SwitchObserver(sd, state, dest, vm, spec.mac)
-    report = migrate_mod.Report(vm=vm, source=source, destination=dest)
-    t0 = time.monotonic()
-    moved = False
-    try:
+
+    def __init__(self, sd: StateDir, state: State, vm: str, source: str, dest: str, *,
+                 sconn: lv.Connection, dconn: lv.Connection,
+                 max_bandwidth_mib: int | None) -> None:
+        self.sd = sd
+        self.state = state
+        self.vs = state.vms[vm]
+        self.spec = vms.topology_of(state).vm(vm)
+        self.dest = dest
+        self.mig_sock = sd.file(f"migrate-{vm}.sock")
+        super().__init__(lv.lookup(sconn, vm), dconn, migrate_uri=f"unix://{self.mig_sock}",
+                         dest_socket=state.hosts[dest].server_socket or None,
+                         max_bandwidth_mib=max_bandwidth_mib)
+        # the harness's names for the hosts, not the daemons' URIs
+        self.report.source, self.report.destination = source, dest
+        self.recorded = False
+
+    def check(self) -> None:
+        super().check()
+        self.vs.status = VMStatus.MIGRATING
+        self.sd.save(self.state)
+        self.mig_sock.unlink(missing_ok=True)
+
+    def prepare(self) -> None:
+        ns = self.state.hosts[self.dest].netns
         with contextlib.suppress(HarnessError):
-            hostnet.remove_link(dst_ns, vs.tap)  # a stale one from an aborted attempt
-        hostnet.add_tap(dst_ns, vs.tap, mtu=spec.mtu)
+            hostnet.remove_link(ns, self.vs.tap)  # a stale one from an aborted attempt
+        hostnet.add_tap(ns, self.vs.tap, mtu=self.spec.mtu)
+
+    def migrate(self, timeout: float, say: Progress, t0: float) -> Completed:
+        done = super().migrate(timeout, say, t0)
+        self._record_destination()
+        return done
+
+    def landed(self) -> bool:
+        if not super().landed():
+            return False
+        self._record_destination()
+        return True
+
+    def _record_destination(self) -> None:
+        if self.recorded:
+            return
+        vs = self.vs
+        new = VMState(
+            name=vs.name, host=self.dest, status=VMStatus.RUNNING, qmp="", console=vs.console,
+            ssh_port=vs.ssh_port, tap=vs.tap, accel=vs.accel, ivshmem=False,
+            generation=vs.generation + 1, qemu=vs.qemu, qemu_banner=vs.qemu_banner,
+        )  # fmt: skip
+        new.proc = qemu_proc(libvirtd.daemon(self.sd, self.dest), vs.name,
+                             self.state.hosts[self.dest].netns)
+        self.state.vms[vs.name] = new
+        self.sd.save(self.state)
+        self.recorded = True
+
+    def plug(self) -> None:
+        super().plug()
+        self.state.vms[self.vs.name].ivshmem = True
+        self.sd.save(self.state)
+
+    def finish(self) -> None:
+        with contextlib.suppress(HarnessError):
+            hostnet.remove_link(self.state.hosts[self.vs.host].netns, self.vs.tap)
+        self.mig_sock.unlink(missing_ok=True)
+
+    def plug_command(self) -> str:
+        return (f"once host {self.dest}'s server takes it (its log: logs/server-{self.dest}.log "
+                f"in the state directory): harness plug {self.vs.name}")
+
+    def roll_back(self) -> str:
+        hint = super().roll_back()
+        with contextlib.suppress(HarnessError):
+            hostnet.remove_link(self.state.hosts[self.dest].netns, self.vs.tap)
+        self.mig_sock.unlink(missing_ok=True)
+        vs = self.vs
+        vs.status = VMStatus.RUNNING if vs.proc and vs.proc.alive() else VMStatus.DOWN
+        if hint:
+            vs.ivshmem = False
+        self.sd.save(self.state)
+        return hint
+
+
+class LibvirtBackend(Backend):
+    name = "libvirt"
+
+    def start_hosts(self, sd: StateDir, state: State) -> None:
+        start_daemons(sd, state)
+
+    def start_vm(self, sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool,
+                 binary: qemu.Binary) -> VMState:
+        return up_vm(sd, state, vm, ivshmem=ivshmem, binary=binary)
+
+    def set_ivshmem(self, sd: StateDir, state: State, vs: VMState, attached: bool) -> None:
+        set_ivshmem(sd, state, vs, attached)
+
+    @contextlib.contextmanager
+    def moving(self, sd: StateDir, state: State, vm: str, source: str, dest: str, *,
+               max_bandwidth_mib: int | None,
+               qemu_path: str | None) -> Iterator[HarnessLibvirtMove]:
+        if qemu_path is not None:
+            raise StateError("--qemu is for the qemu backend: libvirt starts the "
+                             "destination from the domain's own emulator")
         with libvirtd.connection(libvirtd.daemon(sd, source)) as sconn, \
                 libvirtd.connection(libvirtd.daemon(sd, dest)) as dconn:
-            dom = lv.lookup(sconn, vm)
-            try:
-                rep = lv_migrate.migrate(
-                    dom, dconn, migrate_uri=f"unix://{mig_sock}",
-                    dest_socket=state.hosts[dest].server_socket or None,
-                    timeout=timeout, max_bandwidth_mib=max_bandwidth_mib, progress=say,
-                    switch_source=lambda _dom, since: src_peers.wait(False, since),
-                    switch_dest=lambda _dom, since: dst_peers.wait(True, since))
-            except IncompleteMigrationError as exc:
-                _copy(exc.report, report)
-                moved = exc.report.failed_phase == "plug"
-                raise MigrationError(str(exc)) from exc
-            except LvMigrationError as exc:
-                _copy(exc.report, report)
-                raise MigrationError(f"{vm} stays on {source}: {exc}") from exc
-            except IvloopLibvirtError as exc:
-                raise MigrationError(f"{vm} stays on {source}: {exc}") from exc
-        _copy(rep, report)
-        moved = True
-    except BaseException as exc:
-        report.error = report.error or str(exc) or exc.__class__.__name__
-        if not moved:
-            with contextlib.suppress(HarnessError):
-                hostnet.remove_link(dst_ns, vs.tap)
-            vs.status = VMStatus.RUNNING if vs.proc and vs.proc.alive() else VMStatus.DOWN
-            src_failed = getattr(getattr(exc.__cause__, "report", None), "source_restored", None)
-            if src_failed is False:
-                vs.ivshmem = False
-            sd.save(state)
-            raise
-        # moved, but without its device on the destination: record where it runs
-        _record_moved(sd, state, vs, dest, plugged=False)
-        with contextlib.suppress(HarnessError):
-            hostnet.remove_link(src_ns, vs.tap)
-        raise
-    finally:
-        src_peers.close()
-        dst_peers.close()
-        mig_sock.unlink(missing_ok=True)
-    _record_moved(sd, state, vs, dest, plugged=bool(rep.dest_socket and rep.plug_s))
-    with contextlib.suppress(HarnessError):
-        hostnet.remove_link(src_ns, vs.tap)
-    report.ok = True
-    report.events.append((round(time.monotonic() - t0, 3), "source stopped"))
-    return report
+            yield HarnessLibvirtMove(sd, state, vm, source, dest, sconn=sconn, dconn=dconn,
+                                     max_bandwidth_mib=max_bandwidth_mib)
 
-
-def _record_moved(sd: StateDir, state: State, vs: VMState, dest: str, *, plugged: bool) -> None:
-    new = VMState(
-        name=vs.name, host=dest, status=VMStatus.RUNNING, qmp="", console=vs.console,
-        ssh_port=vs.ssh_port, tap=vs.tap, accel=vs.accel, ivshmem=plugged,
-        generation=vs.generation + 1, qemu=vs.qemu, qemu_banner=vs.qemu_banner,
-    )  # fmt: skip
-    new.proc = qemu_proc(libvirtd.daemon(sd, dest), vs.name, state.hosts[dest].netns)
-    state.vms[vs.name] = new
-    sd.save(state)
-
-
-def _copy(src: lv_migrate.MigrationReport, dst: migrate_mod.Report) -> None:
-    """ivloop_libvirt's report into the harness's (same phases and timings)."""
-    dst.ok = src.ok
-    dst.error = src.error + (f" ({src.hint})" if src.hint else "")
-    dst.total_s = (src.job_ms / 1000) if src.job_ms else src.total_s
-    dst.unplug_s = src.unplug_s
-    dst.dest_start_s = (src.setup_ms / 1000) if src.setup_ms else 0.0
-    dst.migrate_s = src.migrate_s
-    dst.plug_s = src.plug_s
-    dst.downtime_ms = src.downtime_ms
-    dst.transferred_mib = src.transferred_mib
-    dst.switch_source_s = src.switch_source_s
-    dst.switch_dest_s = src.switch_dest_s
-    dst.events = list(src.events)
+    def down(self, sd: StateDir) -> list[str]:
+        return down(sd)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

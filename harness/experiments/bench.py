@@ -15,9 +15,14 @@ and :mod:`harness.experiments.bench_report` refuses to use it.
 The native ring benchmark (``make -C tests/ring bench-native``) runs first,
 and its JSON is stored under ``native``.
 
-``suite="smp"`` (:func:`run_smp`, on ``topologies/bench-smp.toml``) measures
-2-vCPU guests instead: 1 against 4 streams on shm and lower, the cross-host
-pair through ivl0 against a pair booted without the driver, and a mixture.
+``suite="smp"`` (on ``topologies/bench-smp.toml``) measures 2-vCPU guests
+instead: 1 against 4 streams on shm and lower, the cross-host pair through
+ivl0 against a pair booted without the driver, and a mixture.
+
+One runner serves both suites (:func:`run`): the checks before a run, what
+is recorded about it, the interleaved repetitions and each sample
+(:func:`measure`) are the same; what differs is the suite's description in
+:mod:`harness.experiments.bench_suites`.
 """
 
 from __future__ import annotations
@@ -31,37 +36,33 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from harness import cluster
 from harness.errors import GuestError, HarnessError
-from harness.experiments.bench_report import (
+from harness.experiments.bench_report import counters_problem
+from harness.experiments.bench_suites import (
     BUSY_POLL_SUFFIX,
+    BY_NAME,
     CLASSIC_SUITE,
     NO_RING_POLL_SUFFIX,
-    PATHS,
-    SCHEMA,
-    SMP_CELLS,
-    SMP_SCHEMA,
-    SMP_SUITE,
+    PATH_ROLES,
+    SMP_TOPOLOGY_PATH,
     SUITES,
     VARIANT_SUFFIXES,
     WORKLOADS,
-    path_matches,
-    smp_counters_problem,
+    Suite,
 )
-from harness.lab import paths, qemu
+from harness.lab import paths, qemu, vms
 from harness.lab.guest import Guest
 from harness.lab.state import State, StateDir
 from harness.lab.topology import Topology
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
+Roles = Mapping[str, tuple[str, str]]  # role ("pair", "cross", "plain") -> (client, server)
 
-FULL_WORKLOADS = tuple(WORKLOADS)
-QUICK_WORKLOADS = ("iperf3_tcp_1", "iperf3_udp", "netperf_tcp_rr", "sockperf_pp_small")
 UDP_RATE = os.environ.get("IVLOOP_BENCH_UDP_RATE", "100M")  # iperf3 -b: offered load
 SOCKPERF_PORT = 11111
 SMALL, LARGE = 64, 16384  # sockperf message sizes (bytes)
@@ -70,6 +71,9 @@ SMALL, LARGE = 64, 16384  # sockperf message sizes (bytes)
 BUSY_POLL_US = int(os.environ.get("IVLOOP_BENCH_BUSY_POLL_US", "200"))
 # Workloads named *_irq run with the driver's ring poller off (ethtool's
 # rx-usecs 0, paths.SET_POLL_US) on both guests.
+
+SMP_TOPOLOGY = vms.REPO / SMP_TOPOLOGY_PATH
+MIX_SEP = "--- ivl-mix ---"  # between the mixture's two iperf3 reports
 
 
 class BenchError(HarnessError):
@@ -177,6 +181,34 @@ RUNNERS.update({w: RUNNERS[w.removesuffix(sfx)]
                 for sfx in VARIANT_SUFFIXES for w in WORKLOADS if w.endswith(sfx)})
 
 
+def parse_mix(text: str) -> tuple[dict[str, float], dict[str, int]]:
+    """Two iperf3 -J reports (shm flow, MIX_SEP, wire flow): rates and bytes delivered."""
+    shm_text, sep, wire_text = text.partition(MIX_SEP)
+    if not sep:
+        raise ValueError(f"no '{MIX_SEP}' between the two iperf3 reports: {text[-300:]!r}")
+    metrics: dict[str, float] = {}
+    flows: dict[str, int] = {}
+    for flow, part in (("shm", shm_text), ("wire", wire_text)):
+        try:
+            received = _json(part)["end"]["sum_received"]
+        except ValueError as exc:
+            raise ValueError(f"{flow} flow: {exc}") from exc
+        metrics[f"{flow}_mbps"] = float(received["bits_per_second"]) / 1e6
+        flows[flow] = int(received["bytes"])
+    return metrics, flows
+
+
+def iperf3_mix(g: Guest, shm_ip: str, wire_ip: str,
+               secs: int) -> tuple[dict[str, float], dict[str, int]]:
+    """One iperf3 stream to each peer, both started at once from *g*."""
+    out = "/tmp/ivl-mix"
+    text = g.run(f"iperf3 -c {shm_ip} -t {secs} -J > {out}-shm.json 2>/dev/null & "
+                 f"iperf3 -c {wire_ip} -t {secs} -J > {out}-wire.json 2>/dev/null & wait; "
+                 f"cat {out}-shm.json; echo '{MIX_SEP}'; cat {out}-wire.json",
+                 timeout=secs + 60)
+    return parse_mix(text)
+
+
 # ---------------------------------------------------------------------------
 # the environment and the native ring benchmark
 
@@ -208,7 +240,7 @@ def host_environment(state: State | None = None) -> dict[str, Any]:
         "qemu_version": (state.qemu_banner if state is not None and state.qemu_banner
                          else _first_line([qemu.DEFAULT_BINARY, "--version"])),
         "python": platform.python_version(),
-        "commit": _first_line(["git", "-C", str(cluster.REPO), "describe", "--always",
+        "commit": _first_line(["git", "-C", str(vms.REPO), "describe", "--always",
                                "--dirty"]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -219,7 +251,7 @@ def native(quick: bool) -> dict[str, Any]:
     env = dict(os.environ)
     if quick:
         env.update(IVL_BENCH_SECONDS="0.2", IVL_BENCH_REPS="3", IVL_BENCH_RTTS="5000")
-    argv = ["make", "-s", "--no-print-directory", "-C", str(cluster.REPO / "tests" / "ring"),
+    argv = ["make", "-s", "--no-print-directory", "-C", str(vms.REPO / "tests" / "ring"),
             "bench-native"]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600,
@@ -238,8 +270,15 @@ def native(quick: bool) -> dict[str, Any]:
     return data
 
 
+def _module_hash(g: Guest) -> str | None:
+    """The first 12 hex digits of the guest's ivloop.ko: which driver was measured."""
+    code, out = g.status("sha256sum /lib/modules/ivl/ivloop.ko", timeout=20)
+    digest = out.split()[0] if code == 0 and out.split() else ""
+    return digest[:12] if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
 # ---------------------------------------------------------------------------
-# the runner
+# the guests
 
 
 class _Guests:
@@ -252,7 +291,7 @@ class _Guests:
 
     def __getitem__(self, name: str) -> Guest:
         if name not in self._open:
-            self._open[name] = cluster.guest(self.sd, self.state, name)
+            self._open[name] = vms.guest(self.sd, self.state, name)
         return self._open[name]
 
     def close(self) -> None:
@@ -260,39 +299,113 @@ class _Guests:
             g.close()
 
 
-def _preflight(gs: _Guests, pair: tuple[str, str], cross: tuple[str, str],
-               workloads: tuple[str, ...]) -> None:
-    state = gs.state
-    topo = cluster.topology_of(state)
-    for name in {*pair, *cross}:
+# ---------------------------------------------------------------------------
+# the checks before a run
+
+
+def role_vms(suite: Suite, roles: Roles) -> list[str]:
+    """The VMs a run of *suite* uses, each once, in the order of its roles."""
+    return list(dict.fromkeys(name for role in suite.roles for name in roles[role]))
+
+
+def ends(path: str, roles: Roles) -> tuple[str, str]:
+    """(client, server) of a path; for mix the server is the co-resident receiver."""
+    return roles[PATH_ROLES[path]]
+
+
+def check_roles(suite: Suite, topo: Topology, state: State, roles: Roles) -> None:
+    """The suite's roles fit the recorded topology (no guest is asked)."""
+    pair, cross = roles["pair"], roles["cross"]
+    plain = roles["plain"] if "plain" in suite.roles else None
+    names = role_vms(suite, roles)
+    up = "'harness up" + (f" --topology {suite.topology}" if suite.topology else "") + "'"
+    for name in names:
         topo.vm(name)  # unknown VM -> TopologyError
         if name not in state.vms:
-            raise BenchError(f"VM {name} is not running; 'harness up' starts the topology")
-    a, b = (state.vms[n].host for n in pair)
-    if a != b:
-        raise BenchError(f"the pair {pair[0]}, {pair[1]} is not co-resident (hosts {a}, {b})")
-    c, d = (state.vms[n].host for n in cross)
-    if c == d:
-        raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host {c}; "
-                         "it must span two hosts")
+            raise BenchError(f"VM {name} is not running; {up} starts the topology")
+    host = {name: state.vms[name].host for name in names}
+    if host[pair[0]] != host[pair[1]]:
+        raise BenchError(f"the pair {pair[0]}, {pair[1]} is not co-resident "
+                         f"(hosts {host[pair[0]]}, {host[pair[1]]})")
+    if "mix" in suite.paths and cross[0] != pair[0]:
+        raise BenchError(f"the cross pair must start at the pair's client {pair[0]} "
+                         f"(the mixture streams from it), not {cross[0]}")
+    if host[cross[0]] == host[cross[1]]:
+        raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host "
+                         f"{host[cross[0]]}; it must span two hosts")
+    if plain is not None:
+        if {*plain} & {*pair, *cross} or plain[0] == plain[1]:
+            raise BenchError(f"the no-driver pair {plain[0]}, {plain[1]} must be two VMs of "
+                             "its own, apart from the pair and the cross pair")
+        if (host[plain[0]], host[plain[1]]) != (host[cross[0]], host[cross[1]]):
+            raise BenchError(
+                f"the no-driver pair {plain[0]} (host {host[plain[0]]}) -> {plain[1]} (host "
+                f"{host[plain[1]]}) must be placed like the cross pair ({host[cross[0]]} -> "
+                f"{host[cross[1]]})")
+    specs = {name: topo.vm(name) for name in names}
+    if suite.min_cpus is not None:
+        if len({(s.cpus, s.memory) for s in specs.values()}) != 1:
+            raise BenchError(
+                f"the {suite.name} suite compares like with like: every VM it uses needs the "
+                "same cpus and memory, got " + ", ".join(
+                    f"{n} {s.cpus} vCPU/{s.memory} MiB" for n, s in specs.items()))
+        cpus = specs[pair[0]].cpus
+        if cpus < suite.min_cpus:
+            raise BenchError(f"the {suite.name} suite needs guests with cpus >= "
+                             f"{suite.min_cpus}, the topology gives {cpus} ({up})")
     if not state.driver:
         raise BenchError("the topology was started with --no-driver: there is no ivl0")
+    for name in dict.fromkeys([*pair, *cross]):
+        if not vms.driver_for(state, specs[name]):
+            raise BenchError(f"{name} runs without the driver; the {suite.name} suite needs "
+                             "it there")
+    for name in plain or ():
+        if vms.driver_for(state, specs[name]):
+            raise BenchError(f"{name} loads the driver; the no-driver pair needs "
+                             "'driver = false' in the topology")
+
+
+def _check_tools(g: Guest, tools: set[str]) -> None:
+    _, out = g.status(f"for t in {' '.join(sorted(tools))}; do command -v $t; done",
+                      timeout=20)
+    missing = [t for t in sorted(tools) if f"/{t}" not in out]
+    if missing:
+        raise BenchError(f"{g.vm}: missing in the guest: {', '.join(missing)} "
+                         "(rebuild the image: make image)")
+
+
+def _preflight(gs: _Guests, suite: Suite, roles: Roles, workloads: tuple[str, ...]) -> None:
+    """The roles fit, and every guest has its tools, its vCPUs and its ivl0 (or none)."""
+    state = gs.state
+    topo = vms.topology_of(state)
+    check_roles(suite, topo, state, roles)
+    pair = roles["pair"]
+    plain = roles["plain"] if "plain" in suite.roles else ()
     tools = {"iperf3"}
     tools |= {"netperf"} if any(w.startswith("netperf") for w in workloads) else set()
     tools |= {"sockperf"} if any(w.startswith("sockperf") for w in workloads) else set()
-    for name in {*pair, *cross}:
+    for name in role_vms(suite, roles):
         g = gs[name]
+        _check_tools(g, tools)
+        if suite.min_cpus is not None:
+            cpus = topo.vm(name).cpus
+            seen = g.run("grep -c ^processor /proc/cpuinfo", timeout=20).strip()
+            if seen != str(cpus):
+                raise BenchError(f"{name}: the guest sees {seen} CPUs, the topology gives {cpus}")
         code, text = g.status("ethtool -S ivl0", timeout=20)
-        counters = paths.parse_ethtool(text)
-        if code != 0 or not {"shm_tx_bytes", "lower_tx_bytes"} <= counters.keys():
+        if name in plain:
+            if code == 0:
+                raise BenchError(f"{name}: has an ivl0 although it booted without the driver")
+            addrs = g.run("ip -4 addr show dev eth0", timeout=20)
+            if f"{topo.vm(name).ip}/" not in addrs:
+                raise BenchError(f"{name}: eth0 does not carry {topo.vm(name).ip}: "
+                                 f"{addrs.strip()[-200:]}")
+            continue
+        if code != 0 or not {"shm_tx_bytes", "lower_tx_bytes"} <= paths.parse_ethtool(
+                text).keys():
             raise BenchError(f"{name}: 'ethtool -S ivl0' gives no shm_tx_bytes/lower_tx_bytes "
-                             f"(is ivloop.ko loaded? check its console log): {text.strip()[-200:]}")
-        code, out = g.status(f"for t in {' '.join(sorted(tools))}; do command -v $t; done",
-                             timeout=20)
-        missing = [t for t in sorted(tools) if f"/{t}" not in out]
-        if missing:
-            raise BenchError(f"{name}: missing in the guest: {', '.join(missing)} "
-                             "(rebuild the image: make image)")
+                             f"(is ivloop.ko loaded? check its console log): "
+                             f"{text.strip()[-200:]}")
     for name in pair:
         code, text = gs[name].status("ethtool --show-priv-flags ivl0", timeout=20)
         if code != 0 or "force-lower" not in text:
@@ -304,6 +417,10 @@ def _preflight(gs: _Guests, pair: tuple[str, str], cross: tuple[str, str],
             paths.wait_peer(gs[src], topo.vm(dst).mac, shm=True, timeout=60)
         except GuestError as exc:
             raise BenchError(f"{src} does not route {dst} over shared memory: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------
+# the guests' settings for a sample
 
 
 @contextlib.contextmanager
@@ -406,295 +523,6 @@ def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (total - idle) / total if total > 0 else 0.0
 
 
-def _measure(gs: _Guests, client: str, server: str, ip: str, workload: str, *, secs: int,
-             path: str, rep: int) -> dict[str, Any]:
-    """One sample: counters, the workload (retried once if the tool fails), counters.
-
-    Also how busy both guests' CPUs were: the shared path moves work from QEMU
-    (native) into the guests (emulated under TCG), so CPU is part of the result.
-    """
-    g = gs[client]
-    error: str | None = None
-    metrics: dict[str, float] = {}
-    before = paths.counters(g)
-    cpu_before = cpu_jiffies(g), cpu_jiffies(gs[server])
-    for attempt in (1, 2):
-        try:
-            metrics = RUNNERS[workload](g, ip, secs)
-            error = None
-            break
-        except (GuestError, ValueError, KeyError, TypeError) as exc:
-            error = f"{exc.__class__.__name__}: {exc}"
-            log.warning("%s/%s rep %d attempt %d failed: %s", path, workload, rep, attempt,
-                        error)
-            time.sleep(1)
-    cpu_after = cpu_jiffies(g), cpu_jiffies(gs[server])
-    after = paths.counters(g)
-    shm = after.get("shm_tx_bytes", 0) - before.get("shm_tx_bytes", 0)
-    lower = after.get("lower_tx_bytes", 0) - before.get("lower_tx_bytes", 0)
-    ok_path = path_matches(path, shm, lower)
-    if error is None and not ok_path:
-        error = (f"counters contradict path {path}: shm_tx_bytes +{shm}, "
-                 f"lower_tx_bytes +{lower}")
-    return {"path": path, "workload": workload, "rep": rep, "client": client,
-            "valid": error is None, "error": error, "metrics": metrics,
-            "counters": {"shm_tx_bytes": shm, "lower_tx_bytes": lower},
-            "cpu": {"client_busy_pct": round(busy_percent(cpu_before[0], cpu_after[0]), 1),
-                    "server_busy_pct": round(busy_percent(cpu_before[1], cpu_after[1]), 1)}}
-
-
-def _summary(sample: dict[str, Any]) -> str:
-    if not sample["valid"]:
-        return f"INVALID ({sample['error']})"
-    m = sample["metrics"]
-    for key, fmt in (("throughput_mbps", "{:.0f} Mbit/s"), ("transactions_per_s", "{:.0f} tr/s"),
-                     ("lat_mean_us", "{:.0f} µs mean")):
-        if key in m:
-            return fmt.format(m[key])
-    return "ok"
-
-
-def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
-        cross: tuple[str, str] = ("vm1", "vm3"), reps: int = 5, quick: bool = False,
-        out_dir: Path, say: Say | None = None, with_native: bool = True,
-        native_json: Path | None = None, suite: str = CLASSIC_SUITE,
-        plain: tuple[str, str] = ("vm4", "vm5")) -> Path:
-    """Benchmark the three paths; write ``out_dir/bench.json`` and return its path.
-
-    *native_json*: results of ``make -C tests/ring bench-native`` taken earlier
-    (e.g. before the VMs booted, so that idle guests do not share the cores);
-    otherwise the native benchmark runs here unless *with_native* is false.
-
-    *suite* ``"smp"`` runs :func:`run_smp` instead (*plain* is its no-driver
-    pair; the native benchmark is the classic suite's, not run there).
-    """
-    if suite not in SUITES:
-        raise BenchError(f"unknown benchmark suite {suite!r} (suites: {', '.join(SUITES)})")
-    if suite == SMP_SUITE:
-        return run_smp(sd, pair=pair, cross=cross, plain=plain, reps=reps, quick=quick,
-                       out_dir=out_dir, say=say)
-    say = say or (lambda text: log.info("%s", text))
-    if reps < 1:
-        raise BenchError(f"reps must be at least 1, got {reps}")
-    workloads = QUICK_WORKLOADS if quick else FULL_WORKLOADS
-    secs = 1 if quick else int(os.environ.get("IVLOOP_BENCH_SECONDS", "3"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "bench.json"
-
-    gs = _Guests(sd)
-    try:
-        state = gs.state
-        topo = cluster.topology_of(state)
-        _preflight(gs, pair, cross, workloads)
-        env = host_environment(state)
-        env.update({
-            "accelerator": state.accel,
-            "guest_kernel": gs[pair[0]].run("uname -r", timeout=20).strip(),
-            "guest_vcpus": topo.vm(pair[0]).cpus,
-            "guest_memory_mib": topo.vm(pair[0]).memory,
-            "iperf3": gs[pair[0]].run("iperf3 --version 2>&1 | head -n 1", timeout=20).strip(),
-            "pair": f"{pair[0]} -> {pair[1]} (host {state.vms[pair[0]].host})",
-            "cross": (f"{cross[0]} (host {state.vms[cross[0]].host}) -> {cross[1]} "
-                      f"(host {state.vms[cross[1]].host})"),
-            "seconds": secs,
-            "udp_rate": UDP_RATE,
-            "sockperf_sizes": [SMALL, LARGE],
-            "busy_poll_us": BUSY_POLL_US,
-            "ring_poll_us": _poll_us(gs[pair[0]]),
-        })  # fmt: skip
-        doc: dict[str, Any] = {
-            "schema": SCHEMA, "reps": reps, "quick": quick, "seconds": secs,
-            "environment": env, "workloads": list(workloads),
-            "paths": {
-                "shm": {"client": pair[0], "server": pair[1], "force_lower": False},
-                "lower": {"client": pair[0], "server": pair[1], "force_lower": True},
-                "wire": {"client": cross[0], "server": cross[1], "force_lower": False},
-            },
-            "samples": [], "native": None,
-        }  # fmt: skip
-        if native_json is not None:
-            try:
-                doc["native"] = json.loads(native_json.read_text())
-            except (OSError, ValueError) as exc:
-                raise BenchError(f"{native_json}: no native ring results: {exc}") from exc
-            doc["native_measured"] = f"before the run ({native_json.name})"
-        elif with_native:
-            doc["native_measured"] = "during the run, with the VMs up"
-            say("native ring benchmark (tests/ring bench-native)...")
-            try:
-                doc["native"] = native(quick)
-                ref = doc["native"].get("reference", {})
-                say(f"native ring: {ref.get('ring_gbps')} GB/s at 64 KiB records, memcpy "
-                    f"{ref.get('memcpy_out_of_cache_gbps')} GB/s out of cache / "
-                    f"{ref.get('memcpy_in_cache_gbps')} GB/s in cache")
-            except BenchError as exc:
-                log.error("%s", exc)
-                doc["native_error"] = str(exc)
-        ips = {name: topo.vm(name).ip for name in {pair[1], cross[1]}}
-        servers = [pair[1]] + ([cross[1]] if cross[1] != pair[1] else [])
-        sockperf = any(w.startswith("sockperf") for w in workloads)
-        with _sockperf_servers(gs, servers if sockperf else [], ips):
-            for rep in range(reps):
-                for w in workloads:
-                    for path in PATHS:
-                        client, server = (cross if path == "wire" else pair)
-                        lower = (_forced_lower(gs, pair) if path == "lower"
-                                 else contextlib.nullcontext())
-                        with lower, _variant(gs, w, (client, server)):
-                            sample = _measure(gs, client, server, ips[server], w, secs=secs,
-                                              path=path, rep=rep)
-                        doc["samples"].append(sample)
-                        say(f"rep {rep + 1}/{reps} {w:<18} {path:<5} {_summary(sample)}")
-                # Partial results survive an interrupted run.
-                json_path.write_text(json.dumps(doc, indent=1))
-        json_path.write_text(json.dumps(doc, indent=1))
-    finally:
-        gs.close()
-    return json_path
-
-
-# ---------------------------------------------------------------------------
-# the smp suite: 2-vCPU guests (harness/topologies/bench-smp.toml)
-#
-# Three comparisons, every cell interleaved in every repetition (see
-# bench_report.SMP_CELLS): 1 against 4 iperf3 streams on shm and on the
-# forced-lower path; the cross-host pair through ivl0 against a pair placed
-# the same way that booted without the driver; and a mixture, the client
-# streaming to its co-resident peer and across hosts at once, against each
-# flow alone.  The no-driver pair is a second pair of VMs rather than the
-# cross pair rebooted: only two pairs up at once can be interleaved, and a
-# reboot between blocks would put minutes of this machine's drift between
-# the two sides of a 5 % comparison.
-
-SMP_TOPOLOGY = cluster.REPO / "harness" / "topologies" / "bench-smp.toml"
-SMP_MIN_CPUS = 2
-MIX_SEP = "--- ivl-mix ---"
-
-
-def check_smp_roles(topo: Topology, state: State, pair: tuple[str, str],
-                    cross: tuple[str, str], plain: tuple[str, str]) -> None:
-    """The smp suite's roles fit the recorded topology (no guest is asked)."""
-    names = list(dict.fromkeys([*pair, *cross, *plain]))
-    for name in names:
-        topo.vm(name)  # unknown VM -> TopologyError
-        if name not in state.vms:
-            raise BenchError(f"VM {name} is not running; 'harness up --topology "
-                             f"{SMP_TOPOLOGY.relative_to(cluster.REPO)}' starts the topology")
-    host = {name: state.vms[name].host for name in names}
-    if host[pair[0]] != host[pair[1]]:
-        raise BenchError(f"the pair {pair[0]}, {pair[1]} is not co-resident "
-                         f"(hosts {host[pair[0]]}, {host[pair[1]]})")
-    if cross[0] != pair[0]:
-        raise BenchError(f"the cross pair must start at the pair's client {pair[0]} "
-                         f"(the mixture streams from it), not {cross[0]}")
-    if host[cross[0]] == host[cross[1]]:
-        raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host "
-                         f"{host[cross[0]]}; it must span two hosts")
-    if {*plain} & {*pair, *cross} or plain[0] == plain[1]:
-        raise BenchError(f"the no-driver pair {plain[0]}, {plain[1]} must be two VMs of "
-                         "its own, apart from the pair and the cross pair")
-    if (host[plain[0]], host[plain[1]]) != (host[cross[0]], host[cross[1]]):
-        raise BenchError(
-            f"the no-driver pair {plain[0]} (host {host[plain[0]]}) -> {plain[1]} (host "
-            f"{host[plain[1]]}) must be placed like the cross pair ({host[cross[0]]} -> "
-            f"{host[cross[1]]})")
-    specs = {name: topo.vm(name) for name in names}
-    sizes = {(s.cpus, s.memory) for s in specs.values()}
-    if len(sizes) != 1:
-        raise BenchError("the smp suite compares like with like: every VM it uses needs the "
-                         "same cpus and memory, got " + ", ".join(
-                             f"{n} {s.cpus} vCPU/{s.memory} MiB" for n, s in specs.items()))
-    cpus = specs[pair[0]].cpus
-    if cpus < SMP_MIN_CPUS:
-        raise BenchError(f"the smp suite needs guests with cpus >= {SMP_MIN_CPUS}, the "
-                         f"topology gives {cpus} ('harness up --topology "
-                         f"{SMP_TOPOLOGY.relative_to(cluster.REPO)}')")
-    if not state.driver:
-        raise BenchError("the topology was started with --no-driver: there is no ivl0")
-    for name in dict.fromkeys([*pair, *cross]):
-        if not cluster.driver_for(state, specs[name]):
-            raise BenchError(f"{name} runs without the driver; the smp suite needs it there")
-    for name in plain:
-        if cluster.driver_for(state, specs[name]):
-            raise BenchError(f"{name} loads the driver; the no-driver pair needs "
-                             "'driver = false' in the topology")
-
-
-def _check_tools(g: Guest, tools: set[str]) -> None:
-    _, out = g.status(f"for t in {' '.join(sorted(tools))}; do command -v $t; done",
-                      timeout=20)
-    missing = [t for t in sorted(tools) if f"/{t}" not in out]
-    if missing:
-        raise BenchError(f"{g.vm}: missing in the guest: {', '.join(missing)} "
-                         "(rebuild the image: make image)")
-
-
-def _preflight_smp(gs: _Guests, pair: tuple[str, str], cross: tuple[str, str],
-                   plain: tuple[str, str]) -> None:
-    state = gs.state
-    topo = cluster.topology_of(state)
-    check_smp_roles(topo, state, pair, cross, plain)
-    cpus = topo.vm(pair[0]).cpus
-    for name in dict.fromkeys([*pair, *cross, *plain]):
-        g = gs[name]
-        _check_tools(g, {"iperf3", "netperf"})
-        seen = g.run("grep -c ^processor /proc/cpuinfo", timeout=20).strip()
-        if seen != str(cpus):
-            raise BenchError(f"{name}: the guest sees {seen} CPUs, the topology gives {cpus}")
-        code, text = g.status("ethtool -S ivl0", timeout=20)
-        if name in plain:
-            if code == 0:
-                raise BenchError(f"{name}: has an ivl0 although it booted without the driver")
-            addrs = g.run("ip -4 addr show dev eth0", timeout=20)
-            if f"{topo.vm(name).ip}/" not in addrs:
-                raise BenchError(f"{name}: eth0 does not carry {topo.vm(name).ip}: "
-                                 f"{addrs.strip()[-200:]}")
-            continue
-        if code != 0 or not {"shm_tx_bytes", "lower_tx_bytes"} <= paths.parse_ethtool(
-                text).keys():
-            raise BenchError(f"{name}: 'ethtool -S ivl0' gives no shm_tx_bytes/lower_tx_bytes "
-                             f"(is ivloop.ko loaded? check its console log): "
-                             f"{text.strip()[-200:]}")
-    for name in pair:
-        code, text = gs[name].status("ethtool --show-priv-flags ivl0", timeout=20)
-        if code != 0 or "force-lower" not in text:
-            raise BenchError(f"{name}: ivl0 has no 'force-lower' private flag: {text.strip()}")
-        gs[name].run(f"{paths.FORCE_LOWER} off", timeout=20)  # an interrupted run's
-    for src, dst in (pair, pair[::-1]):
-        try:
-            paths.wait_peer(gs[src], topo.vm(dst).mac, shm=True, timeout=60)
-        except GuestError as exc:
-            raise BenchError(f"{src} does not route {dst} over shared memory: {exc}") from exc
-
-
-def parse_mix(text: str) -> tuple[dict[str, float], dict[str, int]]:
-    """Two iperf3 -J reports (shm flow, MIX_SEP, wire flow): rates and bytes delivered."""
-    shm_text, sep, wire_text = text.partition(MIX_SEP)
-    if not sep:
-        raise ValueError(f"no '{MIX_SEP}' between the two iperf3 reports: {text[-300:]!r}")
-    metrics: dict[str, float] = {}
-    flows: dict[str, int] = {}
-    for flow, part in (("shm", shm_text), ("wire", wire_text)):
-        try:
-            received = _json(part)["end"]["sum_received"]
-        except ValueError as exc:
-            raise ValueError(f"{flow} flow: {exc}") from exc
-        metrics[f"{flow}_mbps"] = float(received["bits_per_second"]) / 1e6
-        flows[flow] = int(received["bytes"])
-    return metrics, flows
-
-
-def iperf3_mix(g: Guest, shm_ip: str, wire_ip: str,
-               secs: int) -> tuple[dict[str, float], dict[str, int]]:
-    """One iperf3 stream to each peer, both started at once from *g*."""
-    out = "/tmp/ivl-mix"
-    text = g.run(f"iperf3 -c {shm_ip} -t {secs} -J > {out}-shm.json 2>/dev/null & "
-                 f"iperf3 -c {wire_ip} -t {secs} -J > {out}-wire.json 2>/dev/null & wait; "
-                 f"cat {out}-shm.json; echo '{MIX_SEP}'; cat {out}-wire.json",
-                 timeout=secs + 60)
-    return parse_mix(text)
-
-
 def tx_counters(g: Guest, driver: bool) -> dict[str, int]:
     """What the client sent so far: ivl0's per-path bytes, or eth0's without the driver."""
     if driver:
@@ -706,29 +534,33 @@ def tx_counters(g: Guest, driver: bool) -> dict[str, int]:
     return {"eth0_tx_bytes": int(text)}
 
 
-def smp_ends(path: str, pair: tuple[str, str], cross: tuple[str, str],
-             plain: tuple[str, str]) -> tuple[str, str]:
-    """(client, server) of a path; for mix the server is the co-resident receiver."""
-    return {"shm": pair, "lower": pair, "mix": pair, "wire": cross, "nodriver": plain}[path]
+# ---------------------------------------------------------------------------
+# one sample
 
 
-def measure_smp(gs: _Guests, path: str, workload: str, *, pair: tuple[str, str],
-                cross: tuple[str, str], plain: tuple[str, str], ips: dict[str, str],
-                secs: int, rep: int) -> dict[str, Any]:
-    """One sample of a cell: counters, the workload (retried once if it fails), counters."""
-    client, server = smp_ends(path, pair, cross, plain)
+def measure(gs: _Guests, path: str, workload: str, *, roles: Roles, ips: Mapping[str, str],
+            secs: int, rep: int) -> dict[str, Any]:
+    """One sample of a cell: counters, the workload (retried once if it fails), counters.
+
+    Also how busy both guests' CPUs were: the shared path moves work from QEMU
+    (native) into the guests (emulated under TCG), so CPU is part of the result.
+    The sample has every key a suite may record (``flow_bytes``: mix only).
+    """
+    client, server = ends(path, roles)
+    pair = roles["pair"]
     g = gs[client]
     driver = path != "nodriver"
     error: str | None = None
     metrics: dict[str, float] = {}
     flows: dict[str, int] | None = None
-    with _forced_lower(gs, pair) if path == "lower" else contextlib.nullcontext():
+    lower = _forced_lower(gs, pair) if path == "lower" else contextlib.nullcontext()
+    with lower, _variant(gs, workload, (client, server)):
         before = tx_counters(g, driver)
         cpu_before = cpu_jiffies(g), cpu_jiffies(gs[server])
         for attempt in (1, 2):
             try:
                 if path == "mix":
-                    metrics, flows = iperf3_mix(g, ips[pair[1]], ips[cross[1]], secs)
+                    metrics, flows = iperf3_mix(g, ips[pair[1]], ips[roles["cross"][1]], secs)
                 else:
                     metrics = RUNNERS[workload](g, ips[server], secs)
                 error = None
@@ -742,7 +574,7 @@ def measure_smp(gs: _Guests, path: str, workload: str, *, pair: tuple[str, str],
         after = tx_counters(g, driver)
     counters = {k: after[k] - before.get(k, 0) for k in after}
     if error is None:
-        error = smp_counters_problem(path, counters, flows)
+        error = counters_problem(path, counters, flows)
     sample: dict[str, Any] = {
         "path": path, "workload": workload, "rep": rep, "client": client, "server": server,
         "valid": error is None, "error": error, "metrics": metrics, "counters": counters,
@@ -753,68 +585,145 @@ def measure_smp(gs: _Guests, path: str, workload: str, *, pair: tuple[str, str],
     return sample
 
 
-def _smp_summary(sample: dict[str, Any]) -> str:
-    if sample["valid"] and sample["path"] == "mix":
-        m = sample["metrics"]
+def _summary(sample: dict[str, Any]) -> str:
+    if not sample["valid"]:
+        return f"INVALID ({sample['error']})"
+    m = sample["metrics"]
+    if sample["path"] == "mix":
         return f"{m['shm_mbps']:.0f} + {m['wire_mbps']:.0f} Mbit/s (shm + wire)"
-    return _summary(sample)
+    for key, fmt in (("throughput_mbps", "{:.0f} Mbit/s"), ("transactions_per_s", "{:.0f} tr/s"),
+                     ("lat_mean_us", "{:.0f} µs mean")):
+        if key in m:
+            return fmt.format(m[key])
+    return "ok"
 
 
-def _module_hash(g: Guest) -> str | None:
-    """The first 12 hex digits of the guest's ivloop.ko: which driver was measured."""
-    code, out = g.status("sha256sum /lib/modules/ivl/ivloop.ko", timeout=20)
-    digest = out.split()[0] if code == 0 and out.split() else ""
-    return digest[:12] if re.fullmatch(r"[0-9a-f]{64}", digest) else None
+# ---------------------------------------------------------------------------
+# the run
 
 
-def run_smp(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
-            cross: tuple[str, str] = ("vm1", "vm3"), plain: tuple[str, str] = ("vm4", "vm5"),
-            reps: int = 5, quick: bool = False, out_dir: Path,
-            say: Say | None = None) -> Path:
-    """The smp suite on the running topology; write ``out_dir/bench.json``, return it."""
+def _environment(gs: _Guests, suite: Suite, roles: Roles, secs: int) -> dict[str, Any]:
+    """The host's environment and what *suite* records about its guests and the run."""
+    state = gs.state
+    topo = vms.topology_of(state)
+    pair, cross = roles["pair"], roles["cross"]
+    g = gs[pair[0]]
+    facts: dict[str, Callable[[], object]] = {
+        "accelerator": lambda: state.accel,
+        "topology": lambda: state.topology_source,
+        "guest_kernel": lambda: g.run("uname -r", timeout=20).strip(),
+        "guest_vcpus": lambda: topo.vm(pair[0]).cpus,
+        "guest_memory_mib": lambda: topo.vm(pair[0]).memory,
+        "iperf3": lambda: g.run("iperf3 --version 2>&1 | head -n 1", timeout=20).strip(),
+        "driver_sha256": lambda: _module_hash(g),
+        "pair": lambda: f"{pair[0]} -> {pair[1]} (host {state.vms[pair[0]].host})",
+        "cross": lambda: (f"{cross[0]} (host {state.vms[cross[0]].host}) -> {cross[1]} "
+                          f"(host {state.vms[cross[1]].host})"),
+        "hosts": lambda: {name: state.vms[name].host for name in role_vms(suite, roles)},
+        "seconds": lambda: secs,
+        "udp_rate": lambda: UDP_RATE,
+        "sockperf_sizes": lambda: [SMALL, LARGE],
+        "busy_poll_us": lambda: BUSY_POLL_US,
+        "ring_poll_us": lambda: _poll_us(g),
+    }  # fmt: skip
+    env = host_environment(state)
+    env.update({key: facts[key]() for key in suite.environment})  # in this order
+    return env
+
+
+def _path_ends(suite: Suite, roles: Roles) -> dict[str, dict[str, Any]]:
+    """Each path's client and server, as the classic suite's JSON records them."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in suite.paths:
+        client, server = ends(path, roles)
+        out[path] = {"client": client, "server": server, "force_lower": path == "lower"}
+    return out
+
+
+def _native_results(native_json: Path | None, with_native: bool, quick: bool,
+                    say: Say) -> dict[str, Any]:
+    """The classic suite's native ring results, and when they were measured."""
+    if native_json is not None:
+        try:
+            results = json.loads(native_json.read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"{native_json}: no native ring results: {exc}") from exc
+        return {"native": results, "native_measured": f"before the run ({native_json.name})"}
+    if not with_native:
+        return {}
+    out: dict[str, Any] = {"native_measured": "during the run, with the VMs up"}
+    say("native ring benchmark (tests/ring bench-native)...")
+    try:
+        out["native"] = native(quick)
+        ref = out["native"].get("reference", {})
+        say(f"native ring: {ref.get('ring_gbps')} GB/s at 64 KiB records, memcpy "
+            f"{ref.get('memcpy_out_of_cache_gbps')} GB/s out of cache / "
+            f"{ref.get('memcpy_in_cache_gbps')} GB/s in cache")
+    except BenchError as exc:
+        log.error("%s", exc)
+        out["native_error"] = str(exc)
+    return out
+
+
+def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
+        cross: tuple[str, str] = ("vm1", "vm3"), reps: int = 5, quick: bool = False,
+        out_dir: Path, say: Say | None = None, with_native: bool = True,
+        native_json: Path | None = None, suite: str = CLASSIC_SUITE,
+        plain: tuple[str, str] = ("vm4", "vm5")) -> Path:
+    """Run *suite* on the running topology; write ``out_dir/bench.json`` and return its path.
+
+    The classic suite benchmarks the three paths.  *native_json*: results of
+    ``make -C tests/ring bench-native`` taken earlier (e.g. before the VMs
+    booted, so that idle guests do not share the cores); otherwise the native
+    benchmark runs here unless *with_native* is false.
+
+    *suite* ``"smp"`` runs the 2-vCPU suite instead (*plain* is its no-driver
+    pair; the native benchmark is the classic suite's, not run there).
+    """
+    if suite not in SUITES:
+        raise BenchError(f"unknown benchmark suite {suite!r} (suites: {', '.join(SUITES)})")
+    s = BY_NAME[suite]
     say = say or (lambda text: log.info("%s", text))
     if reps < 1:
         raise BenchError(f"reps must be at least 1, got {reps}")
+    workloads = s.run_workloads(quick)
+    cells = s.cells_of(workloads)
     secs = 1 if quick else int(os.environ.get("IVLOOP_BENCH_SECONDS", "3"))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "bench.json"
+    roles = {"pair": pair, "cross": cross, "plain": plain}
+
     gs = _Guests(sd)
     try:
-        state = gs.state
-        topo = cluster.topology_of(state)
-        _preflight_smp(gs, pair, cross, plain)
-        names = list(dict.fromkeys([*pair, *cross, *plain]))
-        g = gs[pair[0]]
-        env = host_environment(state)
-        env.update({
-            "accelerator": state.accel,
-            "topology": state.topology_source,
-            "guest_kernel": g.run("uname -r", timeout=20).strip(),
-            "guest_vcpus": topo.vm(pair[0]).cpus,
-            "guest_memory_mib": topo.vm(pair[0]).memory,
-            "iperf3": g.run("iperf3 --version 2>&1 | head -n 1", timeout=20).strip(),
-            "driver_sha256": _module_hash(g),
-            "ring_poll_us": _poll_us(g),
-            "hosts": {name: state.vms[name].host for name in names},
-            "seconds": secs,
-        })  # fmt: skip
-        doc: dict[str, Any] = {
-            "schema": SMP_SCHEMA, "suite": SMP_SUITE, "reps": reps, "quick": quick,
-            "seconds": secs, "environment": env,
-            "roles": {"pair": list(pair), "cross": list(cross), "plain": list(plain)},
-            "cells": [list(c) for c in SMP_CELLS], "samples": [],
+        topo = vms.topology_of(gs.state)
+        _preflight(gs, s, roles, workloads)
+        names = role_vms(s, roles)
+        # Whatever a suite's JSON may hold; its document picks (and orders) the keys.
+        record: dict[str, Any] = {
+            "schema": s.schema, "suite": s.name, "reps": reps, "quick": quick, "seconds": secs,
+            "environment": _environment(gs, s, roles, secs), "workloads": list(workloads),
+            "paths": _path_ends(s, roles),
+            "roles": {r: list(roles[r]) for r in s.roles}, "cells": [list(c) for c in cells],
+            "samples": [], "native": None, "duration_s": None,
         }  # fmt: skip
+        doc = {key: record[key] for key in s.document}
+        if "native" in s.document:
+            doc.update(_native_results(native_json, with_native, quick, say))
         ips = {name: topo.vm(name).ip for name in names}
+        servers = [ends(p, roles)[1] for p, w in cells if w.startswith("sockperf")]
         start = time.monotonic()
-        for rep in range(reps):
-            for path, w in SMP_CELLS:
-                sample = measure_smp(gs, path, w, pair=pair, cross=cross, plain=plain,
-                                     ips=ips, secs=secs, rep=rep)
-                doc["samples"].append(sample)
-                say(f"rep {rep + 1}/{reps} {w:<15} {path:<8} {_smp_summary(sample)}")
-            doc["duration_s"] = round(time.monotonic() - start, 1)
-            # Partial results survive an interrupted run.
-            json_path.write_text(json.dumps(doc, indent=1))
+        with _sockperf_servers(gs, list(dict.fromkeys(servers)), ips):
+            for rep in range(reps):
+                for path, w in cells:
+                    full = measure(gs, path, w, roles=roles, ips=ips, secs=secs, rep=rep)
+                    sample = {key: full[key] for key in s.sample if key in full}
+                    doc["samples"].append(sample)
+                    say(s.progress.format(rep=rep + 1, reps=reps, workload=w, path=path,
+                                          summary=_summary(sample)))
+                if "duration_s" in doc:
+                    doc["duration_s"] = round(time.monotonic() - start, 1)
+                # Partial results survive an interrupted run.
+                json_path.write_text(json.dumps(doc, indent=1))
     finally:
         gs.close()
     return json_path

@@ -1,6 +1,7 @@
 """The benchmark's report: validate the raw samples, then summarise them.
 
-Pure functions over the JSON that :mod:`harness.experiments.bench` writes::
+Pure functions over the JSON that :mod:`harness.experiments.bench` writes; the
+classic suite's::
 
     {"schema": 1, "reps": 5, "quick": false, "seconds": 3,
      "environment": {...}, "paths": {"shm": {...}, "lower": {...}, "wire": {...}},
@@ -11,10 +12,22 @@ Pure functions over the JSON that :mod:`harness.experiments.bench` writes::
                   "metrics": {"throughput_mbps": 812.5}}, ...],
      "native": {...} | null}
 
-Nothing is printed from data that fails validation: :func:`validate` raises
-:class:`BenchReportError` naming every sample and field that is wrong.  A
-document with ``"suite": "smp"`` (2-vCPU guests) has its own cells and report:
-:func:`validate_smp`, :func:`smp_markdown`; :func:`write` picks by the suite.
+and the smp suite's (2-vCPU guests), one sample per cell and repetition::
+
+    {"schema": 1, "suite": "smp", "reps": 5, "quick": false, "seconds": 3,
+     "environment": {...}, "duration_s": 260.5,
+     "roles": {"pair": ["vm1", "vm2"], "cross": ["vm1", "vm3"], "plain": ["vm4", "vm5"]},
+     "samples": [{"path": "mix", "workload": "iperf3_mix", "rep": 0, "valid": true,
+                  "error": null, "metrics": {"shm_mbps": 900.0, "wire_mbps": 700.0},
+                  "counters": {"shm_tx_bytes": N, "lower_tx_bytes": N},
+                  "flow_bytes": {"shm": N, "wire": N}, "cpu": {...}}, ...]}
+
+Nothing is printed from data that fails validation: :func:`check` (for the
+suite of :mod:`harness.experiments.bench_suites` the JSON names;
+:func:`validate` and :func:`validate_smp` for one suite) raises
+:class:`BenchReportError` naming every sample and field that is wrong.  Each
+suite has its report (:func:`markdown` with :func:`charts`, :func:`smp_markdown`);
+:func:`write` picks by the suite.
 """
 
 from __future__ import annotations
@@ -22,16 +35,31 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from harness.errors import HarnessError
+from harness.experiments import bench_suites
+from harness.experiments.bench_suites import (
+    BUSY_POLL_SUFFIX,
+    BY_NAME,
+    CLASSIC,
+    COST_TOLERANCE,
+    NO_RING_POLL_SUFFIX,
+    SCALING_TARGET,
+    SMP,
+    Cell,
+    Comparison,
+    Measure,
+    Suite,
+)
 
-SCHEMA = 1
-CLASSIC_SUITE = "paths"  # shm / lower / wire over many workloads; no "suite" key in its JSON
-PATHS = ("shm", "lower", "wire")
+# The suites' names, where harness.cli reads its --suite choices.
+CLASSIC_SUITE, SMP_SUITE = bench_suites.CLASSIC_SUITE, bench_suites.SMP_SUITE
+SUITES = bench_suites.SUITES
+
 MIN_REPS = 5  # a full (not --quick) run needs at least this many per cell
 MAX_PROBLEMS = 20  # listed in one error message
 
@@ -48,42 +76,6 @@ HIGHER_BETTER = {
     "lat_p99_us": False,
 }
 
-# Workload -> (description, required metrics).
-WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "iperf3_tcp_1": ("iperf3 TCP, 1 stream", ("throughput_mbps",)),
-    "iperf3_tcp_4": ("iperf3 TCP, 4 streams", ("throughput_mbps",)),
-    "iperf3_udp": ("iperf3 UDP, fixed offered rate",
-                   ("throughput_mbps", "loss_percent", "jitter_ms")),
-    "netperf_tcp_rr": ("netperf TCP_RR", ("transactions_per_s", "lat_mean_us", "lat_p50_us",
-                                          "lat_p90_us", "lat_p99_us")),
-    "netperf_udp_rr": ("netperf UDP_RR", ("transactions_per_s", "lat_mean_us", "lat_p50_us",
-                                          "lat_p90_us", "lat_p99_us")),
-    "netperf_tcp_stream": ("netperf TCP_STREAM", ("throughput_mbps",)),
-    "sockperf_pp_small": ("sockperf UDP ping-pong, 64 B (half RTT)",
-                          ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
-    "sockperf_pp_large": ("sockperf UDP ping-pong, 16 KiB (half RTT)",
-                          ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
-    # the same with socket busy polling on both guests (bench.BUSY_POLL_US);
-    # the name is the plain workload's plus BUSY_POLL_SUFFIX
-    "iperf3_tcp_1_bp": ("iperf3 TCP, 1 stream, busy poll", ("throughput_mbps",)),
-    "netperf_tcp_rr_bp": ("netperf TCP_RR, busy poll", ("transactions_per_s", "lat_mean_us",
-                                                        "lat_p50_us", "lat_p90_us",
-                                                        "lat_p99_us")),
-    "sockperf_pp_small_bp": ("sockperf UDP ping-pong, 64 B, busy poll",
-                             ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
-    # the same with the driver's ring poller off (rx-usecs 0) on both guests:
-    # every frame to an idle peer waits for a doorbell
-    "iperf3_tcp_1_irq": ("iperf3 TCP, 1 stream, ring polling off", ("throughput_mbps",)),
-    "netperf_tcp_rr_irq": ("netperf TCP_RR, ring polling off",
-                           ("transactions_per_s", "lat_mean_us", "lat_p50_us", "lat_p90_us",
-                            "lat_p99_us")),
-    "sockperf_pp_small_irq": ("sockperf UDP ping-pong, 64 B, ring polling off",
-                              ("lat_mean_us", "lat_p50_us", "lat_p90_us", "lat_p99_us")),
-}
-
-BUSY_POLL_SUFFIX = "_bp"
-NO_RING_POLL_SUFFIX = "_irq"
-VARIANT_SUFFIXES = (BUSY_POLL_SUFFIX, NO_RING_POLL_SUFFIX)
 # (workload-name suffix, headline-key suffix, how the targets' lines say it)
 TARGET_VARIANTS = (("", "", "default settings"),
                    (BUSY_POLL_SUFFIX, "_busy_poll", "socket busy polling ({} µs) on both guests"),
@@ -114,12 +106,47 @@ def path_matches(path: str, shm_bytes: int, lower_bytes: int) -> bool:
     return shm_bytes <= LOWER_MAX_SHM_SHARE * total
 
 
+def counters_problem(path: str, counters: Mapping[str, Any],
+                     flow_bytes: object = None) -> str | None:
+    """Why a sample's counter deltas do not show its traffic on *path* (None: they do).
+
+    *flow_bytes* (mix only): bytes each flow delivered, by iperf3's receivers.
+    """
+    if path == "nodriver":
+        v = counters.get("eth0_tx_bytes")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return "counter eth0_tx_bytes missing or not a non-negative integer"
+        return None if v > 0 else "eth0_tx_bytes +0: no traffic left the client"
+    bad = [k for k in ("shm_tx_bytes", "lower_tx_bytes")
+           if not _is_int(counters.get(k)) or counters[k] < 0]
+    if bad:
+        return f"counters {', '.join(bad)} missing or not a non-negative integer"
+    shm, lower = int(counters["shm_tx_bytes"]), int(counters["lower_tx_bytes"])
+    if path != "mix":
+        if path_matches(path, shm, lower):
+            return None
+        return (f"the sender's counters contradict path '{path}' (shm_tx_bytes +{shm}, "
+                f"lower_tx_bytes +{lower})")
+    if not isinstance(flow_bytes, dict) or not all(
+            _is_int(flow_bytes.get(f)) and flow_bytes[f] > 0 for f in ("shm", "wire")):
+        return f"'flow_bytes' must give positive byte counts for shm and wire, got {flow_bytes!r}"
+    # Each flow's frames (payload plus headers) must have left through its own
+    # path: a co-resident flow bypassed to the lower NIC would not be a mixture.
+    if shm < SHM_MIN_SHARE * flow_bytes["shm"] or lower < SHM_MIN_SHARE * flow_bytes["wire"]:
+        return (f"the sender's counters do not carry both flows (shm_tx_bytes +{shm} for "
+                f"{flow_bytes['shm']} bytes to the co-resident peer, lower_tx_bytes "
+                f"+{lower} for {flow_bytes['wire']} bytes across hosts)")
+    return None
+
+
 # ---------------------------------------------------------------------------
 # validation
 
 
 @dataclass(frozen=True)
 class Sample:
+    """A valid sample: what one cell gave in one repetition."""
+
     path: str
     workload: str
     rep: int
@@ -129,14 +156,31 @@ class Sample:
 
 @dataclass(frozen=True)
 class Bench:
+    """A validated run of one suite: its valid samples and what its report shows.
+
+    What only one suite's JSON records (roles; native results) is empty for the other.
+    """
+
+    suite: Suite
     reps: int
     quick: bool
     environment: dict[str, Any]
     workloads: list[str]
+    cells: tuple[Cell, ...]  # the suite's cells for these workloads
     samples: list[Sample]  # valid ones only
     invalid: int
-    native: dict[str, Any] | None
+    roles: dict[str, tuple[str, str]] = field(default_factory=dict)  # the smp suite's
+    native: dict[str, Any] | None = None  # the classic suite's native ring results
     native_measured: str = ""  # when the native benchmark ran (e.g. "with the VMs up")
+    duration_s: float | None = None  # the measurements' wall time (the smp suite's)
+
+
+# The top-level keys the validator reads, where the suite's document has them.
+TOP_KEYS: dict[str, type] = {"schema": int, "suite": str, "reps": int, "quick": bool,
+                             "environment": dict, "workloads": list, "roles": dict,
+                             "samples": list}
+SAMPLE_KEYS: dict[str, type] = {"path": str, "workload": str, "rep": int, "valid": bool,
+                                "metrics": dict, "counters": dict}
 
 
 def _is_number(v: object) -> TypeGuard[int | float]:
@@ -174,86 +218,58 @@ def _type_name(typ: type | tuple[type, ...]) -> str:
 
 
 def validate(data: object) -> Bench:
-    """Check *data* (parsed JSON) and return its valid samples, or raise."""
+    """Check a classic-suite document (parsed JSON); its valid samples, or raise."""
+    return check(data, CLASSIC)
+
+
+def validate_smp(data: object) -> Bench:
+    """Check an smp-suite document (parsed JSON); its valid samples, or raise."""
+    return check(data, SMP)
+
+
+def check(data: object, suite: Suite) -> Bench:
+    """Check *data* (parsed JSON) as a run of *suite*; return its valid samples, or raise."""
     problems: list[str] = []
-    top = {"schema": int, "reps": int, "quick": bool, "environment": dict, "workloads": list,
-           "samples": list}
+    top = {key: TOP_KEYS[key] for key in suite.document if key in TOP_KEYS}
     if not _check_keys(data, "benchmark", top, problems):
         raise _error(problems)
     assert isinstance(data, dict)
-    if data["schema"] != SCHEMA:
-        problems.append(f"benchmark: schema {data['schema']} is not {SCHEMA}")
-    if data.get("suite", CLASSIC_SUITE) != CLASSIC_SUITE:
-        problems.append(f"benchmark: suite {data['suite']!r} is not {CLASSIC_SUITE!r} "
-                        "(the report reads it with validate_smp)")
+    named = data.get("suite", CLASSIC_SUITE)
+    if named != suite.name:
+        problems.append(f"benchmark: suite {named!r} is not {suite.name!r}" + (
+            "" if suite.tagged else " (the report reads it with validate_smp)"))
+    if data["schema"] != suite.schema:
+        problems.append(f"benchmark: schema {data['schema']} is not {suite.schema}")
     reps: int = data["reps"]
     quick: bool = data["quick"]
     _check_reps(reps, quick, problems)
-    workloads: list[str] = []
-    for i, w in enumerate(data["workloads"]):
-        if not isinstance(w, str) or w not in WORKLOADS:
-            problems.append(f"benchmark: workloads[{i}] is not a known workload: {w!r}")
-        else:
-            workloads.append(w)
-    if not workloads and not problems:
-        problems.append("benchmark: no workloads")
-
-    samples: list[Sample] = []
-    invalid = 0
-    skeys = {"path": str, "workload": str, "rep": int, "valid": bool, "metrics": dict,
-             "counters": dict}
-    for i, s in enumerate(data["samples"]):
-        where = f"samples[{i}]"
-        if not _check_keys(s, where, skeys, problems):
-            continue
-        assert isinstance(s, dict)
-        where += f" ({s['path']}/{s['workload']} rep {s['rep']})"
-        if s["path"] not in PATHS:
-            problems.append(f"{where}: unknown path {s['path']!r} (paths: {', '.join(PATHS)})")
-            continue
-        if s["workload"] not in workloads:
-            problems.append(f"{where}: workload {s['workload']!r} is not in 'workloads'")
-            continue
-        if s["rep"] < 0:
-            problems.append(f"{where}: rep must be >= 0")
-            continue
-        if not s["valid"]:
-            invalid += 1
-            continue
-        counters = s["counters"]
-        bad = [k for k in ("shm_tx_bytes", "lower_tx_bytes")
-               if not _is_int(counters.get(k)) or counters[k] < 0]
-        if bad:
-            problems.append(f"{where}: counters {', '.join(bad)} missing or not a "
-                            "non-negative integer")
-            continue
-        if not path_matches(s["path"], counters["shm_tx_bytes"], counters["lower_tx_bytes"]):
-            problems.append(
-                f"{where}: marked valid but the sender's counters contradict path "
-                f"'{s['path']}' (shm_tx_bytes +{counters['shm_tx_bytes']}, "
-                f"lower_tx_bytes +{counters['lower_tx_bytes']})")
-            continue
-        metrics = _check_metrics(s["metrics"], WORKLOADS[s["workload"]][1], where, problems)
-        cpu = _check_cpu(s.get("cpu"), where, problems)
-        if len(metrics) == len(WORKLOADS[s["workload"]][1]):
-            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
-
+    workloads = (_check_workloads(data["workloads"], suite, problems)
+                 if "workloads" in suite.document else list(suite.workloads))
+    roles = _check_roles(data["roles"], suite, problems) if "roles" in suite.document else {}
+    duration = data.get("duration_s") if "duration_s" in suite.document else None
+    if duration is not None and (not _is_number(duration) or not math.isfinite(duration)
+                                 or duration < 0):
+        problems.append(f"benchmark: 'duration_s' must be a non-negative number, "
+                        f"got {duration!r}")
+    cells = suite.cells_of(workloads)
+    samples, invalid = _check_samples(data["samples"], suite, cells, reps, problems)
     if not problems:
-        for w in workloads:
-            for p in PATHS:
-                n = sum(1 for s in samples if s.path == p and s.workload == w)
-                if n < reps:
-                    problems.append(f"{p}/{w}: {n} valid sample(s), need {reps}")
-    native = data.get("native")
+        for p, w in cells:
+            n = sum(1 for s in samples if s.path == p and s.workload == w)
+            if n < reps:
+                problems.append(f"{p}/{w}: {n} valid sample(s), need {reps}")
+    native = data.get("native") if "native" in suite.document else None
     if native is not None and not isinstance(native, dict):
         problems.append(f"benchmark: 'native' must be an object or null, "
                         f"got {type(native).__name__}")
     if problems:
         raise _error(problems)
-    return Bench(reps=reps, quick=quick, environment=data["environment"], workloads=workloads,
-                 samples=samples, invalid=invalid,
-                 native=native if isinstance(native, dict) else None,
-                 native_measured=str(data.get("native_measured") or ""))
+    return Bench(suite=suite, reps=reps, quick=quick, environment=data["environment"],
+                 workloads=workloads, cells=cells, samples=samples, invalid=invalid,
+                 roles=roles, native=native if isinstance(native, dict) else None,
+                 native_measured=(str(data.get("native_measured") or "")
+                                  if "native" in suite.document else ""),
+                 duration_s=float(duration) if _is_number(duration) else None)
 
 
 def _check_reps(reps: int, quick: bool, problems: list[str]) -> None:
@@ -262,6 +278,91 @@ def _check_reps(reps: int, quick: bool, problems: list[str]) -> None:
     elif not quick and reps < MIN_REPS:
         problems.append(f"benchmark: too few repetitions: reps is {reps}, a full run needs "
                         f">= {MIN_REPS} (or 'quick': true)")
+
+
+def _check_workloads(listed: list[Any], suite: Suite, problems: list[str]) -> list[str]:
+    """The run's workloads as the JSON lists them (a suite whose cells follow them)."""
+    workloads: list[str] = []
+    for i, w in enumerate(listed):
+        if not isinstance(w, str) or w not in suite.workloads:
+            problems.append(f"benchmark: workloads[{i}] is not a known workload: {w!r}")
+        else:
+            workloads.append(w)
+    if not workloads and not problems:
+        problems.append("benchmark: no workloads")
+    return workloads
+
+
+def _check_roles(given: dict[str, Any], suite: Suite,
+                 problems: list[str]) -> dict[str, tuple[str, str]]:
+    """The pairs of VMs the run used, as the JSON records them."""
+    roles: dict[str, tuple[str, str]] = {}
+    for role in suite.roles:
+        v = given.get(role)
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(isinstance(n, str) and n for n in v)):
+            problems.append(f"benchmark: roles '{role}' must be a list of two VM names, "
+                            f"got {v!r}")
+        else:
+            roles[role] = (v[0], v[1])
+    return roles
+
+
+def _check_samples(raw: list[Any], suite: Suite, cells: tuple[Cell, ...], reps: int,
+                   problems: list[str]) -> tuple[list[Sample], int]:
+    """The valid samples, and how many the runner marked invalid."""
+    samples: list[Sample] = []
+    seen: set[tuple[str, str, int]] = set()
+    invalid = 0
+    for i, s in enumerate(raw):
+        where = f"samples[{i}]"
+        if not _check_keys(s, where, SAMPLE_KEYS, problems):
+            continue
+        assert isinstance(s, dict)
+        where += f" ({s['path']}/{s['workload']} rep {s['rep']})"
+        problem = (_cell_problem(s["path"], s["workload"], suite, cells)
+                   or _rep_problem(s["rep"], reps, suite))
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        if not s["valid"]:
+            invalid += 1
+            continue
+        problem = counters_problem(s["path"], s["counters"], s.get("flow_bytes"))
+        if problem:
+            problems.append(f"{where}: marked valid but {problem}")
+            continue
+        key = (s["path"], s["workload"], s["rep"])
+        if suite.paired_reps and key in seen:
+            problems.append(f"{where}: a second valid sample for this cell and rep")
+            continue
+        names = suite.workloads[s["workload"]][1]
+        metrics = _check_metrics(s["metrics"], names, where, problems)
+        cpu = _check_cpu(s.get("cpu"), where, problems)
+        if len(metrics) == len(names):
+            seen.add(key)
+            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
+    return samples, invalid
+
+
+def _cell_problem(path: str, workload: str, suite: Suite, cells: tuple[Cell, ...]) -> str | None:
+    """Why (path, workload) is not one of the run's cells (None: it is)."""
+    if (path, workload) in cells:
+        return None
+    if suite.cells is not None:
+        return (f"not a cell of the {suite.name} suite (cells: "
+                + ", ".join(f"{p}/{w}" for p, w in cells) + ")")
+    # the run's cells: each workload the JSON lists, on every path
+    if path not in suite.paths:
+        return f"unknown path {path!r} (paths: {', '.join(suite.paths)})"
+    return f"workload {workload!r} is not in 'workloads'"
+
+
+def _rep_problem(rep: int, reps: int, suite: Suite) -> str | None:
+    """Why *rep* is not a repetition of the run (None: it is)."""
+    if suite.paired_reps:  # one sample per repetition: each of them names its own
+        return None if 0 <= rep < reps else f"rep must be in 0..{reps - 1}"
+    return None if rep >= 0 else "rep must be >= 0"
 
 
 def _check_metrics(got: dict[str, Any], names: tuple[str, ...], where: str,
@@ -342,9 +443,9 @@ def summarise(b: Bench) -> dict[tuple[str, str], dict[str, Stat]]:
     """(workload, metric) -> path -> median and min-max spread."""
     out: dict[tuple[str, str], dict[str, Stat]] = {}
     for w in b.workloads:
-        for m in WORKLOADS[w][1]:
+        for m in b.suite.workloads[w][1]:
             out[(w, m)] = {p: stat([s.metrics[m] for s in b.samples
-                                    if s.workload == w and s.path == p]) for p in PATHS}
+                                    if s.workload == w and s.path == p]) for p in b.suite.paths}
     return out
 
 
@@ -391,7 +492,9 @@ def headline(b: Bench) -> dict[str, float | None]:
 
 
 def markdown(b: Bench) -> str:
+    """The classic suite's report: every workload's metrics on every path."""
     env = b.environment
+    paths, versus = b.suite.paths, b.suite.versus
     lines = [
         "## ivloop benchmark",
         "",
@@ -412,15 +515,15 @@ def markdown(b: Bench) -> str:
            "off' (0: doorbells only)." if "ring_poll_us" in env else ""),
         "Ratios: how many times better shm is (throughput shm/other, latency other/shm).",
         "",
-        "| workload | metric | shm | lower | wire | shm vs lower | shm vs wire |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | metric | " + " | ".join([*paths, *(f"shm vs {o}" for o in versus)]) + " |",
+        "|---|---|" + "---:|" * (len(paths) + len(versus)),
     ]
     for (w, m), cells in summarise(b).items():
-        row = [WORKLOADS[w][0], _metric_label(m)]
-        for p in PATHS:
+        row = [b.suite.workloads[w][0], _metric_label(m)]
+        for p in paths:
             c = cells[p]
             row.append(f"{_fmt(c.median)} [{_fmt(c.lo)}-{_fmt(c.hi)}]")
-        for other in ("lower", "wire"):
+        for other in versus:
             r = ratio(m, cells["shm"].median, cells[other].median)
             row.append("-" if r is None or m in ("loss_percent", "jitter_ms")
                        else f"{r:.2f}x")
@@ -445,31 +548,36 @@ def markdown(b: Bench) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cell_cpu_busy(b: Bench) -> dict[Cell, tuple[float, float]]:
+    """(path, workload) -> median busy % of the client and the server guest, in cell order."""
+    out: dict[Cell, tuple[float, float]] = {}
+    for p, w in b.cells:
+        loads = [s.cpu for s in b.samples if s.workload == w and s.path == p and s.cpu]
+        if loads:
+            out[(p, w)] = (statistics.median(c["client_busy_pct"] for c in loads),
+                           statistics.median(c["server_busy_pct"] for c in loads))
+    return out
+
+
 def cpu_busy(b: Bench) -> dict[tuple[str, str], tuple[float, float]]:
     """(workload, path) -> median busy % of the client and the server guest."""
-    out: dict[tuple[str, str], tuple[float, float]] = {}
-    for w in b.workloads:
-        for p in PATHS:
-            loads = [s.cpu for s in b.samples if s.workload == w and s.path == p and s.cpu]
-            if loads:
-                out[(w, p)] = (statistics.median(c["client_busy_pct"] for c in loads),
-                               statistics.median(c["server_busy_pct"] for c in loads))
-    return out
+    return {(w, p): busy for (p, w), busy in cell_cpu_busy(b).items()}
 
 
 def cpu_markdown(b: Bench) -> list[str]:
     """How busy the guests' vCPUs were on each path."""
     busy = cpu_busy(b)
+    paths = b.suite.paths
     lines: list[str] = []
     if busy:
         lines += ["", "### Guest CPU", "",
                   "Busy % of the client / server guest's vCPU during each sample "
                   "(/proc/stat), median.", "",
-                  "| workload | shm | lower | wire |", "|---|---:|---:|---:|"]
+                  "| workload | " + " | ".join(paths) + " |", "|---|" + "---:|" * len(paths)]
         for w in b.workloads:
             cells = [f"{busy[(w, p)][0]:.0f} / {busy[(w, p)][1]:.0f}" if (w, p) in busy
-                     else "-" for p in PATHS]
-            lines.append(f"| {WORKLOADS[w][0]} | " + " | ".join(cells) + " |")
+                     else "-" for p in paths]
+            lines.append(f"| {b.suite.workloads[w][0]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -548,6 +656,7 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     s = summarise(b)
+    paths, table = b.suite.paths, b.suite.workloads
     colours = {"shm": "tab:green", "lower": "tab:orange", "wire": "tab:blue"}
     written: list[Path] = []
     env = b.environment
@@ -558,13 +667,13 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
     if tput:
         fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(tput)), 4.5))
         width = 0.27
-        for i, p in enumerate(PATHS):
+        for i, p in enumerate(paths):
             xs = [j + (i - 1) * width for j in range(len(tput))]
             med = [s[k][p].median for k in tput]
             err = [[s[k][p].median - s[k][p].lo for k in tput],
                    [s[k][p].hi - s[k][p].median for k in tput]]
             ax.bar(xs, med, width, yerr=err, capsize=3, color=colours[p], label=p)
-        ax.set_xticks(range(len(tput)), [WORKLOADS[w][0] for w, _ in tput], fontsize=8)
+        ax.set_xticks(range(len(tput)), [table[w][0] for w, _ in tput], fontsize=8)
         ax.set_ylabel("Mbit/s")
         ax.set_title(f"Throughput by path\n{subtitle}, bars = min-max", fontsize=9)
         ax.legend()
@@ -574,15 +683,15 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    lat_w = [w for w in b.workloads if "lat_p50_us" in WORKLOADS[w][1]]
+    lat_w = [w for w in b.workloads if "lat_p50_us" in table[w][1]]
     if lat_w:
         fig, axes = plt.subplots(1, len(lat_w), figsize=(3.2 * len(lat_w), 4), squeeze=False)
         pct = ("lat_p50_us", "lat_p90_us", "lat_p99_us")
         for ax, w in zip(axes[0], lat_w, strict=True):
-            for p in PATHS:
+            for p in paths:
                 ax.plot(["p50", "p90", "p99"], [s[(w, m)][p].median for m in pct],
                         marker="o", color=colours[p], label=p)
-            ax.set_title(WORKLOADS[w][0], fontsize=8)
+            ax.set_title(table[w][0], fontsize=8)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("latency (µs, log)")
@@ -597,171 +706,10 @@ def charts(b: Bench, out_dir: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------
-# the SMP suite: 2-vCPU guests (``harness bench --suite smp``)
-#
-# Its JSON has its own cells, one sample per cell and repetition::
-#
-#     {"schema": 1, "suite": "smp", "reps": 5, "quick": false, "seconds": 3,
-#      "environment": {...}, "duration_s": 260.5,
-#      "roles": {"pair": ["vm1", "vm2"], "cross": ["vm1", "vm3"], "plain": ["vm4", "vm5"]},
-#      "samples": [{"path": "mix", "workload": "iperf3_mix", "rep": 0, "valid": true,
-#                   "error": null, "metrics": {"shm_mbps": 900.0, "wire_mbps": 700.0},
-#                   "counters": {"shm_tx_bytes": N, "lower_tx_bytes": N},
-#                   "flow_bytes": {"shm": N, "wire": N}, "cpu": {...}}, ...]}
-#
-# Paths: shm and lower are the co-resident pair (lower: force-lower on both);
-# wire is the cross pair through ivl0 (the driver loaded, nothing to
-# accelerate); nodriver is a second pair placed like the cross pair but booted
-# without the driver (eth0, counted from eth0's own statistics); mix is the
-# pair's client streaming to its co-resident peer and across hosts at once.
-
-SMP_SUITE = "smp"
-SUITES = (CLASSIC_SUITE, SMP_SUITE)
-SMP_SCHEMA = 1
-SMP_WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "iperf3_tcp_1": WORKLOADS["iperf3_tcp_1"],
-    "iperf3_tcp_4": WORKLOADS["iperf3_tcp_4"],
-    "netperf_tcp_rr": WORKLOADS["netperf_tcp_rr"],
-    "iperf3_mix": ("iperf3 TCP, one stream to each of two peers at once",
-                   ("shm_mbps", "wire_mbps")),
-}
-SMP_PATHS = ("shm", "lower", "wire", "nodriver", "mix")
-# Measured in this order in every repetition, so that each comparison's two
-# sides run next to each other.
-SMP_CELLS: tuple[tuple[str, str], ...] = (
-    ("shm", "iperf3_tcp_1"), ("lower", "iperf3_tcp_1"),
-    ("shm", "iperf3_tcp_4"), ("lower", "iperf3_tcp_4"),
-    ("wire", "iperf3_tcp_1"), ("nodriver", "iperf3_tcp_1"),
-    ("wire", "netperf_tcp_rr"), ("nodriver", "netperf_tcp_rr"),
-    ("mix", "iperf3_mix"),
-)
-SMP_ROLES = ("pair", "cross", "plain")
-SCALING_TARGET = 1.5  # shm: 4 streams at least this many times one stream
-COST_TOLERANCE = 0.05  # ivl0 within this share of no driver, across hosts
+# the smp suite's report: ratios between its cells (bench_suites.SMP_COMPARISONS)
 
 
-def smp_counters_problem(path: str, counters: Mapping[str, Any],
-                         flow_bytes: object = None) -> str | None:
-    """Why a sample's counter deltas do not show its traffic on *path* (None: they do).
-
-    *flow_bytes* (mix only): bytes each flow delivered, by iperf3's receivers.
-    """
-    if path == "nodriver":
-        v = counters.get("eth0_tx_bytes")
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            return "counter eth0_tx_bytes missing or not a non-negative integer"
-        return None if v > 0 else "eth0_tx_bytes +0: no traffic left the client"
-    bad = [k for k in ("shm_tx_bytes", "lower_tx_bytes")
-           if not _is_int(counters.get(k)) or counters[k] < 0]
-    if bad:
-        return f"counters {', '.join(bad)} missing or not a non-negative integer"
-    shm, lower = int(counters["shm_tx_bytes"]), int(counters["lower_tx_bytes"])
-    if path != "mix":
-        if path_matches(path, shm, lower):
-            return None
-        return (f"the sender's counters contradict path '{path}' (shm_tx_bytes +{shm}, "
-                f"lower_tx_bytes +{lower})")
-    if not isinstance(flow_bytes, dict) or not all(
-            _is_int(flow_bytes.get(f)) and flow_bytes[f] > 0 for f in ("shm", "wire")):
-        return f"'flow_bytes' must give positive byte counts for shm and wire, got {flow_bytes!r}"
-    # Each flow's frames (payload plus headers) must have left through its own
-    # path: a co-resident flow bypassed to the lower NIC would not be a mixture.
-    if shm < SHM_MIN_SHARE * flow_bytes["shm"] or lower < SHM_MIN_SHARE * flow_bytes["wire"]:
-        return (f"the sender's counters do not carry both flows (shm_tx_bytes +{shm} for "
-                f"{flow_bytes['shm']} bytes to the co-resident peer, lower_tx_bytes "
-                f"+{lower} for {flow_bytes['wire']} bytes across hosts)")
-    return None
-
-
-@dataclass(frozen=True)
-class SmpBench:
-    reps: int
-    quick: bool
-    environment: dict[str, Any]
-    roles: dict[str, tuple[str, str]]
-    samples: list[Sample]  # valid ones only
-    invalid: int
-    duration_s: float | None = None  # the measurements' wall time
-
-
-def validate_smp(data: object) -> SmpBench:
-    """Check an smp-suite document (parsed JSON); its valid samples, or raise."""
-    problems: list[str] = []
-    top = {"schema": int, "suite": str, "reps": int, "quick": bool, "environment": dict,
-           "roles": dict, "samples": list}
-    if not _check_keys(data, "benchmark", top, problems):
-        raise _error(problems)
-    assert isinstance(data, dict)
-    if data["suite"] != SMP_SUITE:
-        problems.append(f"benchmark: suite {data['suite']!r} is not {SMP_SUITE!r}")
-    if data["schema"] != SMP_SCHEMA:
-        problems.append(f"benchmark: schema {data['schema']} is not {SMP_SCHEMA}")
-    reps: int = data["reps"]
-    quick: bool = data["quick"]
-    _check_reps(reps, quick, problems)
-    roles: dict[str, tuple[str, str]] = {}
-    for role in SMP_ROLES:
-        v = data["roles"].get(role)
-        if (not isinstance(v, list) or len(v) != 2
-                or not all(isinstance(n, str) and n for n in v)):
-            problems.append(f"benchmark: roles '{role}' must be a list of two VM names, "
-                            f"got {v!r}")
-        else:
-            roles[role] = (v[0], v[1])
-    duration = data.get("duration_s")
-    if duration is not None and (not _is_number(duration) or not math.isfinite(duration)
-                                 or duration < 0):
-        problems.append(f"benchmark: 'duration_s' must be a non-negative number, "
-                        f"got {duration!r}")
-
-    samples: list[Sample] = []
-    seen: set[tuple[str, str, int]] = set()
-    invalid = 0
-    skeys = {"path": str, "workload": str, "rep": int, "valid": bool, "metrics": dict,
-             "counters": dict}
-    for i, s in enumerate(data["samples"]):
-        where = f"samples[{i}]"
-        if not _check_keys(s, where, skeys, problems):
-            continue
-        assert isinstance(s, dict)
-        where += f" ({s['path']}/{s['workload']} rep {s['rep']})"
-        if (s["path"], s["workload"]) not in SMP_CELLS:
-            problems.append(f"{where}: not a cell of the smp suite (cells: "
-                            + ", ".join(f"{p}/{w}" for p, w in SMP_CELLS) + ")")
-            continue
-        if not 0 <= s["rep"] < reps:
-            problems.append(f"{where}: rep must be in 0..{reps - 1}")
-            continue
-        if not s["valid"]:
-            invalid += 1
-            continue
-        problem = smp_counters_problem(s["path"], s["counters"], s.get("flow_bytes"))
-        if problem:
-            problems.append(f"{where}: marked valid but {problem}")
-            continue
-        key = (s["path"], s["workload"], s["rep"])
-        if key in seen:
-            problems.append(f"{where}: a second valid sample for this cell and rep")
-            continue
-        names = SMP_WORKLOADS[s["workload"]][1]
-        metrics = _check_metrics(s["metrics"], names, where, problems)
-        cpu = _check_cpu(s.get("cpu"), where, problems)
-        if len(metrics) == len(names):
-            seen.add(key)
-            samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
-    if not problems:
-        for p, w in SMP_CELLS:
-            n = sum(1 for s in samples if s.path == p and s.workload == w)
-            if n < reps:
-                problems.append(f"{p}/{w}: {n} valid sample(s), need {reps}")
-    if problems:
-        raise _error(problems)
-    return SmpBench(reps=reps, quick=quick, environment=data["environment"], roles=roles,
-                    samples=samples, invalid=invalid,
-                    duration_s=float(duration) if _is_number(duration) else None)
-
-
-def smp_values(b: SmpBench, path: str, workload: str, metric: str) -> dict[int, float]:
+def smp_values(b: Bench, path: str, workload: str, metric: str) -> dict[int, float]:
     """rep -> the cell's value of *metric* (``sum_mbps``: both mix flows added)."""
     if metric == "sum_mbps":
         return {s.rep: s.metrics["shm_mbps"] + s.metrics["wire_mbps"] for s in b.samples
@@ -770,18 +718,15 @@ def smp_values(b: SmpBench, path: str, workload: str, metric: str) -> dict[int, 
             if s.path == path and s.workload == workload}
 
 
-def smp_stat(b: SmpBench, path: str, workload: str, metric: str) -> Stat:
+def smp_stat(b: Bench, path: str, workload: str, metric: str) -> Stat:
     return stat(list(smp_values(b, path, workload, metric).values()))
-
-
-Cell = tuple[str, str, str]  # path, workload, metric
 
 
 def _div(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-def paired(b: SmpBench, num: Cell, den: Cell) -> Stat | None:
+def paired(b: Bench, num: Measure, den: Measure) -> Stat | None:
     """num / den repetition by repetition (the two were measured next to each other)."""
     a, d = smp_values(b, *num), smp_values(b, *den)
     ratios = [r for rep in sorted(a.keys() & d.keys())
@@ -789,58 +734,22 @@ def paired(b: SmpBench, num: Cell, den: Cell) -> Stat | None:
     return stat(ratios) if ratios else None
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """One ratio of the smp report: num's median over den's, against a goal or none."""
-
-    key: str  # headline key, e.g. "scaling_shm"
-    num: Cell
-    den: Cell
-    goal: str = ""  # "≥ 1.5x"; empty: informative, no target
-    at_least: float | None = None  # met when the ratio is >= this
-    at_most: float | None = None  # met when the ratio is <= this
-
-    def value(self, b: SmpBench) -> float | None:
-        return _div(smp_stat(b, *self.num).median, smp_stat(b, *self.den).median)
-
-    def met(self, b: SmpBench) -> bool | None:
-        """None when there is no target or the ratio is undefined."""
-        v = self.value(b)
-        if v is None or (self.at_least is None and self.at_most is None):
-            return None
-        return ((self.at_least is None or v >= self.at_least)
-                and (self.at_most is None or v <= self.at_most))
+def comparison_value(b: Bench, c: Comparison) -> float | None:
+    """The ratio of the two cells' medians; None when the denominator's is zero."""
+    return _div(smp_stat(b, *c.num).median, smp_stat(b, *c.den).median)
 
 
-TPUT = "throughput_mbps"
-SMP_COMPARISONS = (
-    Comparison("scaling_shm", ("shm", "iperf3_tcp_4", TPUT), ("shm", "iperf3_tcp_1", TPUT),
-               f"≥ {SCALING_TARGET}x", at_least=SCALING_TARGET),
-    Comparison("scaling_lower", ("lower", "iperf3_tcp_4", TPUT),
-               ("lower", "iperf3_tcp_1", TPUT)),
-    Comparison("cost_throughput", ("wire", "iperf3_tcp_1", TPUT),
-               ("nodriver", "iperf3_tcp_1", TPUT), f"≥ {1 - COST_TOLERANCE:.2f}x",
-               at_least=1 - COST_TOLERANCE),
-    Comparison("cost_tcp_rr_latency", ("wire", "netperf_tcp_rr", "lat_mean_us"),
-               ("nodriver", "netperf_tcp_rr", "lat_mean_us"), f"≤ {1 + COST_TOLERANCE:.2f}x",
-               at_most=1 + COST_TOLERANCE),
-    Comparison("cost_tcp_rr_p99", ("wire", "netperf_tcp_rr", "lat_p99_us"),
-               ("nodriver", "netperf_tcp_rr", "lat_p99_us")),
-    Comparison("cost_tcp_rr_rate", ("wire", "netperf_tcp_rr", "transactions_per_s"),
-               ("nodriver", "netperf_tcp_rr", "transactions_per_s")),
-    Comparison("mix_shm", ("mix", "iperf3_mix", "shm_mbps"), ("shm", "iperf3_tcp_1", TPUT)),
-    Comparison("mix_wire", ("mix", "iperf3_mix", "wire_mbps"), ("wire", "iperf3_tcp_1", TPUT)),
-)
-_COMPARE = {c.key: c for c in SMP_COMPARISONS}
+def _comparisons(b: Bench) -> dict[str, Comparison]:
+    return {c.key: c for c in b.suite.comparisons}
 
 
-def smp_headline(b: SmpBench) -> dict[str, float | bool | None]:
+def smp_headline(b: Bench) -> dict[str, float | bool | None]:
     """Every ratio (``<key>_x``) and, where there is a target, whether it is met."""
     out: dict[str, float | bool | None] = {}
-    for c in SMP_COMPARISONS:
-        out[f"{c.key}_x"] = c.value(b)
+    for c in b.suite.comparisons:
+        out[f"{c.key}_x"] = v = comparison_value(b, c)
         if c.goal:
-            out[f"{c.key}_met"] = c.met(b)
+            out[f"{c.key}_met"] = c.met(v)
     return out
 
 
@@ -856,17 +765,28 @@ def _spread(s: Stat | None, digits: int = 2) -> str:
     return "-" if s is None else f"{s.lo:.{digits}f}-{s.hi:.{digits}f}"
 
 
-def _verdict(c: Comparison, b: SmpBench, digits: int = 2) -> str:
-    v, met = c.value(b), c.met(b)
+def _verdict(c: Comparison, b: Bench, digits: int = 2) -> str:
+    v = comparison_value(b, c)
+    met = c.met(v)
     if v is None:
         return "**-** (not measurable: a zero median)"
     return (f"**{v:.{digits}f}x** (target {c.goal}: {'met' if met else 'not met'}; "
             f"{_spread(paired(b, c.num, c.den), digits)} repetition by repetition)")
 
 
-def smp_markdown(b: SmpBench) -> str:
+def _row(b: Bench, label: str, c: Comparison, shown: tuple[Measure, Measure],
+         digits: int = 2) -> str:
+    """A table row of comparison *c*: its two cells in the order *shown*, ratio, spread."""
+    first, second = (_cell(smp_stat(b, *m)) for m in shown)
+    return (f"| {label} | {first} | {second} | {_ratio_text(comparison_value(b, c), digits)} "
+            f"| {_spread(paired(b, c.num, c.den), digits)} |")
+
+
+def smp_markdown(b: Bench) -> str:
+    """The smp suite's report: its comparisons, each a table row and maybe a target."""
     env = b.environment
-    pair, cross, plain = (b.roles[r] for r in SMP_ROLES)
+    pair, cross, plain = (b.roles[r] for r in b.suite.roles)
+    compare = _comparisons(b)
     hosts = env.get("hosts", {})
 
     def at(vm: str) -> str:
@@ -906,13 +826,12 @@ def smp_markdown(b: SmpBench) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for path in ("shm", "lower"):
-        c = _COMPARE[f"scaling_{path}"]
-        lines.append(f"| {path} | {_cell(smp_stat(b, *c.den))} | {_cell(smp_stat(b, *c.num))} "
-                     f"| {_ratio_text(c.value(b))} | {_spread(paired(b, c.num, c.den))} |")
+        c = compare[f"scaling_{path}"]
+        lines.append(_row(b, path, c, (c.den, c.num)))
     lines += [
         "",
         f"- Target shm 4 streams ≥ {SCALING_TARGET}x one stream: "
-        f"{_verdict(_COMPARE['scaling_shm'], b)}.",
+        f"{_verdict(compare['scaling_shm'], b)}.",
         "",
         "### Traffic ivloop does not accelerate (across hosts)",
         "",
@@ -924,16 +843,14 @@ def smp_markdown(b: SmpBench) -> str:
                        ("cost_tcp_rr_latency", "netperf TCP_RR: mean round trip (µs)"),
                        ("cost_tcp_rr_p99", "netperf TCP_RR: p99 round trip (µs)"),
                        ("cost_tcp_rr_rate", "netperf TCP_RR: transactions (trans/s)")):
-        c = _COMPARE[key]
-        lines.append(f"| {label} | {_cell(smp_stat(b, *c.num))} | "
-                     f"{_cell(smp_stat(b, *c.den))} | {_ratio_text(c.value(b), 3)} | "
-                     f"{_spread(paired(b, c.num, c.den), 3)} |")
+        c = compare[key]
+        lines.append(_row(b, label, c, (c.num, c.den), 3))
     lines += [
         "",
         f"- Target within {100 * COST_TOLERANCE:.0f}% of no driver, iperf3 throughput: "
-        f"ivl0 / no driver = {_verdict(_COMPARE['cost_throughput'], b, 3)}.",
+        f"ivl0 / no driver = {_verdict(compare['cost_throughput'], b, 3)}.",
         f"- Target within {100 * COST_TOLERANCE:.0f}% of no driver, TCP_RR mean round "
-        f"trip: ivl0 / no driver = {_verdict(_COMPARE['cost_tcp_rr_latency'], b, 3)}.",
+        f"trip: ivl0 / no driver = {_verdict(compare['cost_tcp_rr_latency'], b, 3)}.",
         "",
         f"### Mixture: {pair[0]} -> {pair[1]} (shm) and {pair[0]} -> {cross[1]} (wire) at once",
         "",
@@ -942,10 +859,8 @@ def smp_markdown(b: SmpBench) -> str:
     ]
     for key, label in (("mix_shm", f"{pair[0]} -> {pair[1]}, shm"),
                        ("mix_wire", f"{pair[0]} -> {cross[1]}, wire through ivl0")):
-        c = _COMPARE[key]
-        lines.append(f"| {label} | {_cell(smp_stat(b, *c.den))} | "
-                     f"{_cell(smp_stat(b, *c.num))} | {_ratio_text(c.value(b))} | "
-                     f"{_spread(paired(b, c.num, c.den))} |")
+        c = compare[key]
+        lines.append(_row(b, label, c, (c.den, c.num)))
     lines += [
         f"| both flows, sum | - | {_cell(smp_stat(b, 'mix', 'iperf3_mix', 'sum_mbps'))} "
         "| - | - |",
@@ -957,30 +872,21 @@ def smp_markdown(b: SmpBench) -> str:
     return "\n".join(lines) + "\n"
 
 
-def smp_cpu_busy(b: SmpBench) -> dict[tuple[str, str], tuple[float, float]]:
-    """(path, workload) -> median busy % of the client and the server guest."""
-    out: dict[tuple[str, str], tuple[float, float]] = {}
-    for p, w in SMP_CELLS:
-        loads = [s.cpu for s in b.samples if s.workload == w and s.path == p and s.cpu]
-        if loads:
-            out[(p, w)] = (statistics.median(c["client_busy_pct"] for c in loads),
-                           statistics.median(c["server_busy_pct"] for c in loads))
-    return out
-
-
-def smp_cpu_markdown(b: SmpBench) -> list[str]:
-    busy = smp_cpu_busy(b)
+def smp_cpu_markdown(b: Bench) -> list[str]:
+    busy = cell_cpu_busy(b)
     if not busy:
         return []
     lines = ["", "### Guest CPU", "",
              "Busy % of the client / server guest (all its vCPUs, /proc/stat) during each "
              "sample, median; for mix the server is the co-resident receiver.", "",
              "| path | workload | client / server busy % |", "|---|---|---:|"]
-    for p, w in SMP_CELLS:
-        if (p, w) in busy:
-            client, server = busy[(p, w)]
-            lines.append(f"| {p} | {SMP_WORKLOADS[w][0]} | {client:.0f} / {server:.0f} |")
+    for (p, w), (client, server) in busy.items():
+        lines.append(f"| {p} | {b.suite.workloads[w][0]} | {client:.0f} / {server:.0f} |")
     return lines
+
+
+# Each suite's report: bench.md's text, and whether charts go with it (Suite.charts).
+REPORTS: dict[str, Callable[[Bench], str]] = {CLASSIC_SUITE: markdown, SMP_SUITE: smp_markdown}
 
 
 def write(json_path: Path, out_dir: Path | None = None) -> list[Path]:
@@ -990,19 +896,14 @@ def write(json_path: Path, out_dir: Path | None = None) -> list[Path]:
     shm / lower / wire table with its charts, "smp" the 2-vCPU rows.
     """
     data = read_json(json_path)
-    suite = data.get("suite", CLASSIC_SUITE) if isinstance(data, dict) else CLASSIC_SUITE
-    if suite not in SUITES:
-        raise BenchReportError(f"{json_path}: unknown suite {suite!r} "
+    name = data.get("suite", CLASSIC_SUITE) if isinstance(data, dict) else CLASSIC_SUITE
+    if name not in SUITES:
+        raise BenchReportError(f"{json_path}: unknown suite {name!r} "
                                f"(suites: {', '.join(SUITES)})")
+    suite = BY_NAME[name]
+    b = check(data, suite)
     out_dir = out_dir or json_path.parent
-    if suite == SMP_SUITE:
-        sb = validate_smp(data)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        md = out_dir / "bench.md"
-        md.write_text(smp_markdown(sb))
-        return [md]
-    b = validate(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "bench.md"
-    md.write_text(markdown(b))
-    return [md, *charts(b, out_dir)]
+    md.write_text(REPORTS[suite.name](b))
+    return [md, *(charts(b, out_dir) if suite.charts else [])]

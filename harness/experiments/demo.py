@@ -20,7 +20,7 @@ from typing import Any
 from harness import cluster
 from harness import migrate as migrate_mod
 from harness.experiments.watch import Timeline, Watch
-from harness.lab import paths, topology
+from harness.lab import paths, topology, vms
 from harness.lab.guest import Guest
 from harness.lab.state import StateDir
 
@@ -69,8 +69,8 @@ def forced_lower(guests: tuple[Guest, ...]) -> Iterator[None]:
 
 def side_by_side(sd: StateDir, say: Say, result: DemoResult) -> None:
     state = sd.load()
-    ip2 = cluster.topology_of(state).vm("vm2").ip
-    with cluster.guest(sd, state, "vm1") as g, cluster.guest(sd, state, "vm2") as g2:
+    ip2 = vms.topology_of(state).vm("vm2").ip
+    with vms.guest(sd, state, "vm1") as g, vms.guest(sd, state, "vm2") as g2:
         before = paths.counters(g)
         result.shm_mbps = iperf_mbps(g, ip2)
         after = paths.counters(g)

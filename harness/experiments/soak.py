@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import cluster, migrate
+from harness import migrate
 from harness.errors import HarnessError, StateError
 from harness.experiments import watch
-from harness.lab import hostnet, memcheck
+from harness.lab import hostnet, memcheck, vms
 from harness.lab.state import StateDir
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,9 @@ class SoakReport:
 def pick_peer(sd: StateDir, vm: str, source: str) -> str:
     """A VM that stays on *source* and runs ivloop.ko: it sends the traffic."""
     state = sd.load()
-    topo = cluster.topology_of(state)
+    topo = vms.topology_of(state)
     for name, vs in state.vms.items():
-        if name != vm and vs.host == source and cluster.driver_for(state, topo.vm(name)):
+        if name != vm and vs.host == source and vms.driver_for(state, topo.vm(name)):
             return name
     raise StateError(f"soak needs a second VM on host {source} to send traffic; "
                      "name one with --peer")
@@ -99,7 +99,7 @@ def kernel_warnings(sd: StateDir) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for name in state.vms:
         try:
-            with cluster.guest(sd, state, name, timeout=30) as g:
+            with vms.guest(sd, state, name, timeout=30) as g:
                 text = g.run("dmesg", timeout=30)
         except HarnessError as exc:
             found[name] = [f"cannot read dmesg: {exc}"]
@@ -143,7 +143,7 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
     started = time.time()
     out_dir = out_dir or sd.file("soak")
     here, there = source, dest
-    with cluster.guest(sd, sd.load(), vm) as g:
+    with vms.guest(sd, sd.load(), vm) as g:
         writer = memcheck.start(g)
     for i in range(1, count + 1):
         move = Move(index=i, source=here, destination=there)
@@ -175,7 +175,7 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
         elif not move.stream_ok:
             break  # nothing sensible to measure any more
     try:
-        with cluster.guest(sd, sd.load(), vm) as g:
+        with vms.guest(sd, sd.load(), vm) as g:
             report.memory = memcheck.stop(g, writer)
     except HarnessError as exc:
         report.memory_error = str(exc)
@@ -184,13 +184,13 @@ def run(sd: StateDir, vm: str, source: str, dest: str, count: int = 20, *,
     return report
 
 
-def _diagnose(sd: StateDir, vms: tuple[str, ...]) -> dict[str, str]:
+def _diagnose(sd: StateDir, names: tuple[str, ...]) -> dict[str, str]:
     """What a lost stream leaves behind: guest logs and tables, host FDBs."""
     state = sd.load()
     found: dict[str, str] = {}
-    for name in vms:
+    for name in names:
         try:
-            with cluster.guest(sd, state, name, timeout=30) as g:
+            with vms.guest(sd, state, name, timeout=30) as g:
                 found[name] = g.run("dmesg | grep -iE 'ivloop|ivl0|warn|bug' | tail -n 60; "
                                     "ethtool -S ivl0; cat /sys/kernel/debug/ivloop/*/peers; "
                                     "ip neigh show dev ivl0; tc -s qdisc show dev ivl0",

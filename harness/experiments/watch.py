@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from harness import cluster
 from harness.errors import GuestError, HarnessError
-from harness.lab import paths
+from harness.lab import paths, vms
 from harness.lab.guest import Guest
 from harness.lab.state import StateDir
 
@@ -179,7 +178,7 @@ class Watch:
     def __init__(self, sd: StateDir, src: str, dst: str, duration: float = 60,
                  out_dir: Path | None = None) -> None:
         state = sd.load()
-        topo = cluster.topology_of(state)
+        topo = vms.topology_of(state)
         topo.vm(src)
         self.dst_ip = topo.vm(dst).ip
         if src == dst:
@@ -215,8 +214,8 @@ class Watch:
 
     def __enter__(self) -> Watch:
         state = self.sd.load()
-        self._guest = cluster.guest(self.sd, state, self.src)
-        self._sampler_guest = cluster.guest(self.sd, state, self.src)
+        self._guest = vms.guest(self.sd, state, self.src)
+        self._sampler_guest = vms.guest(self.sd, state, self.src)
         g = self._guest
         # Stop only a previous watch's own client and ping (their PIDs are on
         # record): the guest's `iperf3 -s` serves other tests and users.
@@ -252,7 +251,7 @@ class Watch:
         try:
             if g is not None:
                 return g.run(command, timeout=10)
-            with cluster.guest(self.sd, self.sd.load(), vm) as other:
+            with vms.guest(self.sd, self.sd.load(), vm) as other:
                 return other.run(command, timeout=10)
         except HarnessError as exc:
             log.warning("%s: %s failed: %s", vm, command.split(maxsplit=1)[0], exc)

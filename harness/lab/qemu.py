@@ -100,7 +100,7 @@ class Binary:
     on every version, since the code they avoid is unchanged upstream
     (``hw/misc/ivshmem-pci.c``): peer IDs are never reused and "peer left"
     messages are not sent (ivloop-server), and the fds an unplug frees are
-    parked (cluster.unplug_ivshmem).
+    parked (harness.backends.qmp.unplug_ivshmem).
     """
 
     path: str  # absolute, or a bare name found on PATH made absolute

@@ -32,7 +32,7 @@ STATE_FILE = "state.json"
 
 
 class VMStatus(StrEnum):
-    """Life cycle of a VM; transitions happen in cluster.py and migrate.py."""
+    """Life cycle of a VM; transitions happen in harness.cluster and a backend's move."""
 
     BOOTING = "booting"
     RUNNING = "running"
@@ -76,7 +76,7 @@ class VMState:
     accel: str = ""
     ivshmem: bool = False
     generation: int = 0  # bumped by every migration (new QEMU, new files)
-    unplugs: int = 0  # ivshmem unplugs in this QEMU (names the fds cluster.unplug_ivshmem parks)
+    unplugs: int = 0  # ivshmem unplugs in this QEMU (names the fds qmp.unplug_ivshmem parks)
     qemu: str = ""  # the QEMU binary this process runs ("": recorded by an older harness)
     qemu_banner: str = ""  # its `--version` line, which names its version
 

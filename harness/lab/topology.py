@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import TopologyError
-from ivloop_server.__main__ import parse_size
+from ivloop_server.options import parse_size
 from ivloop_server.region import is_power_of_two
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$", re.IGNORECASE)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, cluster
+from harness import cli
 from harness.errors import TopologyError
 from harness.experiments import soak as soak_mod
-from harness.lab import qemu, topology
+from harness.lab import qemu, topology, vms
 from harness.lab.accel import Choice
 from harness.lab.state import State, StateDir
 
@@ -78,9 +78,9 @@ def test_per_vm_driver_wins_over_the_global_flag() -> None:
                  '[vms.v2]\nhost = "A"\n[vms.v3]\nhost = "A"\ndriver = true\n')
     assert topo.vm("v2").driver is None
     on, off = state_for(topo, True), state_for(topo, False)
-    assert [cluster.driver_for(on, topo.vm(v)) for v in ("v1", "v2", "v3")] == [
+    assert [vms.driver_for(on, topo.vm(v)) for v in ("v1", "v2", "v3")] == [
         False, True, True]
-    assert [cluster.driver_for(off, topo.vm(v)) for v in ("v1", "v2", "v3")] == [
+    assert [vms.driver_for(off, topo.vm(v)) for v in ("v1", "v2", "v3")] == [
         False, False, True]
 
 
@@ -96,7 +96,7 @@ def test_driverless_vm_gets_ivl_lower_on_its_command_line(tmp_path: Path) -> Non
         return argv[argv.index("-append") + 1]
 
     state = state_for(topo, True)
-    assert "ivl.lower=1" in append(not cluster.driver_for(state, topo.vm("v1")))
+    assert "ivl.lower=1" in append(not vms.driver_for(state, topo.vm("v1")))
     assert "ivl.lower=1" not in append(False)
 
 

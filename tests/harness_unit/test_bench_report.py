@@ -11,14 +11,16 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness import cli
-from harness.experiments import bench, bench_report
-from harness.experiments.bench_report import BenchReportError, validate
+from harness.experiments import bench, bench_report, bench_suites
+from harness.experiments.bench_report import Bench, BenchReportError, validate
+from harness.experiments.bench_suites import Suite
 from harness.lab import paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,10 +57,49 @@ def synthetic(reps: int = 5) -> dict[str, Any]:
             "native": None}
 
 
-def rejected(data: object) -> str:
+# ---------------------------------------------------------------------------
+# refusals, shared with test_bench_smp: every suite's validator is bench_report.check
+
+Doc = dict[str, Any]
+Mutate = Callable[[Doc], None]
+
+
+def rejected(data: object, suite: Suite = bench_suites.CLASSIC) -> str:
+    """The message with which *data* is refused as a run of *suite*."""
     with pytest.raises(BenchReportError) as info:
-        validate(data)
+        bench_report.check(data, suite)
     return str(info.value)
+
+
+def put(key: str, value: Any, at: Callable[[Doc], Doc] = lambda data: data) -> Mutate:
+    """A mutation: *key* of the object *at* picks set to *value* (KeyError: deleted)."""
+    def mutate(data: Doc) -> None:
+        obj = at(data)
+        if value is KeyError:
+            del obj[key]
+        else:
+            obj[key] = value
+    return mutate
+
+
+def assert_rejects(data: Doc, mutate: Mutate, message: str,
+                   suite: Suite = bench_suites.CLASSIC) -> None:
+    mutate(data)
+    assert message in rejected(data, suite)
+
+
+def assert_one_quick_rep(data: Doc, suite: Suite = bench_suites.CLASSIC) -> Bench:
+    """*data* (one repetition) passes as a --quick run, not as a full one; as it passed."""
+    data["quick"] = True
+    b = bench_report.check(data, suite)
+    assert b.reps == 1
+    data["quick"] = False
+    assert "too few repetitions" in rejected(data, suite)
+    return b
+
+
+# ---------------------------------------------------------------------------
+# the classic suite's report
 
 
 def test_valid_synthetic_renders_medians_and_ratios() -> None:
@@ -115,7 +156,7 @@ def test_variant_workloads_get_their_own_target_lines(
     assert h[f"tcp_rr_latency_{key}_x"] == pytest.approx(400 / (105 * factor))
     assert f"tcp_throughput_{key}_x" not in h  # that variant's iperf3 did not run
     md = bench_report.markdown(b)
-    row = bench_report.WORKLOADS[f"netperf_tcp_rr{suffix}"][0]
+    row = bench_suites.WORKLOADS[f"netperf_tcp_rr{suffix}"][0]
     assert row.startswith("netperf TCP_RR, ")
     assert f"| {row} | mean latency" in md
     assert line in md
@@ -250,19 +291,12 @@ def _set_metric(value: Any) -> Any:
     return mutate
 
 
-def _del_key(key: str) -> Any:
-    def mutate(data: dict[str, Any]) -> None:
-        del data[key]
-    return mutate
+def _del_key(key: str) -> Mutate:
+    return put(key, KeyError)
 
 
-def _sample_key(key: str, value: Any) -> Any:
-    def mutate(data: dict[str, Any]) -> None:
-        if value is KeyError:
-            del data["samples"][0][key]
-        else:
-            data["samples"][0][key] = value
-    return mutate
+def _sample_key(key: str, value: Any) -> Mutate:
+    return put(key, value, lambda data: data["samples"][0])
 
 
 def _invalid_path(data: dict[str, Any]) -> None:
@@ -309,10 +343,8 @@ def _no_metric(data: dict[str, Any]) -> None:
     (_sample_key("cpu", {"client_busy_pct": 50}),
      "cpu 'server_busy_pct' must be a percentage (0-100), got None"),
 ])  # fmt: skip
-def test_rejects(mutate: Any, message: str) -> None:
-    data = synthetic()
-    mutate(data)
-    assert message in rejected(data)
+def test_rejects(mutate: Mutate, message: str) -> None:
+    assert_rejects(synthetic(), mutate, message)
 
 
 def test_rejects_wrong_top_level_types() -> None:
@@ -336,11 +368,7 @@ def test_nan_from_json_text_is_rejected(tmp_path: Path) -> None:
 
 
 def test_quick_run_with_one_rep_is_accepted() -> None:
-    data = synthetic(reps=1)
-    data["quick"] = True
-    assert validate(data).reps == 1
-    data["quick"] = False
-    assert "too few repetitions" in rejected(data)
+    assert_one_quick_rep(synthetic(reps=1))
 
 
 def test_path_check() -> None:
@@ -411,20 +439,25 @@ def test_native_ring_bench_json_shape(tmp_path: Path) -> None:
 
 
 
-def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def report_only(tmp_path: Path, data: object) -> tuple[int, Path]:
+    """`harness bench --report-only` on *data*: its exit status, and where the report goes."""
     js = tmp_path / "bench.json"
-    js.write_text(json.dumps(synthetic()))
+    js.write_text(json.dumps(data))
     out = tmp_path / "report"
-    assert cli.main(["--state-dir", str(tmp_path / "state"), "bench", "--report-only", str(js),
-                     "--out", str(out)]) == 0
+    return cli.main(["--state-dir", str(tmp_path / "state"), "bench", "--report-only", str(js),
+                     "--out", str(out)]), out
+
+
+def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out = report_only(tmp_path, synthetic())
+    assert status == 0
     assert "| iperf3 TCP, 1 stream |" in (out / "bench.md").read_text()
     capsys.readouterr()
     bad = synthetic()
     bad["samples"][0]["metrics"]["throughput_mbps"] = -5
-    js.write_text(json.dumps(bad))
     (out / "bench.md").unlink()
-    assert cli.main(["--state-dir", str(tmp_path / "state"), "bench", "--report-only", str(js),
-                     "--out", str(out)]) == 1
+    status, out = report_only(tmp_path, bad)
+    assert status == 1
     err = capsys.readouterr().err
     assert "harness: error: benchmark results rejected (1 problem(s)):" in err
     assert "samples[0] (shm/iperf3_tcp_1 rep 0): metric 'throughput_mbps' is negative" in err
@@ -432,8 +465,8 @@ def test_cli_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_every_variant_workload_runs_its_plain_workloads_runner() -> None:
-    for w in bench_report.WORKLOADS:
-        for sfx in bench_report.VARIANT_SUFFIXES:
+    for w in bench_suites.WORKLOADS:
+        for sfx in bench_suites.VARIANT_SUFFIXES:
             if w.endswith(sfx):
                 assert bench.RUNNERS[w] is bench.RUNNERS[w.removesuffix(sfx)], w
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from harness import cli
 from harness.errors import TopologyError
-from harness.experiments import bench, bench_report
-from harness.experiments.bench_report import BenchReportError, smp_counters_problem, validate_smp
+from harness.experiments import bench, bench_report, bench_suites
+from harness.experiments.bench_report import BenchReportError, counters_problem, validate_smp
 from harness.lab import topology
 from harness.lab.state import State, VMState, VMStatus
+
+from .test_bench_report import Mutate, assert_one_quick_rep, assert_rejects, put, report_only
 
 # (path, workload) -> metric -> values for reps 0..4
 THROUGHPUT = {
@@ -59,7 +60,7 @@ def _metrics(path: str, workload: str, rep: int) -> dict[str, float]:
 def synthetic(reps: int = 5) -> dict[str, Any]:
     samples = []
     for rep in range(reps):
-        for path, workload in bench_report.SMP_CELLS:
+        for path, workload in bench_suites.SMP_CELLS:
             flows = {"shm": 70_000, "wire": 50_000} if path == "mix" else None
             s: dict[str, Any] = {
                 "path": path, "workload": workload, "rep": rep, "client": "vm1",
@@ -83,12 +84,6 @@ def synthetic(reps: int = 5) -> dict[str, Any]:
             "samples": samples}
 
 
-def rejected(data: object) -> str:
-    with pytest.raises(BenchReportError) as info:
-        validate_smp(data)
-    return str(info.value)
-
-
 def _line(md: str, start: str) -> str:
     return next(line for line in md.splitlines() if line.startswith(start))
 
@@ -109,7 +104,7 @@ def test_ratios_and_targets_from_medians() -> None:
     assert h["mix_shm_x"] == pytest.approx(0.7)
     assert h["mix_wire_x"] == pytest.approx(500 / 768)
     # repetition by repetition: 1600/1000, 1500/1100, 1700/900, 1450/1050, 1550/950
-    c = bench_report.SMP_COMPARISONS[0]
+    c = bench_suites.SMP_COMPARISONS[0]
     spread = bench_report.paired(b, c.num, c.den)
     assert spread is not None
     assert spread.lo == pytest.approx(1500 / 1100)
@@ -206,11 +201,8 @@ def test_classic_validation_refuses_an_smp_document() -> None:
 
 def test_cli_report_only_renders_an_smp_run(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    js = tmp_path / "bench.json"
-    js.write_text(json.dumps(synthetic()))
-    out = tmp_path / "report"
-    assert cli.main(["--state-dir", str(tmp_path / "state"), "bench", "--report-only", str(js),
-                     "--out", str(out)]) == 0
+    status, out = report_only(tmp_path, synthetic())
+    assert status == 0
     assert "| both flows, sum |" in (out / "bench.md").read_text()
     assert "## ivloop benchmark: 2-vCPU guests" in capsys.readouterr().out
 
@@ -220,14 +212,8 @@ def _sample(data: dict[str, Any], path: str, workload: str, rep: int = 0) -> dic
                 if (s["path"], s["workload"], s["rep"]) == (path, workload, rep))
 
 
-def _mutate(path: str, workload: str, key: str, value: Any) -> Any:
-    def mutate(data: dict[str, Any]) -> None:
-        s = _sample(data, path, workload)
-        if value is KeyError:
-            del s[key]
-        else:
-            s[key] = value
-    return mutate
+def _mutate(path: str, workload: str, key: str, value: Any) -> Mutate:
+    return put(key, value, lambda data: _sample(data, path, workload))
 
 
 def _drop(path: str, workload: str) -> Any:
@@ -240,13 +226,8 @@ def _duplicate(data: dict[str, Any]) -> None:
     data["samples"].append(copy.deepcopy(_sample(data, "wire", "iperf3_tcp_1")))
 
 
-def _top(key: str, value: Any) -> Any:
-    def mutate(data: dict[str, Any]) -> None:
-        if value is KeyError:
-            del data[key]
-        else:
-            data[key] = value
-    return mutate
+def _top(key: str, value: Any) -> Mutate:
+    return put(key, value)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
@@ -288,29 +269,23 @@ def _top(key: str, value: Any) -> Any:
     (_top("reps", 2), "too few repetitions: reps is 2, a full run needs >= 5"),
     (_top("duration_s", -1), "'duration_s' must be a non-negative number, got -1"),
 ])  # fmt: skip
-def test_rejects(mutate: Any, message: str) -> None:
-    data = synthetic()
-    mutate(data)
-    assert message in rejected(data)
+def test_rejects(mutate: Mutate, message: str) -> None:
+    assert_rejects(synthetic(), mutate, message, bench_suites.SMP)
 
 
 def test_quick_run_with_one_rep_is_accepted() -> None:
-    data = synthetic(reps=1)
-    data["quick"] = True
-    b = validate_smp(data)
-    assert b.reps == 1 and len(b.samples) == len(bench_report.SMP_CELLS)
-    data["quick"] = False
-    assert "too few repetitions" in rejected(data)
+    b = assert_one_quick_rep(synthetic(reps=1), bench_suites.SMP)
+    assert b.reps == 1 and len(b.samples) == len(bench_suites.SMP_CELLS)
 
 
 def test_counter_checks() -> None:
-    assert smp_counters_problem("wire", {"shm_tx_bytes": 0, "lower_tx_bytes": 5}) is None
-    assert smp_counters_problem("nodriver", {"eth0_tx_bytes": 5}) is None
-    assert "eth0_tx_bytes missing" in str(smp_counters_problem("nodriver", {"eth0_tx_bytes": True}))
+    assert counters_problem("wire", {"shm_tx_bytes": 0, "lower_tx_bytes": 5}) is None
+    assert counters_problem("nodriver", {"eth0_tx_bytes": 5}) is None
+    assert "eth0_tx_bytes missing" in str(counters_problem("nodriver", {"eth0_tx_bytes": True}))
     flows = {"shm": 1000, "wire": 1000}
-    assert smp_counters_problem("mix", {"shm_tx_bytes": 900, "lower_tx_bytes": 900}, flows) is None
-    assert smp_counters_problem("mix", {"shm_tx_bytes": 899, "lower_tx_bytes": 2000}, flows)
-    assert smp_counters_problem("mix", {"shm_tx_bytes": 2000, "lower_tx_bytes": 899}, flows)
+    assert counters_problem("mix", {"shm_tx_bytes": 900, "lower_tx_bytes": 900}, flows) is None
+    assert counters_problem("mix", {"shm_tx_bytes": 899, "lower_tx_bytes": 2000}, flows)
+    assert counters_problem("mix", {"shm_tx_bytes": 2000, "lower_tx_bytes": 899}, flows)
 
 
 # ---------------------------------------------------------------------------
@@ -335,7 +310,7 @@ ROLES = {"pair": ("vm1", "vm2"), "cross": ("vm1", "vm3"), "plain": ("vm4", "vm5"
 
 def test_the_shipped_topology_fits_the_suite() -> None:
     topo, state = recorded(copy.deepcopy(smp_data()))
-    bench.check_smp_roles(topo, state, **ROLES)  # no exception
+    bench.check_roles(bench_suites.SMP, topo, state, ROLES)  # no exception
     assert {vm.cpus for vm in topo.vms.values()} == {2}
     assert bench.SMP_TOPOLOGY.name.startswith("bench-")
 
@@ -373,22 +348,22 @@ def test_roles_that_do_not_fit_are_refused(mutate: Any, roles: dict[str, tuple[s
     mutate(data)
     topo, state = recorded(data)
     with pytest.raises(bench.BenchError, match=re.escape(message)):
-        bench.check_smp_roles(topo, state, **{**ROLES, **roles})
+        bench.check_roles(bench_suites.SMP, topo, state, {**ROLES, **roles})
 
 
 def test_the_default_topology_has_no_no_driver_pair() -> None:
     data = copy.deepcopy(topology.load().raw)
     topo, state = recorded(data)
     with pytest.raises(TopologyError, match="unknown VM 'vm4'"):
-        bench.check_smp_roles(topo, state, **ROLES)
+        bench.check_roles(bench_suites.SMP, topo, state, ROLES)
     topo, state = recorded(copy.deepcopy(smp_data()), driver=False)
     with pytest.raises(bench.BenchError, match="started with --no-driver"):
-        bench.check_smp_roles(topo, state, **ROLES)
+        bench.check_roles(bench_suites.SMP, topo, state, ROLES)
     topo, state = recorded(copy.deepcopy(smp_data()))
     del state.vms["vm5"]  # in the topology, but not started
     with pytest.raises(bench.BenchError, match=re.escape(
             "VM vm5 is not running; 'harness up --topology harness/topologies/bench-smp.toml'")):
-        bench.check_smp_roles(topo, state, **ROLES)
+        bench.check_roles(bench_suites.SMP, topo, state, ROLES)
 
 
 def test_unknown_suite_is_refused_before_anything_runs(tmp_path: Path) -> None:
@@ -481,8 +456,8 @@ def fakes() -> FakeGuests:
 
 
 def measure(gs: FakeGuests, path: str, workload: str) -> dict[str, Any]:
-    return bench.measure_smp(gs, path, workload, ips=IPS, secs=1, rep=0,  # type: ignore[arg-type]
-                             pair=("vm1", "vm2"), cross=("vm1", "vm3"), plain=("vm4", "vm5"))
+    return bench.measure(gs, path, workload, roles=ROLES, ips=IPS, secs=1,  # type: ignore[arg-type]
+                         rep=0)
 
 
 def test_lower_sample_sets_force_lower_on_both_and_clears_it() -> None:
@@ -537,10 +512,10 @@ def test_mix_sample_carries_both_flows_and_their_bytes() -> None:
 
 def test_every_cell_measures() -> None:
     gs = fakes()
-    for path, workload in bench_report.SMP_CELLS:
+    for path, workload in bench_suites.SMP_CELLS:
         s = measure(gs, path, workload)
         assert s["valid"], (path, workload, s["error"])
-        assert set(s["metrics"]) >= set(bench_report.SMP_WORKLOADS[workload][1])
+        assert set(s["metrics"]) >= set(bench_suites.SMP_WORKLOADS[workload][1])
 
 
 class _StatusGuest:

@@ -172,9 +172,9 @@ def test_migrate_json_goes_to_stdout_and_json_out_to_a_file(
     report = json.loads(captured.out)  # nothing but JSON on stdout
     assert report["vm"] == "vm2" and report["destination"] == "B"
     assert json.loads(path.read_text()) == report
-    assert "total (QEMU)" in captured.err  # the table still reaches the user
+    assert "finish (source stopped)" in captured.err  # the table still reaches the user
     assert cli.main(argv) == 0
-    assert "total (QEMU)" in capsys.readouterr().out
+    assert "finish (source stopped)" in capsys.readouterr().out
 
 
 def test_soak_json_goes_to_stdout(

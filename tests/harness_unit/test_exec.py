@@ -10,8 +10,9 @@ from typing import IO, Any
 import paramiko
 import pytest
 
-from harness import cli, cluster
+from harness import cli
 from harness.errors import GuestError
+from harness.lab import vms
 from harness.lab.guest import Guest
 from harness.lab.state import State, StateDir
 
@@ -53,12 +54,12 @@ class FakeConnection:
 
 def fake_guest(monkeypatch: pytest.MonkeyPatch, conn: FakeConnection) -> None:
     def guest(sd: StateDir, state: State, name: str, timeout: float = 30) -> Guest:
-        cluster.topology_of(state).vm(name)
+        vms.topology_of(state).vm(name)
         g = Guest(name, "ns", 22, Path("/nonexistent"))
         g._conn = conn
         return g
 
-    monkeypatch.setattr(cluster, "guest", guest)
+    monkeypatch.setattr(vms, "guest", guest)
     # these fakes take the TTY path, whatever stdin the test runner has
     monkeypatch.setattr(cli, "_stdin_to_forward", lambda: None)
 

@@ -18,7 +18,8 @@ from typing import Any, cast
 
 import pytest
 
-from harness import cluster
+from harness.backends import qmp
+from harness.errors import StateError
 from harness.lab import qemu
 
 CHILD = r"""
@@ -81,15 +82,15 @@ def fake_qemu() -> Iterator[FakeQemu]:
 
 
 def park(mon: FakeMonitor, numbers: set[int], tag: str = "t") -> int:
-    return asyncio.run(cluster.park_fds(cast(qemu.Monitor, mon), mon.q.pid, numbers, tag))
+    return asyncio.run(qmp.park_fds(cast(qemu.Monitor, mon), mon.q.pid, numbers, tag))
 
 
 def test_every_freed_number_is_occupied_after_parking(fake_qemu: FakeQemu) -> None:
     freed = fake_qemu.freed
-    assert len(freed) == 4 and not freed & cluster.open_fds(fake_qemu.pid)
+    assert len(freed) == 4 and not freed & qmp.open_fds(fake_qemu.pid)
     mon = FakeMonitor(fake_qemu)
     assert park(mon, freed) == len(freed)  # no other holes below them
-    assert freed <= cluster.open_fds(fake_qemu.pid)
+    assert freed <= qmp.open_fds(fake_qemu.pid)
     assert len(set(mon.names)) == len(mon.names)  # getfd names are unique
 
 
@@ -104,10 +105,10 @@ def test_a_second_unplug_parks_under_its_own_tag(fake_qemu: FakeQemu) -> None:
     first = sorted(fake_qemu.freed)
     park(mon, set(first[:2]), tag="u0")
     park(mon, set(first[2:]), tag="u1")
-    assert fake_qemu.freed <= cluster.open_fds(fake_qemu.pid)
+    assert fake_qemu.freed <= qmp.open_fds(fake_qemu.pid)
     assert [n.rsplit("-", 1)[0] for n in mon.names] == ["ivl-park-u0"] * 2 + ["ivl-park-u1"] * 2
 
 
 def test_unknown_process_is_a_state_error() -> None:
-    with pytest.raises(cluster.StateError, match="cannot list the fds of QEMU pid"):
-        cluster.open_fds(2**22 + 12345)
+    with pytest.raises(StateError, match="cannot list the fds of QEMU pid"):
+        qmp.open_fds(2**22 + 12345)

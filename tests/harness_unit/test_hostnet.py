@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from harness import cluster
+from harness.backends import direct
 from harness.lab import hostnet, qemu, topology
 from harness.lab.state import HostState, State, StateDir
 
@@ -90,7 +90,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize(("toml", "mtu"), [("jumbo.toml", 9000), ("default.toml", None)])
 def test_a_vms_tap_gets_the_topologys_mtu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           toml: str, mtu: int | None) -> None:
-    """Every VM start goes through cluster.start_vm: `up`, `restart` and a
+    """Every VM start goes through direct.start_qemu: `up`, `restart` and a
     migration destination (which makes its tap on the destination host)."""
     topo = topology.load(Path(topology.__file__).parents[1] / "topologies" / toml)
     sd = StateDir(tmp_path / "state")
@@ -114,6 +114,6 @@ def test_a_vms_tap_gets_the_topologys_mtu(tmp_path: Path, monkeypatch: pytest.Mo
     with sd:
         for host in ("A", "B"):  # B: vm2 arriving there as a migration destination
             with pytest.raises(_Stop):
-                cluster.start_vm(sd, state, topo.vm("vm2"), host=host, incoming=host == "B",
+                direct.start_qemu(sd, state, topo.vm("vm2"), host=host, incoming=host == "B",
                                  binary=binary)
     assert made == [(sd.netns_name("A"), "tap-vm2", mtu), (sd.netns_name("B"), "tap-vm2", mtu)]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness import cli
+from harness.backends.direct import source_memory
 from harness.lab.state import ProcRecord, StateDir, VMState, VMStatus
-from harness.migrate import source_memory
 
 from .support import record_default_topology, snapshot
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from harness import cluster
+from harness.backends import qmp
 from harness.errors import QMPError
 
 
@@ -26,7 +26,7 @@ class RefusingMonitor:
 
 
 def plug(mon: RefusingMonitor) -> None:
-    asyncio.run(cluster.plug_ivshmem(mon, "/nonexistent.sock"))  # type: ignore[arg-type]
+    asyncio.run(qmp.plug_ivshmem(mon, "/nonexistent.sock"))  # type: ignore[arg-type]
 
 
 def test_a_refused_plug_points_at_the_server_log() -> None:

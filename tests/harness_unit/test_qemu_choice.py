@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, cluster, migrate
+from harness import cli, cluster
+from harness.backends import direct
 from harness.errors import QemuBinaryError
 from harness.experiments import bench
-from harness.lab import hostnet, qemu
+from harness.lab import hostnet, qemu, vms
 from harness.lab.accel import Choice
 from harness.lab.qemu import Binary, Version
 from harness.lab.state import ProcRecord, StateDir
@@ -277,21 +278,21 @@ def test_migration_after_the_binary_changed_is_refused(on_qemu: tuple[StateDir, 
     fake_qemu(q, "QEMU emulator version 10.0.3 (Debian 1:10.0.3+ds-1~bpo12+1)")  # upgraded
     state = sd.load()
     with pytest.raises(QemuBinaryError, match=rf"{q} is now 10.0.3: a migration needs the same"):
-        migrate.destination_qemu(state, state.vms["vm2"])
+        direct.destination_qemu(state, state.vms["vm2"])
 
 
 def test_migration_on_the_same_qemu_is_allowed(on_qemu: tuple[StateDir, Path]) -> None:
     sd, q = on_qemu
     state = sd.load()
-    assert migrate.destination_qemu(state, state.vms["vm2"]).path == str(q)
-    assert migrate.destination_qemu(state, state.vms["vm2"], str(q)).version == Version(10, 0, 2)
+    assert direct.destination_qemu(state, state.vms["vm2"]).path == str(q)
+    assert direct.destination_qemu(state, state.vms["vm2"], str(q)).version == Version(10, 0, 2)
 
 
 def test_state_without_a_qemu_reads_as_the_default(tmp_path: Path) -> None:
     # written by a harness before --qemu existed: no qemu keys at all
     sd = record_default_topology(tmp_path / "state")
     state = sd.load()
-    assert state.qemu == "" and cluster.vm_qemu(state.vms["vm1"]) is None
+    assert state.qemu == "" and vms.vm_qemu(state.vms["vm1"]) is None
     assert {r.qemu for r in cluster.status(sd, probe=False)} == {"-"}
 
 
@@ -320,5 +321,5 @@ def test_a_link_to_the_vms_own_qemu_is_the_same_qemu(on_qemu: tuple[StateDir, Pa
     sd, q = on_qemu
     (tmp_path / "link").symlink_to(q)
     state = sd.load()
-    assert migrate.destination_qemu(state, state.vms["vm2"], str(tmp_path / "link")).version \
+    assert direct.destination_qemu(state, state.vms["vm2"], str(tmp_path / "link")).version \
         == Version(10, 0, 2)

@@ -7,12 +7,12 @@ import argparse
 import pytest
 
 from harness.lab import topology
-from ivloop_server.__main__ import _power_of_two_size
+from ivloop_server.options import power_of_two_size
 
 
 def _server_takes(text: str) -> bool:
     try:
-        _power_of_two_size(text)
+        power_of_two_size(text)
     except argparse.ArgumentTypeError:
         return False
     return True

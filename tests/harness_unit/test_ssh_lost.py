@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from harness import cli, cluster
+from harness import cli
+from harness.lab import vms
 from harness.lab.guest import Guest
 from harness.lab.state import ProcRecord, State, StateDir
 
@@ -54,7 +55,7 @@ def lose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sd
         g._conn = _LostMidCommand(sd, meanwhile)
         return g
 
-    monkeypatch.setattr(cluster, "guest", guest)
+    monkeypatch.setattr(vms, "guest", guest)
     assert cli.main(["--state-dir", str(sd.path), "ssh", "vm2", "--", "sleep", "45"]) == 255
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err

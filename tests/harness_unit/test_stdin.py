@@ -27,8 +27,9 @@ import pytest
 from invoke.exceptions import UnexpectedExit
 from invoke.runners import Result
 
-from harness import cli, cluster
+from harness import cli
 from harness.errors import GuestError
+from harness.lab import vms
 from harness.lab.guest import Guest, ensure_key
 from harness.lab.state import State, StateDir
 
@@ -254,10 +255,10 @@ class CliGuest:
 def cli_guest(monkeypatch: pytest.MonkeyPatch, guestside: Guestside,
               state_dir: StateDir) -> CliGuest:
     def guest(sd: StateDir, state: State, name: str, timeout: float = 30) -> Guest:
-        cluster.topology_of(state).vm(name)
+        vms.topology_of(state).vm(name)
         return guestside.guest()
 
-    monkeypatch.setattr(cluster, "guest", guest)
+    monkeypatch.setattr(vms, "guest", guest)
     return CliGuest(guestside, monkeypatch, state_dir)
 
 

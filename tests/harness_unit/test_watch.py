@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import pytest
 
-from harness import cluster
 from harness.experiments import watch
+from harness.lab import vms
 from harness.lab.state import State, StateDir
 
 SERVER_PID = 50
@@ -121,7 +121,7 @@ def guest_procs(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, str], list[s
     def fake_guest(sd: StateDir, state: State, vm: str) -> FakeGuest:
         return FakeGuest(procs, log, lock, vm, mib_reads)
 
-    monkeypatch.setattr(cluster, "guest", fake_guest)
+    monkeypatch.setattr(vms, "guest", fake_guest)
     monkeypatch.setattr(watch, "plot", lambda tl, path: None)
     return procs, log
 

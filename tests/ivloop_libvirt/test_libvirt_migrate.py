@@ -94,7 +94,8 @@ def test_success_persistent(host_a: FakeHost, host_b: FakeHost) -> None:
     assert hooks[0][2] <= hooks[1][2]
     assert report.total_s >= report.unplug_s + report.migrate_s + report.plug_s
     assert (report.source_socket, report.dest_socket) == (SOCK_A, SOCK_B)
-    assert phases[0] == "unplug on source" and phases[-1].startswith("peers on the dest")
+    assert phases[0] == "unplug on source" and phases[-2].startswith("peers on the dest")
+    assert phases[-1] == "source stopped" and report.completed and report.backend == "libvirt"
     assert [e[1] for e in report.events][:2] == ["unplug on source",
                                                  "source left the shared region"]
 
@@ -247,7 +248,7 @@ def test_destination_refuses_the_new_device(host_a: FakeHost, host_b: FakeHost) 
                        r"\(over its lower NIC\).*could not join") as info:
         mig.migrate(src, host_b.conn, dest_socket=SOCK_B)
     r = info.value.report
-    assert r.failed_phase == "plug" and not r.ok
+    assert r.failed_phase == "plug" and not r.ok and r.completed and r.source_restored is None
     assert r.hint.endswith(f"ivloop-libvirt plug vm2 --connect '{host_b.uri}' "
                            f"--socket {SOCK_B}")
     # the VM runs on the destination (without device); the source is not touched again

@@ -280,7 +280,7 @@ def test_daemon_without_dash_p_writes_the_default_pidfile(
     # ivshmem-server's daemon writes /var/run/ivshmem-server.pid unless -p; ours
     # /run/ivloop-server.pid (moved into tmp_path here, to leave /run alone).
     default = tmp_path / "default.pid"
-    code = ("import sys, pathlib, ivloop_server.__main__ as m; "
+    code = ("import sys, pathlib, ivloop_server.cli as m; "
             f"m.DAEMON_PIDFILE = pathlib.Path({str(default)!r}); sys.exit(m.main(sys.argv[1:]))")
     result = subprocess.run([sys.executable, "-c", code, "-S", str(tmp_path / "s")],
                             capture_output=True, text=True, timeout=30, check=False,

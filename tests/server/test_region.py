@@ -16,8 +16,8 @@ import pytest
 
 import ivloop_server.region as region_mod
 from ivloop_server import abi
-from ivloop_server.__main__ import parse_size
 from ivloop_server.errors import LayoutError, RegionError
+from ivloop_server.options import parse_size
 from ivloop_server.region import (
     Region,
     ServerHalf,

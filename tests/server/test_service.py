@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ivloop_server.__main__ import UNIT_BINARY, UNIT_FILES, unit_text
+from ivloop_server.unitfiles import UNIT_BINARY, UNIT_FILES, unit_text
 
 from .conftest import server_command
 from .fakeclient import FakeQemu

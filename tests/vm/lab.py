@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import cluster
 from harness import migrate as migrate_mod
 from harness.experiments.soak import KERNEL_TROUBLE
-from harness.lab import paths, topology
+from harness.lab import paths, topology, vms
 from harness.lab.guest import Guest
 from harness.lab.state import State, StateDir
 from harness.lab.topology import Topology
@@ -38,7 +37,7 @@ class Lab:
     def guest(self, name: str) -> Guest:
         g = self._guests.get(name)
         if g is None:
-            g = cluster.guest(self.sd, self.state, name, timeout=60)
+            g = vms.guest(self.sd, self.state, name, timeout=60)
             self._guests[name] = g
         return g
 

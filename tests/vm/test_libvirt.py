@@ -23,16 +23,17 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from harness import cluster
-from harness.backends import domain, libvirtd
+from harness import cluster, migrate
+from harness.backends import domain, libvirtd, qmp
 from harness.backends import libvirt as backend_libvirt
 from harness.errors import MigrationError
 from harness.experiments.watch import Watch
-from harness.lab import accel, hostnet, paths, topology
+from harness.lab import accel, hostnet, paths, topology, vms
 from harness.lab.state import StateDir
 
 from .conftest import leftovers, recorded_pids
 from .lab import ROUND_TRIP_MAX_S, Lab
+from .refused_plug import a_refused_plug_leaves_the_vm_on_the_destination
 from .test_migrate import moved_over
 
 numbers: dict[str, Any] = {}
@@ -162,7 +163,7 @@ def test_domains_have_the_template_layout(lvlab: Lab) -> None:
     assert live.shmem_socket == state.hosts[vs.host].server_socket
     assert f"hostfwd=tcp:127.0.0.1:{vs.ssh_port}-:22" in " ".join(live.qemu_args)
     # the RAM QEMU really has is the direct backend's (TCG padding included)
-    want = accel.Choice(state.accel, "t").memory_arg(spec.memory, cluster.qemu_for(state))
+    want = accel.Choice(state.accel, "t").memory_arg(spec.memory, vms.qemu_for(state))
     assert ram == domain.memory_kib(want) * 1024
     # the recorded process is the domain's QEMU, and the console log fills
     assert vs.proc is not None and [r.pid for n, r in libvirtd.qemu_of(d, None)
@@ -187,15 +188,15 @@ def test_unplug_and_plug_switch_the_path_and_park_the_freed_fds(lvlab: Lab) -> N
     for _ in range(2):
         vs = lvlab.state.vms["vm1"]
         assert vs.proc is not None
-        before = cluster.open_fds(vs.proc.pid)
+        before = qmp.open_fds(vs.proc.pid)
         with lvlab.sd:
-            backend_libvirt.set_ivshmem(lvlab.sd, "vm1", attached=False)
-        assert before <= cluster.open_fds(vs.proc.pid)  # every freed number taken again
+            cluster.set_ivshmem(lvlab.sd, "vm1", attached=False)
+        assert before <= qmp.open_fds(vs.proc.pid)  # every freed number taken again
         paths.wait_peer(g2, mac1, shm=False)
         assert not lvlab.state.vms["vm1"].ivshmem
         assert lvlab.ping("vm2", lvlab.ip("vm1"), count=3) == 0  # over the lower NIC
         with lvlab.sd:
-            backend_libvirt.set_ivshmem(lvlab.sd, "vm1", attached=True)
+            cluster.set_ivshmem(lvlab.sd, "vm1", attached=True)
         paths.wait_peer(g2, mac1, shm=True)
         assert lvlab.ping("vm2", lvlab.ip("vm1"), count=3) == 0
     vs = lvlab.state.vms["vm1"]
@@ -207,15 +208,15 @@ def test_stream_survives_a_round_trip_migration(lvlab: Lab, tmp_path: Path) -> N
     with Watch(lvlab.sd, "vm1", "vm2", duration=ROUND_TRIP_MAX_S, out_dir=tmp_path) as watch:
         time.sleep(3)
         with lvlab.sd:
-            reports.append(backend_libvirt.migrate(lvlab.sd, "vm2", "A", "B",
-                                                   progress=watch.progress))
+            reports.append(migrate.migrate(lvlab.sd, "vm2", "A", "B",
+                                           progress=watch.progress))
         lvlab.drop("vm2")
         assert lvlab.state.vms["vm2"].host == "B"
         time.sleep(6)
         after_first = watch.timeline.samples[-1]
         with lvlab.sd:
-            reports.append(backend_libvirt.migrate(lvlab.sd, "vm2", "B", "A",
-                                                   progress=watch.progress))
+            reports.append(migrate.migrate(lvlab.sd, "vm2", "B", "A",
+                                           progress=watch.progress))
         lvlab.drop("vm2")
         watch.end_after(6)  # of traffic back home
     tl = watch.timeline
@@ -240,6 +241,18 @@ def test_stream_survives_a_round_trip_migration(lvlab: Lab, tmp_path: Path) -> N
             assert ("vm2" in [dm.name() for dm in conn.listAllDomains(0)]) == there
 
 
+def test_a_plug_refused_after_the_move_leaves_the_vm_on_the_destination(
+        lvlab: Lab, tmp_path: Path) -> None:
+    report = a_refused_plug_leaves_the_vm_on_the_destination(lvlab, tmp_path, "libvirt")
+    numbers["refused_plug"] = {k: v for k, v in report.as_dict().items() if k != "events"}
+    # libvirt ended the source domain itself: it is defined and active on B only
+    for host, there in (("A", False), ("B", True)):
+        with libvirtd.connection(libvirtd.daemon(lvlab.sd, host)) as conn:
+            assert ("vm2" in [dm.name() for dm in conn.listAllDomains(0)]) == there
+    lvlab.migrate("vm2", "B", "A")
+    assert lvlab.state.vms["vm2"].ivshmem
+
+
 def test_destination_libvirtd_killed_mid_way_keeps_the_source_on_shm(lvlab: Lab) -> None:
     """Last in the module: B's libvirtd is gone afterwards (down copes with it)."""
     dest = libvirtd.daemon(lvlab.sd, "B")
@@ -252,8 +265,7 @@ def test_destination_libvirtd_killed_mid_way_keeps_the_source_on_shm(lvlab: Lab)
             killed.append(float(info["t"]))
 
     with lvlab.sd, pytest.raises(MigrationError, match="stays on A"):
-        backend_libvirt.migrate(lvlab.sd, "vm2", "A", "B", max_bandwidth_mib=32,
-                                progress=progress)
+        migrate.migrate(lvlab.sd, "vm2", "A", "B", max_bandwidth_mib=32, progress=progress)
     assert killed, "the migration ended before the destination's libvirtd was killed"
     vs = lvlab.state.vms["vm2"]
     assert vs.host == "A" and vs.proc is not None and vs.proc.alive() and vs.ivshmem

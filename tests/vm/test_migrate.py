@@ -16,6 +16,7 @@ from harness.experiments.watch import Watch
 from harness.lab import memcheck, paths
 
 from .lab import ROUND_TRIP_MAX_S, Lab
+from .refused_plug import a_refused_plug_leaves_the_vm_on_the_destination
 
 
 def shm_and_lower(lab: Lab, vm: str) -> tuple[int, int]:
@@ -124,6 +125,15 @@ def test_killing_the_destination_keeps_the_source_on_shared_memory(
     paths.wait_peer(lab.guest("vm1"), lab.topo.vm("vm2").mac, shm=True)
     shm, lower = moved_over(lab, "vm1", "vm2")
     assert shm > 1_000_000 and lower < shm / 50, (shm, lower)
+
+
+def test_a_plug_refused_after_the_move_leaves_the_vm_on_the_destination(
+    lab: Lab, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    report = a_refused_plug_leaves_the_vm_on_the_destination(lab, tmp_path, "qemu")
+    record_property("report", {k: v for k, v in report.as_dict().items() if k != "events"})
+    lab.migrate("vm2", "B", "A")
+    assert lab.state.vms["vm2"].ivshmem
 
 
 def test_migration_keeps_every_guest_write(
