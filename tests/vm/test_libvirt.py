@@ -98,7 +98,8 @@ def test_down_finds_a_daemon_whose_harness_was_killed(tmp_path: Path) -> None:
     code = f"""
 import os, signal
 from pathlib import Path
-from harness import hostnet, libvirtd
+from harness.backends import libvirtd
+from harness.lab import hostnet
 from harness.lab.state import StateDir
 sd = StateDir(Path({str(sd.path)!r}))
 (sd.path / "logs").mkdir(parents=True)
