@@ -27,7 +27,13 @@ from rich.table import Table
 
 from harness import cluster
 from harness import migrate as migrate_mod
-from harness.errors import GuestError, HarnessError, MigrationError, StateError
+from harness.errors import (
+    GuestError,
+    HarnessError,
+    IncompleteMigrationError,
+    MigrationError,
+    StateError,
+)
 from harness.experiments import bench as bench_mod
 from harness.experiments import bench_report
 from harness.experiments import demo as demo_mod
@@ -546,17 +552,29 @@ COMMANDS = {"up": cmd_up, "status": cmd_status, "ssh": cmd_ssh, "exec": cmd_exec
             "server-restart": cmd_server_restart, "restart": cmd_restart}
 
 
+#: ``harness migrate``: the VM moved but runs without shared memory (as
+#: ``ivloop-libvirt migrate`` says it); every other error is 1.
+EXIT_INCOMPLETE = 3
+
+
+def _print_error(exc: HarnessError) -> None:
+    lines = str(exc).splitlines() or [exc.__class__.__name__]
+    err.print(f"harness: error: {lines[0]}", markup=False, highlight=False, soft_wrap=True)
+    for line in lines[1:]:
+        err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     sd = StateDir(args.state_dir)
     try:
         return COMMANDS[args.command](args, sd)
+    except IncompleteMigrationError as exc:
+        _print_error(exc)
+        return EXIT_INCOMPLETE
     except HarnessError as exc:
-        lines = str(exc).splitlines() or [exc.__class__.__name__]
-        err.print(f"harness: error: {lines[0]}", markup=False, highlight=False, soft_wrap=True)
-        for line in lines[1:]:
-            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        _print_error(exc)
         return 1
     except KeyboardInterrupt:
         err.print("harness: interrupted")

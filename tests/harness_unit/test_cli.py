@@ -11,6 +11,7 @@ import pytest
 
 from harness import cli
 from harness import migrate as migrate_mod
+from harness.errors import IncompleteMigrationError
 from harness.experiments import soak as soak_mod
 from harness.lab.state import StateDir
 
@@ -175,6 +176,29 @@ def test_migrate_json_goes_to_stdout_and_json_out_to_a_file(
     assert "finish (source stopped)" in captured.err  # the table still reaches the user
     assert cli.main(argv) == 0
     assert "finish (source stopped)" in capsys.readouterr().out
+
+
+def test_an_incomplete_migration_is_status_3_with_the_command_and_the_report(
+    capsys: pytest.CaptureFixture[str], state_dir: StateDir, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report = migrate_mod.Report(vm="vm2", source="A", destination="B", backend="qemu",
+                                completed=True, failed_phase="plug",
+                                hint="once host B's server takes it: harness plug vm2")
+
+    def migrate(sd: StateDir, vm: str | None, source: str, dest: str,
+                **kw: object) -> migrate_mod.Report:
+        raise IncompleteMigrationError(
+            "vm2 moved to B but runs there without shared memory (over its lower NIC): "
+            f"plug failed: server sent version -1\n{report.hint}", report)
+
+    monkeypatch.setattr(migrate_mod, "migrate", migrate)
+    argv = ["--state-dir", str(state_dir.path), "migrate", "vm2", "--to", "B", "--json"]
+    assert cli.main(argv) == cli.EXIT_INCOMPLETE == 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == report.as_dict()  # the report, even on failure
+    lines = captured.err.strip().splitlines()
+    assert lines[-2].startswith("harness: error: vm2 moved to B but runs there without")
+    assert lines[-1] == "  once host B's server takes it: harness plug vm2"
 
 
 def test_soak_json_goes_to_stdout(
