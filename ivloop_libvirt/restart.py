@@ -26,13 +26,13 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import libvirt
 
 from . import lv, plug, shmem
 from .errors import IvloopLibvirtError, ServerRestartError
+from .flow import Progress
 from .reports import DomainResult, RestartReport
 from .shmem import DEFAULT_NAME, FoundShmem
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 COMMAND_TIMEOUT = 120.0
 SOCKET_WAIT = 30.0
 
-Progress = Callable[[str, dict[str, Any]], None]
 
 
 def users_of(conn: lv.Connection, socket: str, name: str = DEFAULT_NAME

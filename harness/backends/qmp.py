@@ -12,20 +12,17 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from harness.errors import HarnessError, MigrationError, StateError
 from harness.lab import qemu
 from harness.lab.state import VMState
 from ivloop_libvirt import fdholes
+from ivloop_libvirt.flow import Progress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BANDWIDTH_MIB = 128  # QEMU's own default
-
-
-Progress = Callable[[str, dict[str, Any]], None]
 
 
 # QEMU's ivshmem unrealize closes its vector eventfds but leaves the TCG
