@@ -67,6 +67,34 @@ log = logging.getLogger(__name__)
 PAGE_SIZE: Final = 4096
 DEFAULT_MEMFD_NAME: Final = "ivloop"
 _ZERO_CHUNK: Final = 1 << 20
+# fallocate(2) modes (linux/falloc.h)
+_FALLOC_FL_KEEP_SIZE: Final = 0x01
+_FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+
+def _libc_fallocate() -> ctypes._NamedFuncPointer | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _libc_fallocate()
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        have = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return have >= (major, minor)
+
+
+# hugetlbfs zeroes the partial huge pages of a punched hole from 6.1 on
+_HUGETLB_ZEROES_EDGES: Final = _kernel_at_least(6, 1)
 
 _HDR = abi.IvlRegionHdr
 _SLOT = abi.IvlSlot
@@ -351,6 +379,10 @@ class Region:
         self._halves = [ServerHalf() for _ in range(layout.max_peers)]
         self._srv_seq = [0] * layout.max_peers
         self._hdr_shadow: abi.IvlRegionHdr | None = None  # set by _init_header
+        # Pages handed back to the kernel whole (a hole in the memfd) are this
+        # big; a huge-page region's are its huge pages.
+        self._page = mmap.PAGESIZE
+        self._can_punch = _fallocate is not None
 
     # -- construction ---------------------------------------------------
 
@@ -407,6 +439,7 @@ class Region:
                 f"cannot size or map {format_size(size)} of shared memory: {exc}{hint}"
             ) from exc
         region = cls(fd, mapping, layout, owner=True)
+        region._page = hugepage_size or mmap.PAGESIZE
         region._init_header()
         return region
 
@@ -626,14 +659,49 @@ class Region:
             self._map[offset : offset + n] = zeros[:n] if n < len(zeros) else zeros
             offset += n
 
+    def _discard(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeroes, holding no memory where it can.
+
+        A hole punched in the memfd: the pages wholly inside go back to the
+        kernel (the next reader or writer gets a fresh zero page, in every
+        mapping), and the kernel zeroes the partial pages at the edges only
+        where they exist, so a ring costs host memory only once a pair uses
+        it.  Huge pages' partial edges are zeroed by the kernel from Linux
+        6.1 on; before that, and where the kernel cannot punch at all, the
+        edges (or the whole range) are written with zeroes.
+        """
+        if self._can_punch and _fallocate is not None:
+            rc = _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            if rc == 0:
+                if self._page != mmap.PAGESIZE and not _HUGETLB_ZEROES_EDGES:
+                    start = _round_up(offset, self._page)
+                    end = max(start, (offset + length) // self._page * self._page)
+                    self._zero(offset, min(start, offset + length) - offset)
+                    self._zero(end, offset + length - end)
+                return
+            err = ctypes.get_errno()
+            log.info("cannot punch holes in the shared memory (%s): rings are zeroed by "
+                     "writing instead, which keeps their memory", os.strerror(err))
+            self._can_punch = False
+        self._zero(offset, length)
+
     def zero_rings_of(self, slot: int) -> None:
-        """Zero every ring to and from slot index ``slot`` (control blocks and data)."""
+        """Every ring to and from slot index ``slot`` zeroed, its memory given back.
+
+        The rings from ``slot`` are one run of the ring matrix (its row), the
+        rings to it one ring per other slot (its column).
+        """
         self._check_open()
         lay = self.layout
+        self._discard(lay.ring_offset(slot, 0), lay.max_peers * lay.ring_stride)
         for other in range(lay.max_peers):
-            self._zero(lay.ring_offset(slot, other), lay.ring_stride)
             if other != slot:
-                self._zero(lay.ring_offset(other, slot), lay.ring_stride)
+                self._discard(lay.ring_offset(other, slot), lay.ring_stride)
+
+    def allocated_bytes(self) -> int:
+        """Memory the region holds now: the memfd's allocated blocks, whoever touched them."""
+        self._check_open()
+        return os.fstat(self._fd).st_blocks * 512
 
     def _check_writer(self) -> None:
         self._check_open()

@@ -97,6 +97,7 @@ _MAX_STRIKES: Final = 4096
 #: Refused connections held open until their refusal is read, at most.
 _MAX_REFUSED: Final = 64
 DEFAULT_REFUSE_LINGER: Final = 60.0
+DEFAULT_RING_RELEASE_DELAY: Final = 5.0
 #: One WARNING when only this many QEMU peer IDs are left.
 _IDS_LOW_WATER: Final = 1000
 
@@ -175,6 +176,10 @@ class ServerConfig:
     #: Seconds a refused connection stays open waiting for its QEMU to read
     #: the refusal (see :meth:`IvshmemServer._turn_away`).
     refuse_linger: float = DEFAULT_REFUSE_LINGER
+    #: Seconds after a leave before the free slot's rings give their memory
+    #: back (a hole punched in the region): time for every guest to see the
+    #: leave and stop touching them, so none reads a ring zeroed under it.
+    ring_release_delay: float = DEFAULT_RING_RELEASE_DELAY
 
     def validate(self) -> Layout:
         """Check every value; return the region layout or raise ConfigError."""
@@ -189,6 +194,9 @@ class ServerConfig:
             raise ConfigError(
                 f"police interval must be above 0 and at most 10 s, not {self.police_interval}"
             )
+        if not 0 <= self.ring_release_delay <= 3600:
+            raise ConfigError(f"ring release delay must be between 0 and 3600 s, "
+                              f"not {self.ring_release_delay}")
         if not 0 < self.refuse_linger <= 3600:
             raise ConfigError(
                 f"refuse linger must be above 0 and at most 3600 s, not {self.refuse_linger}"
@@ -884,6 +892,9 @@ class IvshmemServer:
         peer.close()
         peer.transition(PeerState.GONE)
         del self._peers[peer.id]
+        if self._loop is not None:
+            self._loop.call_later(self.config.ring_release_delay, self._release_rings,
+                                  peer.slot, generation)
         peer.log.log(
             level,
             "peer %d left slot %d: %s (generation %d, told %d peers)",
@@ -903,6 +914,16 @@ class IvshmemServer:
             },
         )
         self._changed()
+
+    def _release_rings(self, slot: int, generation: int) -> None:
+        """Give a slot's rings back to the host, unless someone joined it since the leave."""
+        if self._runstate is not Runstate.RUNNING or self.region.closed:
+            return
+        if any(p.slot == slot for p in self._peers.values()):
+            return  # a join zeroed (and released) them already
+        self.region.zero_rings_of(slot)
+        log.debug("slot %d's rings released (left at generation %d); the region holds %s",
+                  slot, generation, format_size(self.region.allocated_bytes()))
 
     def _announce_leave(self, peer_id: int, others: Sequence[Peer]) -> int:
         notified = 0
