@@ -43,7 +43,7 @@ from . import __version__, abi, options
 from .daemon import DaemonStartError, Readiness, daemonize, serve
 from .errors import ConfigError, IvloopServerError
 from .nic import load_nic_map
-from .region import Region, find_server_region, format_size
+from .region import Region, find_server_region, format_size, min_region_size
 from .sdnotify import Notifier
 from .server import (
     DEFAULT_MAX_PEERS,
@@ -137,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-l",
         "--size",
         type=options.power_of_two_size,
-        default=DEFAULT_SIZE,
+        default=None,
         metavar="SIZE",
         help="region size, a power of two, suffixes K/M/G/T as in ivshmem-server "
-        f"(default {format_size(DEFAULT_SIZE)})",
+        f"(default: {format_size(DEFAULT_SIZE)}, or the smallest size whose rings each "
+        "hold the largest frame twice if --max-peers needs more: 128M for 16 peers, "
+        "2G for 64)",
     )
     parser.add_argument(
         "-n",
@@ -335,11 +337,15 @@ def main(argv: list[str] | None = None) -> int:
             hugepage_size = options.hugetlbfs_page_size(args.hugetlbfs)
         except ConfigError as exc:
             return usage_error(str(exc))
+    size = args.size
+    if size is None:
+        size = max(DEFAULT_SIZE, min_region_size(args.max_peers,
+                                                 args.ring_size or abi.IVL_RING_MIN_SIZE))
     config = ServerConfig(
         socket_path=args.socket,
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
-        size=args.size,
+        size=size,
         max_peers=args.max_peers,
         vectors=args.vectors,
         ring_size=args.ring_size,
@@ -378,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         nic_path = args.nic_macs
     handler = setup_logging(args.log_format, args.verbose,
                             syslog=daemon and not stat.S_ISREG(os.fstat(2).st_mode))  # fmt: skip
+    if args.size is None and size != DEFAULT_SIZE:
+        log.info("region size %s picked for %d peers (--size sets it)", format_size(size),
+                 args.max_peers, extra={"event": "size", "size": size})
     if daemon:
         log.info("daemonized (pid %d, pidfile %s)%s", os.getpid(), pidfile,
                  " as ivshmem-server does with -S and no -F" if not args.daemon else "",

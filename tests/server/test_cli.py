@@ -119,7 +119,7 @@ def test_path_that_is_not_a_socket_is_refused(
         (["--max-peers", "65"], "outside 2..64"),
         (["--max-peers", "1"], "outside 2..64"),
         (["--vectors", "1"], "too few for ivloop, which needs 2"),
-        (["--ring-size", "1M"], "does not fit in 32M"),
+        (["--ring-size", "1M", "--size", "32M"], "does not fit in 32M"),
         (["--ring-size", "128K", "--size", "64M"], "power of two between"),
         (["--ready-fd", "999"], "not an open file descriptor"),
         (["--log-format", "xml"], "invalid choice"),
