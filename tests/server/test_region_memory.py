@@ -11,6 +11,7 @@ leave gives its rings back.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import time
 from collections.abc import Callable
@@ -98,3 +99,20 @@ def test_without_size_the_server_picks_one_that_fits_its_peers(spawn: Callable[.
     err = sp.stderr()
     assert "region size 2G picked for 64 peers (--size sets it)" in err, err
     assert "region 2G, 64 peers, rings of 256K" in err, err
+
+
+def test_a_peer_that_left_leaves_no_logger_behind(
+        make_server: Callable[..., ServerThread]) -> None:
+    """IDs are never reused: a logger kept per ID grew the server without bound."""
+    server = make_server()
+
+    def peer_loggers() -> int:
+        return sum(name.startswith("ivloop_server.server.peer")
+                   for name in logging.Logger.manager.loggerDict)
+
+    before = peer_loggers()
+    for _ in range(50):
+        with FakeQemu.join(server.path):
+            server.settle()
+        server.settle()
+    wait_until(lambda: peer_loggers() <= before, timeout=5, what="peer loggers dropped")
