@@ -98,6 +98,10 @@ _MAX_STRIKES: Final = 4096
 _MAX_REFUSED: Final = 64
 DEFAULT_REFUSE_LINGER: Final = 60.0
 DEFAULT_RING_RELEASE_DELAY: Final = 5.0
+#: What one 8-byte message with an fd costs a UNIX socket's send buffer
+#: (skb truesize; about 278 fit in the default 212992 bytes).
+SETUP_MSG_TRUESIZE: Final = 1024
+SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
 #: One WARNING when only this many QEMU peer IDs are left.
 _IDS_LOW_WATER: Final = 1000
 
@@ -742,8 +746,30 @@ class IvshmemServer:
         """How many more QEMUs can join before the server must restart."""
         return max(MAX_PEER_ID + 1 - self._next_id, 0)
 
+    def _size_send_buffer(self, conn: socket.socket) -> None:
+        """Room in *conn*'s send buffer for the whole setup, sent at once.
+
+        A joiner is told its ID, the region and every member's eventfds
+        (3 + vectors x (max_peers + 1) messages) before QEMU reads a byte,
+        and a full buffer then drops it mid-setup, where QEMU hangs.  The
+        default buffer holds about 278 of these messages: enough for 2
+        vectors at 64 peers (131), not for 8 (523).  SO_SNDBUFFORCE passes
+        net.core.wmem_max where the server may (CAP_NET_ADMIN); else
+        SO_SNDBUF gets what wmem_max allows.
+        """
+        need = (3 + self.config.vectors * (self.layout.max_peers + 1)) * SETUP_MSG_TRUESIZE
+        if need <= conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
+            return
+        for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, option, need)
+                return
+            except OSError:
+                continue
+
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
+        self._size_send_buffer(conn)
         pid = _peer_pid(conn)
         if self._next_id > MAX_PEER_ID:
             self._refuse_exhausted(conn, pid)

@@ -116,3 +116,14 @@ def test_a_peer_that_left_leaves_no_logger_behind(
             server.settle()
         server.settle()
     wait_until(lambda: peer_loggers() <= before, timeout=5, what="peer loggers dropped")
+
+
+def test_a_house_of_64_with_8_vectors_takes_every_joiner_whole(
+        make_server: Callable[..., ServerThread], clients: list[FakeQemu]) -> None:
+    """523 setup messages to the last joiner: more than a default send buffer holds."""
+    server = make_server(size=min_region_size(FULL_HOUSE), max_peers=FULL_HOUSE, vectors=8)
+    for _ in range(FULL_HOUSE):
+        clients.append(FakeQemu.join(server.path, vectors=8))
+    server.settle()
+    assert len(clients[-1].peers) == FULL_HOUSE - 1
+    assert all(len(fds) == 8 for fds in clients[-1].peers.values())
