@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar
 
 from harness.errors import StateError
 from harness.lab import qemu
-from harness.lab.state import State, StateDir, VMState
+from harness.lab.state import State, StateDir, VMState, VMStatus
 from harness.lab.topology import VMSpec
 from ivloop_libvirt.flow import Mover
+
+
+def begin_move(sd: StateDir, state: State, vs: VMState, mig_sock: Path) -> None:
+    """Record *vs* as migrating once a move's check passed; a stale stream socket goes."""
+    vs.status = VMStatus.MIGRATING
+    sd.save(state)
+    mig_sock.unlink(missing_ok=True)
+
+
+def plug_command(dest: str, vm: str) -> str:
+    """What finishes a move whose plug *dest*'s server refused, on either backend."""
+    return (f"once host {dest}'s server takes it (its log: logs/server-{dest}.log "
+            f"in the state directory): harness plug {vm}")
 
 
 class Backend(ABC):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harness.backends import qmp
-from harness.backends.base import Backend
+from harness.backends.base import Backend, begin_move, plug_command
 from harness.errors import HarnessError, MigrationError, QemuBinaryError
 from harness.lab import accel as accel_mod
 from harness.lab import guest as guest_mod
@@ -203,9 +203,7 @@ class DirectMove:
 
     def check(self) -> None:
         self.binary = destination_qemu(self.state, self.vs, self.qemu_path)
-        self.vs.status = VMStatus.MIGRATING
-        self.sd.save(self.state)
-        self.mig_sock.unlink(missing_ok=True)
+        begin_move(self.sd, self.state, self.vs, self.mig_sock)
 
     def has_device(self) -> bool:
         return self.vs.ivshmem
@@ -291,8 +289,7 @@ class DirectMove:
         self.mig_sock.unlink(missing_ok=True)
 
     def plug_command(self) -> str:
-        return (f"once host {self.dest}'s server takes it (its log: logs/server-{self.dest}.log "
-                f"in the state directory): harness plug {self.vs.name}")
+        return plug_command(self.dest, self.vs.name)
 
     def roll_back(self) -> str:
         """Destination gone; source running with its device back, or what to run."""

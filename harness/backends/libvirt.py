@@ -33,7 +33,7 @@ from pathlib import Path
 import libvirt
 
 from harness.backends import domain, libvirtd
-from harness.backends.base import Backend
+from harness.backends.base import Backend, begin_move, plug_command
 from harness.backends.libvirtd import LibvirtError
 from harness.errors import HarnessError, LaunchError, StateError
 from harness.lab import accel as accel_mod
@@ -225,9 +225,7 @@ class HarnessLibvirtMove(lv_migrate.LibvirtMove):
 
     def check(self) -> None:
         super().check()
-        self.vs.status = VMStatus.MIGRATING
-        self.sd.save(self.state)
-        self.mig_sock.unlink(missing_ok=True)
+        begin_move(self.sd, self.state, self.vs, self.mig_sock)
 
     def prepare(self) -> None:
         ns = self.state.hosts[self.dest].netns
@@ -272,8 +270,7 @@ class HarnessLibvirtMove(lv_migrate.LibvirtMove):
         self.mig_sock.unlink(missing_ok=True)
 
     def plug_command(self) -> str:
-        return (f"once host {self.dest}'s server takes it (its log: logs/server-{self.dest}.log "
-                f"in the state directory): harness plug {self.vs.name}")
+        return plug_command(self.dest, self.vs.name)
 
     def roll_back(self) -> str:
         hint = super().roll_back()
