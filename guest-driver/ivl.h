@@ -87,6 +87,8 @@ struct ivl_stats {
 	u64_stats_t peer_stalled;	/* ring stayed full too long */
 	u64_stats_t peer_bad_entry;	/* broken directory slot */
 	u64_stats_t peer_bad_mac;	/* claims a MAC its NIC does not have */
+	u64_stats_t peer_rx_made;	/* a peer up got its NAPI and pool ... */
+	u64_stats_t peer_rx_freed;	/* ... and one gone gave them back */
 	u64_stats_t poll_windows;	/* the ring poller started polling */
 	u64_stats_t poll_hits;		/* ... and found records before a doorbell */
 	u64_stats_t poll_starved;	/* nobody could watch: doorbells for a while */
@@ -133,6 +135,13 @@ struct ivl_peer {
 	u64 hb_last;
 	unsigned long hb_stamp;		/* jiffies when hb_last changed */
 	bool attached;			/* rings attached (for @gen) */
+	/*
+	 * NAPI added and page pool made (ivl_rx_sync()): only for a peer
+	 * that is up, so a guest pays for the peers it has, not the slots.
+	 * Written under rtnl and shm->lock; either one reads it.
+	 */
+	bool rx_ready;
+	bool up;			/* joined, sound, UP or LEAVING */
 	bool want_rx, want_tx, reattach;
 	bool hb_dead, bad_entry, dup_mac;
 	bool guest_odd;			/* its half of the slot is mid-update ... */
@@ -231,6 +240,7 @@ struct ivl_shm {
 	u64 leave_ack;			/* as published in my slot (shm->lock) */
 
 	struct work_struct refresh_work;
+	struct delayed_work rx_work;	/* ivl_rx_sync() under rtnl */
 	struct timer_list hb_timer;
 	atomic64_t heartbeat;
 	struct dentry *dbg_dir;		/* ivloop/<pci name>/ */
@@ -464,8 +474,8 @@ enum hrtimer_restart ivl_tx_timer_fn(struct hrtimer *timer);
 void ivl_tx_flow_reset(struct ivl_priv *priv, struct ivl_shm *shm);
 void ivl_napi_schedule_rx(struct ivl_priv *priv, struct ivl_shm *shm,
 			  bool only_busy);
-void ivl_rx_init(struct ivl_priv *priv, struct ivl_shm *shm);
-void ivl_rx_uninit(struct ivl_shm *shm);
+bool ivl_rx_sync(struct ivl_priv *priv, struct ivl_shm *shm);
+void ivl_rx_uninit(struct ivl_priv *priv, struct ivl_shm *shm);
 void ivl_rx_drain(struct ivl_priv *priv, struct ivl_shm *shm);
 void ivl_peer_broken(struct ivl_peer *peer, const char *why);
 void ivl_peer_stalled(struct ivl_priv *priv, struct ivl_peer *peer,

@@ -977,50 +977,103 @@ static const struct page_pool_params ivl_rx_pool_params = {
 	.nid		= NUMA_NO_NODE,
 };
 
-/**
- * ivl_rx_init() - a NAPI instance and a page pool for every other slot
- * @priv: ivl0
- * @shm: the device being attached
- *
- * A peer without a pool takes pages from the page allocator.
- *
- * Context: rtnl.
+/*
+ * A NAPI instance and a page pool for @p, which came up.  Without a pool
+ * its frames take pages from the page allocator.
  */
-void ivl_rx_init(struct ivl_priv *priv, struct ivl_shm *shm)
+static void ivl_rx_create(struct ivl_priv *priv, struct ivl_peer *p)
+{
+	netif_napi_add(priv->dev, &p->napi, ivl_napi_poll);
+	p->rx_pool = page_pool_create(&ivl_rx_pool_params);
+	if (IS_ERR(p->rx_pool))
+		p->rx_pool = NULL;
+	if (priv->napi_on)
+		napi_enable(&p->napi);
+	p->rx_ready = true;
+	ivl_stat_inc_bh(priv, peer_rx_made);
+}
+
+/*
+ * Take @p's NAPI off ivl0; its pool goes after the caller's grace period
+ * (one for all, not one per peer as netif_napi_del() would wait).  A late
+ * napi_schedule() finds the instance disabled and does nothing.
+ */
+static void ivl_rx_unlist(struct ivl_priv *priv, struct ivl_peer *p)
+{
+	if (priv->napi_on)
+		napi_disable(&p->napi);
+	__netif_napi_del(&p->napi);
+	p->rx_ready = false;
+	ivl_stat_inc_bh(priv, peer_rx_freed);
+}
+
+static void ivl_rx_free_pools(struct ivl_shm *shm)
 {
 	struct ivl_peer *p;
 
-	ASSERT_RTNL();
 	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
-		netif_napi_add(priv->dev, &p->napi, ivl_napi_poll);
-		p->rx_pool = page_pool_create(&ivl_rx_pool_params);
-		/* without one, frames take pages from the page allocator */
-		if (IS_ERR(p->rx_pool))
+		/* pages still in skbs come back later; the pool waits for them */
+		if (!p->rx_ready && p->rx_pool) {
+			page_pool_destroy(p->rx_pool);
 			p->rx_pool = NULL;
+		}
 	}
 }
 
 /**
- * ivl_rx_uninit() - undo ivl_rx_init()
- * @shm: the device being detached, its NAPIs disabled
+ * ivl_rx_sync() - receive state for the peers that are up, none for others
+ * @priv: ivl0
+ * @shm: its device
+ *
+ * A peer gets its NAPI instance and page pool when the refresh finds it up
+ * (it stays out of the table until then) and loses them once it is out of
+ * the table, so a guest pays for the peers it has, not for the region's
+ * slots (63 of each at 64 peers, and a kthread each with threaded NAPI).
+ *
+ * Context: rtnl and shm->lock (NAPI on or off, ivl_napi_enable(), under
+ * rtnl); sleeps.
+ * Return: true if a peer got its state (the table can take it now).
+ */
+bool ivl_rx_sync(struct ivl_priv *priv, struct ivl_shm *shm)
+{
+	bool made = false, unlisted = false;
+	struct ivl_peer *p;
+
+	ASSERT_RTNL();
+	lockdep_assert_held(&shm->lock);
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
+		if (p->up && !p->rx_ready) {
+			ivl_rx_create(priv, p);
+			made = true;
+		} else if (!p->up && p->rx_ready && !p->rx_on) {
+			ivl_rx_unlist(priv, p);
+			unlisted = true;
+		}
+	}
+	if (unlisted) {
+		synchronize_net();
+		ivl_rx_free_pools(shm);
+	}
+	return made;
+}
+
+/**
+ * ivl_rx_uninit() - release every peer's receive state
+ * @priv: ivl0
+ * @shm: the device being detached, no table published, NAPIs disabled
  *
  * Context: rtnl; one synchronize_net() for all the NAPI instances.
  */
-void ivl_rx_uninit(struct ivl_shm *shm)
+void ivl_rx_uninit(struct ivl_priv *priv, struct ivl_shm *shm)
 {
 	struct ivl_peer *p;
 
 	ASSERT_RTNL();
-	/* one grace period for all, not one per slot (netif_napi_del()) */
 	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p))
-		__netif_napi_del(&p->napi);
+		if (p->rx_ready)
+			ivl_rx_unlist(priv, p);
 	synchronize_net();
-	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
-		/* pages still in skbs come back later; the pool waits for them */
-		if (p->rx_pool)
-			page_pool_destroy(p->rx_pool);
-		p->rx_pool = NULL;
-	}
+	ivl_rx_free_pools(shm);
 }
 
 /* ------------------------------------------------------------------ */

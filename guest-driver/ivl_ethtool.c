@@ -52,6 +52,8 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(peer_stalled),
 	IVL_STAT(peer_bad_entry),
 	IVL_STAT(peer_bad_mac),
+	IVL_STAT(peer_rx_made),
+	IVL_STAT(peer_rx_freed),
 	IVL_STAT(poll_windows),
 	IVL_STAT(poll_hits),
 	IVL_STAT(poll_starved),

@@ -34,7 +34,10 @@ static void ivl_napi_enable(struct ivl_priv *priv, struct ivl_shm *shm,
 	ASSERT_RTNL();
 	if (priv->napi_on == on)
 		return;
+	/* ivl_rx_sync() adds and deletes NAPIs under rtnl too */
 	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
+		if (!p->rx_ready)
+			continue;
 		if (on)
 			napi_enable(&p->napi);
 		else
@@ -135,8 +138,8 @@ static void ivl_vlan_resync(struct ivl_priv *priv);
  * @priv: ivl0, not paired yet
  * @shm: the device, not paired yet
  *
- * Creates the per-peer receive state, starts the peer table's refresh and,
- * when ivl0 is up, publishes our slot UP.
+ * Starts the peer table's refresh (which gives each peer that comes up
+ * its receive state) and, when ivl0 is up, publishes our slot UP.
  *
  * Context: rtnl.
  */
@@ -146,7 +149,6 @@ void ivl_attach(struct ivl_priv *priv, struct ivl_shm *shm)
 	/* after a migration the device joins before virtio-net announces us */
 	ivl_vlan_resync(priv);
 	shm->upper = priv;
-	ivl_rx_init(priv, shm);
 	rcu_assign_pointer(priv->shm, shm);
 	ivl_peers_start(shm, priv);
 	if (netif_running(priv->dev))
@@ -254,7 +256,7 @@ void ivl_detach(struct ivl_priv *priv, u32 state)
 	mutex_unlock(&shm->lock);
 	synchronize_irq(pci_irq_vector(shm->pdev, IVL_VEC_MEMBERSHIP));
 	synchronize_irq(pci_irq_vector(shm->pdev, IVL_VEC_DATA));
-	ivl_rx_uninit(shm);
+	ivl_rx_uninit(priv, shm);
 	shm->upper = NULL;
 
 	netdev_info(priv->dev, "shared memory %s detached (%s)\n",

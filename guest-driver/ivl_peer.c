@@ -607,6 +607,21 @@ static void ivl_peers_tx_check(struct ivl_shm *shm, struct ivl_priv *priv)
 	}
 }
 
+/* Peers up without receive state, or out of the table with it: sync them. */
+static void ivl_rx_sync_check(struct ivl_shm *shm)
+{
+	struct ivl_peer *p;
+
+	lockdep_assert_held(&shm->lock);
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
+		if (p->up != p->rx_ready && !p->rx_on) {
+			/* under shm->lock: ivl_peers_stop() stops the requeueing */
+			queue_delayed_work(system_wq, &shm->rx_work, 0);
+			return;
+		}
+	}
+}
+
 static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 {
 	unsigned long now = jiffies;
@@ -620,6 +635,14 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 		ivl_peer_assess(shm, priv, p, now);
 	ivl_peers_tx_check(shm, priv);
 	ivl_peers_mark_dups(shm);
+	/* a peer without its NAPI and pool yet waits for ivl_rx_work() */
+	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
+		p->up = p->want_rx;
+		if (!p->rx_ready) {
+			p->want_rx = false;
+			p->want_tx = false;
+		}
+	}
 
 	for (p = ivl_peer_next(shm, NULL); p; p = ivl_peer_next(shm, p)) {
 		tx = ivl_peer_tx_wanted(p);
@@ -636,6 +659,7 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 	}
 	if (!changed) {
 		ivl_leave_ack_publish(shm);
+		ivl_rx_sync_check(shm);
 		return;
 	}
 
@@ -657,6 +681,7 @@ static void ivl_refresh_locked(struct ivl_shm *shm, struct ivl_priv *priv)
 	local_bh_enable();
 	/* a ring that stopped a queue may belong to a peer now gone */
 	ivl_tx_wake_check(priv, shm);
+	ivl_rx_sync_check(shm);
 }
 
 static void ivl_refresh_work(struct work_struct *work)
@@ -667,6 +692,26 @@ static void ivl_refresh_work(struct work_struct *work)
 	if (shm->priv && !shm->stopping)
 		ivl_refresh_locked(shm, shm->priv);
 	mutex_unlock(&shm->lock);
+}
+
+/*
+ * NAPI instances are added and deleted under rtnl, but ivl_peers_stop()
+ * cancels this work holding rtnl: try, and come back a jiffy later.
+ */
+static void ivl_rx_work(struct work_struct *work)
+{
+	struct ivl_shm *shm = container_of(to_delayed_work(work),
+					   struct ivl_shm, rx_work);
+
+	if (!rtnl_trylock()) {
+		queue_delayed_work(system_wq, &shm->rx_work, 1);
+		return;
+	}
+	mutex_lock(&shm->lock);
+	if (shm->priv && !shm->stopping && ivl_rx_sync(shm->priv, shm))
+		queue_work(system_wq, &shm->refresh_work);
+	mutex_unlock(&shm->lock);
+	rtnl_unlock();
 }
 
 static void ivl_hb_timer_fn(struct timer_list *t)
@@ -694,6 +739,7 @@ void ivl_peers_init(struct ivl_shm *shm)
 
 	mutex_init(&shm->lock);
 	INIT_WORK(&shm->refresh_work, ivl_refresh_work);
+	INIT_DELAYED_WORK(&shm->rx_work, ivl_rx_work);
 	timer_setup(&shm->hb_timer, ivl_hb_timer_fn, 0);
 	atomic64_set(&shm->heartbeat, 0);
 	for (id = 0; id < shm->max_peers; id++) {
@@ -730,6 +776,7 @@ void ivl_peers_start(struct ivl_shm *shm, struct ivl_priv *priv)
 		p->seen_gen = U64_MAX;	/* first look counts as a join */
 		p->seen_peer_id = U32_MAX;
 		p->attached = false;
+		p->up = false;
 		p->rx_on = false;
 		p->tx_on = false;
 		p->leaving = false;
@@ -774,6 +821,8 @@ void ivl_peers_stop(struct ivl_shm *shm)
 	/* the timer queues the work: stop it first */
 	del_timer_sync(&shm->hb_timer);
 	cancel_work_sync(&shm->refresh_work);
+	/* never waits for rtnl, which we hold: it only tries */
+	cancel_delayed_work_sync(&shm->rx_work);
 }
 
 /* --- debugfs: /sys/kernel/debug/ivloop/<pci name>/peers --- */

@@ -191,6 +191,7 @@ class LaunchSpec:
     ivshmem_socket: Path | None = None
     incoming: bool = False
     lower_only: bool = False
+    vhost_net: bool = False  # the data NIC's tap: vhost=on (accel.Choice.vhost_net)
     binary: str = DEFAULT_BINARY  # Binary.path of the topology's QEMU
     # The root disk of a systemd guest (guestdisk): boots from it, not from
     # an initramfs with the harness's ivl.* parameters.
@@ -205,7 +206,7 @@ def render(spec: LaunchSpec) -> list[str]:
         memory=spec.memory, console=spec.console, qmp=spec.qmp, pidfile=spec.pidfile, tap=spec.tap,
         ssh_port=spec.ssh_port, ssh_key=spec.ssh_key.replace(" ", ":"),
         ivshmem_socket=spec.ivshmem_socket, incoming=spec.incoming,
-        lower_only=spec.lower_only, disk=spec.disk,
+        lower_only=spec.lower_only, vhost_net=spec.vhost_net, disk=spec.disk,
     )  # fmt: skip
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -261,16 +262,28 @@ def terminate(proc: ProcRecord, timeout: float = 10) -> bool:
 class Monitor:
     """An async QMP session: ``async with Monitor(path) as mon: ...``."""
 
+    #: Seconds a fresh QEMU may refuse connections (see __aenter__).
+    connect_timeout = 10.0
+
     def __init__(self, path: Path, name: str = "harness") -> None:
         self.path = path
         self.client = QMPClient(name)
 
     async def __aenter__(self) -> Monitor:
-        try:
-            await asyncio.wait_for(self.client.connect(str(self.path)), timeout=10)
-        except (OSError, TimeoutError, _QMPLibError) as exc:
-            raise QMPError(f"cannot connect to QMP at {self.path}: {exc}") from exc
-        return self
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                await asyncio.wait_for(self.client.connect(str(self.path)),
+                                       timeout=max(0.1, deadline - time.monotonic()))
+                return self
+            except (OSError, TimeoutError, _QMPLibError) as exc:
+                # QEMU binds its QMP socket before it listens: on a loaded
+                # host a fresh QEMU can refuse for a moment (launch() waits
+                # for the file, not the listen).
+                refused = isinstance(getattr(exc, "exc", exc), ConnectionRefusedError)
+                if not refused or time.monotonic() >= deadline:
+                    raise QMPError(f"cannot connect to QMP at {self.path}: {exc}") from exc
+            await asyncio.sleep(0.05)
 
     async def __aexit__(self, *exc: object) -> None:
         # A QEMU that died under us makes disconnect() re-raise the reader's
