@@ -41,7 +41,7 @@ KDIR = /usr/src/linux-headers-$(KABI)
 # copy of the sources, so no build clobbers another kernel's ivloop.ko.
 DRIVER_DIR = $(if $(filter 6.1,$(KERNEL)),guest-driver,build/driver-$(KERNEL))
 
-.PHONY: help deps apt venv driver image profile-image pycheck test test-deps unit-test vm-test demo lint fuzz bench bench-smp soak clean
+.PHONY: help deps apt venv driver image profile-image pycheck test test-deps unit-test vm-test demo lint fuzz bench bench-smp bench-pairs soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
@@ -171,14 +171,24 @@ BENCH_ENV := $(if $(filter 6.1,$(KERNEL)),,IVLOOP_IMAGE_DIR=$(CURDIR)/images/out
 BENCH_OUT := bench-results$(if $(filter-out 6.1,$(KERNEL))$(QEMU),/$(KERNEL)-qemu$(or $(QEMU),7.2))
 BENCH_DEPS := deps image $(if $(filter 10,$(QEMU)),qemu-10)
 
-bench: $(BENCH_DEPS)  ## shm vs forced-lower vs wire, the native ring, then bench-smp (KERNEL=6.12, QEMU=10 or a path)
+# One suite of `harness bench` on its own topology, which is up only while
+# the suite runs: $(call bench_suite,SUITE,TOPOLOGY) writes $(BENCH_OUT)/SUITE/.
+define bench_suite
+	@mkdir -p $(BENCH_OUT)/$(1)
+	flock $(VM_LOCK) env $(BENCH_ENV) bash -c '$(HARNESS) up --topology harness/topologies/$(2) && $(HARNESS) bench --suite $(1) --out $(BENCH_OUT)/$(1); rc=$$?; $(HARNESS) down; exit $$rc'
+endef
+
+bench: $(BENCH_DEPS)  ## shm vs forced-lower vs wire, the native ring, then bench-smp and bench-pairs (KERNEL=6.12, QEMU=10 or a path)
 	@mkdir -p $(BENCH_OUT)
 	flock $(VM_LOCK) env $(BENCH_ENV) bash -c '$(MAKE) -s --no-print-directory -C tests/ring bench-native > $(BENCH_OUT)/native.json && $(HARNESS) up && $(HARNESS) bench --out $(BENCH_OUT) --native-json $(BENCH_OUT)/native.json; rc=$$?; $(HARNESS) down; exit $$rc'
 	$(MAKE) --no-print-directory bench-smp
+	$(MAKE) --no-print-directory bench-pairs
 
 bench-smp: $(BENCH_DEPS)  ## 2-vCPU guests: 1 vs 4 streams, ivl0 vs no driver, a mixture (bench-results/smp/)
-	@mkdir -p $(BENCH_OUT)/smp
-	flock $(VM_LOCK) env $(BENCH_ENV) bash -c '$(HARNESS) up --topology harness/topologies/bench-smp.toml && $(HARNESS) bench --suite smp --out $(BENCH_OUT)/smp; rc=$$?; $(HARNESS) down; exit $$rc'
+	$(call bench_suite,smp,bench-smp.toml)
+
+bench-pairs: $(BENCH_DEPS)  ## 1, 2 and 4 co-resident pairs at once: aggregate shm vs lower (bench-results/pairs/)
+	$(call bench_suite,pairs,many.toml)
 
 soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traffic; not in `make test`
 	@mkdir -p build

@@ -39,6 +39,7 @@ from harness.experiments import bench_report
 from harness.experiments import demo as demo_mod
 from harness.experiments import soak as soak_mod
 from harness.experiments import watch as watch_mod
+from harness.lab import accel as accel_mod
 from harness.lab import topology as topology_mod
 from harness.lab import vms
 from harness.lab.state import StateDir, VMState, VMStatus
@@ -166,10 +167,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("bench", "benchmark shm vs forced lower path vs the wire, and the native ring",
             "harness bench --quick --out build/bench")
-    s.add_argument("--reps", type=_positive_int, default=5,
-                   help="interleaved repetitions per path and workload (default 5)")
+    s.add_argument("--reps", type=_positive_int, default=None,
+                   help="interleaved repetitions per path and workload (default 5; with "
+                        "--quick 1)")
     s.add_argument("--quick", action="store_true",
-                   help="1 s samples, 1 repetition, fewer workloads (a smoke run)")
+                   help="1 s samples, 1 repetition unless --reps, fewer workloads (a smoke "
+                        "run)")
     s.add_argument("--out", type=Path, default=None,
                    help="directory for bench.json, bench.md and the PNGs (default "
                         "bench-results; with --report-only: the JSON's directory)")
@@ -181,7 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--suite", choices=bench_report.SUITES, default=bench_report.CLASSIC_SUITE,
                    help="paths: shm vs lower vs wire (default); smp: 2-vCPU guests, 1 vs 4 "
                         "streams, ivl0 vs no driver across hosts, a mixture (needs "
-                        "harness/topologies/bench-smp.toml up; no native benchmark)")
+                        "harness/topologies/bench-smp.toml up; no native benchmark); pairs: "
+                        "1, 2 and 4 co-resident pairs at once, aggregate shm vs lower (needs "
+                        "harness/topologies/many.toml up; no native benchmark)")
 
     s = add("soak", "migrate a VM back and forth N times with traffic running; count "
                     "lost connections and kernel warnings",
@@ -249,7 +254,8 @@ def cmd_up(args: argparse.Namespace, sd: StateDir) -> int:
                            driver=not args.no_driver, qemu_path=args.qemu,
                            backend=args.backend)
     out.print(f"[green]up[/]: {len(state.vms)} VMs on {len(state.hosts)} hosts "
-              f"(accelerator {state.accel}, {escape(state.qemu_banner)}); state in {sd.path}")
+              f"(accelerator {state.accel}, {escape(state.qemu_banner)}; data NICs "
+              f"{accel_mod.lower_path(state.accel, state.vhost_net)}); state in {sd.path}")
     return 0
 
 
@@ -480,7 +486,7 @@ def cmd_bench(args: argparse.Namespace, sd: StateDir) -> int:
     else:
         with sd:
             json_path = bench_mod.run(
-                sd, reps=1 if args.quick else args.reps, quick=args.quick,
+                sd, reps=args.reps or (1 if args.quick else 5), quick=args.quick,
                 out_dir=args.out or Path("bench-results"), with_native=not args.no_native,
                 native_json=args.native_json, suite=args.suite,
                 say=lambda text: out.print(text, markup=False, highlight=False))

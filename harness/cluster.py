@@ -53,8 +53,10 @@ def up(sd: StateDir, topo: Topology, forced_accel: str | None = None, *,
     kernel, initrd = vms.image_paths()
     choice = accel_mod.choose(kernel, initrd, forced_accel, binary)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
+    vhost = choice.vhost_net(accel_mod.vhost_net_usable())
+    log.info("data NICs: %s", accel_mod.lower_path(choice.accel, vhost))
     state = State(instance=sd.instance, topology=topo.raw, topology_source=topo.source,
-                  accel=choice.accel, driver=driver, qemu=binary.path,
+                  accel=choice.accel, vhost_net=vhost, driver=driver, qemu=binary.path,
                   qemu_banner=binary.banner, backend=backend)
     sd.save(state)
     guest_mod.ensure_key(sd.key_path)

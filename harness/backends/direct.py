@@ -69,7 +69,8 @@ def start_qemu(sd: StateDir, state: State, vm: VMSpec, *, ivshmem: bool = True,
         qmp=Path(vs.qmp), pidfile=pidfile, tap=vs.tap,
         ssh_port=vs.ssh_port, ssh_key=pubkey,
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None, incoming=incoming,
-        lower_only=not vms.driver_for(state, vm), binary=binary.path, disk=disk,
+        lower_only=not vms.driver_for(state, vm), vhost_net=state.vhost_net,
+        binary=binary.path, disk=disk,
     )  # fmt: skip
     for stale in (Path(vs.qmp), pidfile):
         stale.unlink(missing_ok=True)

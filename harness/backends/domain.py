@@ -6,7 +6,10 @@ so both backends give a guest the same machine, PCI layout, MACs, kernel,
 initrd and command line, serial log and management SSH forward, and a
 change to the template reaches both::
 
-    00:02 data virtio-net      <interface type='ethernet'> on the pre-created tap
+    00:02 data virtio-net      <interface type='ethernet'> on the pre-created tap, with
+                               <driver name='vhost'/> where the tap has vhost=on
+                               (KVM and /dev/vhost-net), else <driver name='qemu'/>:
+                               libvirt would pick vhost-net itself on KVM
     00:03 management NIC       <qemu:commandline>: libvirt 9.0's <interface
                                type='user'> has no hostfwd, QEMU's own does
     00:04 virtio-rng           <rng model='virtio'>
@@ -242,6 +245,9 @@ def from_argv(argv: list[str], *, uuid_: str | None = None, title: str = "") -> 
             _sub(iface, "mac", address=dev["mac"])
             _sub(iface, "target", dev=backend[1]["ifname"], managed="no")
             _sub(iface, "model", type="virtio")
+            # Said either way: on KVM libvirt takes vhost-net whenever it can
+            # open /dev/vhost-net, and the harness records which it asked for.
+            _sub(iface, "driver", name="vhost" if backend[1].get("vhost") == "on" else "qemu")
             iface.append(_address(pci_slot(dev, "data NIC")))
             native_backends.add("netdev:" + dev["netdev"])
             device_native.append((opt, value))
@@ -328,6 +334,7 @@ class Parsed:
     cmdline: str
     data_mac: str
     tap: str
+    data_driver: str  # the data NIC's <driver name>: "vhost" or "qemu"
     console: str
     slots: dict[str, int]  # device kind -> PCI slot on pci.0
     shmem_socket: str | None
@@ -349,6 +356,7 @@ def parse(xml: str) -> Parsed:
     server = root.find("./devices/shmem/server")
     mac = iface.find("mac") if iface is not None else None
     target = iface.find("target") if iface is not None else None
+    driver = iface.find("driver") if iface is not None else None
     source = root.find("./devices/serial/source")
     os_type = root.find("./os/type")
     return Parsed(
@@ -358,6 +366,7 @@ def parse(xml: str) -> Parsed:
         kernel=text("./os/kernel"), initrd=text("./os/initrd"), cmdline=text("./os/cmdline"),
         data_mac=mac.get("address", "") if mac is not None else "",
         tap=target.get("dev", "") if target is not None else "",
+        data_driver=driver.get("name", "") if driver is not None else "",
         console=source.get("path", "") if source is not None else "",
         slots=slots, shmem_socket=server.get("path") if server is not None else None,
         qemu_args=[a.get("value", "") for a in root.iterfind(f"{{{QEMU_NS}}}commandline/"

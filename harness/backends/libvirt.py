@@ -118,7 +118,8 @@ def launch_spec(sd: StateDir, state: State, vm: VMSpec, vs: VMState,
         qmp=sd.file(f"qmp-{vm.name}.sock"), pidfile=sd.file(f"qemu-{vm.name}.pid"),
         tap=vs.tap, ssh_port=vs.ssh_port, ssh_key=guest_mod.ensure_key(sd.key_path),
         ivshmem_socket=Path(hs.server_socket) if vs.ivshmem else None,
-        lower_only=not vms.driver_for(state, vm), binary=binary.path, disk=disk,
+        lower_only=not vms.driver_for(state, vm), vhost_net=state.vhost_net,
+        binary=binary.path, disk=disk,
     )  # fmt: skip
 
 

@@ -3,7 +3,9 @@
 On the running topology, for one pair of co-resident VMs, measure
 
 * ``shm``   the pair over the shared ring (normal operation),
-* ``lower`` the same pair with ``force-lower`` set on both VMs (virtio-net),
+* ``lower`` the same pair with ``force-lower`` set on both VMs (virtio-net;
+            with vhost-net on KVM, :meth:`harness.lab.accel.Choice.vhost_net`:
+            every report records which, ``lower_path``),
 * ``wire``  a pair across hosts (virtio-net, tap, bridge, veth wire),
 
 with iperf3, netperf and sockperf, interleaving the paths within every
@@ -19,7 +21,11 @@ and its JSON is stored under ``native``.
 instead: 1 against 4 streams on shm and lower, the cross-host pair through
 ivl0 against a pair booted without the driver, and a mixture.
 
-One runner serves both suites (:func:`run`): the checks before a run, what
+``suite="pairs"`` (on ``topologies/many.toml``) runs 1, 2 and 4 co-resident
+pairs at once, shm against lower at each step: aggregate iperf3 throughput
+and aggregate TCP_RR transactions.
+
+One runner serves every suite (:func:`run`): the checks before a run, what
 is recorded about it, the interleaved repetitions and each sample
 (:func:`measure`) are the same; what differs is the suite's description in
 :mod:`harness.experiments.bench_suites`.
@@ -27,26 +33,32 @@ is recorded about it, the interleaved repetitions and each sample
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
 import platform
 import re
+import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness.errors import GuestError, HarnessError
 from harness.experiments.bench_report import counters_problem
 from harness.experiments.bench_suites import (
     BUSY_POLL_SUFFIX,
     BY_NAME,
+    CLASSIC,
     CLASSIC_SUITE,
     NO_RING_POLL_SUFFIX,
+    PAIR_ROLES,
     PATH_ROLES,
     SMP_TOPOLOGY_PATH,
     SUITES,
@@ -54,6 +66,7 @@ from harness.experiments.bench_suites import (
     WORKLOADS,
     Suite,
 )
+from harness.lab import accel as accel_mod
 from harness.lab import paths, qemu, vms
 from harness.lab.guest import Guest
 from harness.lab.state import State, StateDir
@@ -61,7 +74,9 @@ from harness.lab.topology import Topology
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
-Roles = Mapping[str, tuple[str, str]]  # role ("pair", "cross", "plain") -> (client, server)
+# role ("pair", "cross", "plain"; "pair2".."pair4") -> (client, server)
+Roles = Mapping[str, tuple[str, str]]
+T = TypeVar("T")
 
 UDP_RATE = os.environ.get("IVLOOP_BENCH_UDP_RATE", "100M")  # iperf3 -b: offered load
 SOCKPERF_PORT = 11111
@@ -315,7 +330,10 @@ def ends(path: str, roles: Roles) -> tuple[str, str]:
 
 def check_roles(suite: Suite, topo: Topology, state: State, roles: Roles) -> None:
     """The suite's roles fit the recorded topology (no guest is asked)."""
-    pair, cross = roles["pair"], roles["cross"]
+    missing = [r for r in suite.roles if r not in roles]
+    if missing:
+        raise BenchError(f"the {suite.name} suite needs VMs for {', '.join(missing)}")
+    pair = roles["pair"]
     plain = roles["plain"] if "plain" in suite.roles else None
     names = role_vms(suite, roles)
     up = "'harness up" + (f" --topology {suite.topology}" if suite.topology else "") + "'"
@@ -324,24 +342,32 @@ def check_roles(suite: Suite, topo: Topology, state: State, roles: Roles) -> Non
         if name not in state.vms:
             raise BenchError(f"VM {name} is not running; {up} starts the topology")
     host = {name: state.vms[name].host for name in names}
-    if host[pair[0]] != host[pair[1]]:
-        raise BenchError(f"the pair {pair[0]}, {pair[1]} is not co-resident "
-                         f"(hosts {host[pair[0]]}, {host[pair[1]]})")
-    if "mix" in suite.paths and cross[0] != pair[0]:
-        raise BenchError(f"the cross pair must start at the pair's client {pair[0]} "
-                         f"(the mixture streams from it), not {cross[0]}")
-    if host[cross[0]] == host[cross[1]]:
-        raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host "
-                         f"{host[cross[0]]}; it must span two hosts")
-    if plain is not None:
-        if {*plain} & {*pair, *cross} or plain[0] == plain[1]:
-            raise BenchError(f"the no-driver pair {plain[0]}, {plain[1]} must be two VMs of "
-                             "its own, apart from the pair and the cross pair")
-        if (host[plain[0]], host[plain[1]]) != (host[cross[0]], host[cross[1]]):
-            raise BenchError(
-                f"the no-driver pair {plain[0]} (host {host[plain[0]]}) -> {plain[1]} (host "
-                f"{host[plain[1]]}) must be placed like the cross pair ({host[cross[0]]} -> "
-                f"{host[cross[1]]})")
+    pairs = [roles[r] for r in suite.roles if r in PAIR_ROLES]
+    for a, b in pairs:
+        if host[a] != host[b]:
+            raise BenchError(f"the pair {a}, {b} is not co-resident (hosts {host[a]}, "
+                             f"{host[b]})")
+    in_pairs = [name for p in pairs for name in p]
+    if len(pairs) > 1 and len(set(in_pairs)) != len(in_pairs):
+        raise BenchError(f"the {suite.name} suite's pairs need {len(in_pairs)} VMs, each in one "
+                         "pair; got " + ", ".join(f"{a} -> {b}" for a, b in pairs))
+    if "cross" in suite.roles:
+        cross = roles["cross"]
+        if "mix" in suite.paths and cross[0] != pair[0]:
+            raise BenchError(f"the cross pair must start at the pair's client {pair[0]} "
+                             f"(the mixture streams from it), not {cross[0]}")
+        if host[cross[0]] == host[cross[1]]:
+            raise BenchError(f"the cross pair {cross[0]}, {cross[1]} shares host "
+                             f"{host[cross[0]]}; it must span two hosts")
+        if plain is not None:
+            if {*plain} & {*pair, *cross} or plain[0] == plain[1]:
+                raise BenchError(f"the no-driver pair {plain[0]}, {plain[1]} must be two VMs "
+                                 "of its own, apart from the pair and the cross pair")
+            if (host[plain[0]], host[plain[1]]) != (host[cross[0]], host[cross[1]]):
+                raise BenchError(
+                    f"the no-driver pair {plain[0]} (host {host[plain[0]]}) -> {plain[1]} "
+                    f"(host {host[plain[1]]}) must be placed like the cross pair "
+                    f"({host[cross[0]]} -> {host[cross[1]]})")
     specs = {name: topo.vm(name) for name in names}
     if suite.min_cpus is not None:
         if len({(s.cpus, s.memory) for s in specs.values()}) != 1:
@@ -355,7 +381,9 @@ def check_roles(suite: Suite, topo: Topology, state: State, roles: Roles) -> Non
                              f"{suite.min_cpus}, the topology gives {cpus} ({up})")
     if not state.driver:
         raise BenchError("the topology was started with --no-driver: there is no ivl0")
-    for name in dict.fromkeys([*pair, *cross]):
+    for name in names:
+        if name in (plain or ()):
+            continue
         if not vms.driver_for(state, specs[name]):
             raise BenchError(f"{name} runs without the driver; the {suite.name} suite needs "
                              "it there")
@@ -379,7 +407,6 @@ def _preflight(gs: _Guests, suite: Suite, roles: Roles, workloads: tuple[str, ..
     state = gs.state
     topo = vms.topology_of(state)
     check_roles(suite, topo, state, roles)
-    pair = roles["pair"]
     plain = roles["plain"] if "plain" in suite.roles else ()
     tools = {"iperf3"}
     tools |= {"netperf"} if any(w.startswith("netperf") for w in workloads) else set()
@@ -406,13 +433,13 @@ def _preflight(gs: _Guests, suite: Suite, roles: Roles, workloads: tuple[str, ..
             raise BenchError(f"{name}: 'ethtool -S ivl0' gives no shm_tx_bytes/lower_tx_bytes "
                              f"(is ivloop.ko loaded? check its console log): "
                              f"{text.strip()[-200:]}")
-    for name in pair:
+    pairs = [roles[r] for r in suite.roles if r in PAIR_ROLES]
+    for name in (name for p in pairs for name in p):
         code, text = gs[name].status("ethtool --show-priv-flags ivl0", timeout=20)
         if code != 0 or "force-lower" not in text:
             raise BenchError(f"{name}: ivl0 has no 'force-lower' private flag: {text.strip()}")
-    for name in pair:  # a previous run may have been interrupted
-        gs[name].run(f"{paths.FORCE_LOWER} off", timeout=20)
-    for src, dst in (pair, pair[::-1]):
+        gs[name].run(f"{paths.FORCE_LOWER} off", timeout=20)  # an interrupted run's
+    for src, dst in [way for p in pairs for way in (p, p[::-1])]:
         try:
             paths.wait_peer(gs[src], topo.vm(dst).mac, shm=True, timeout=60)
         except GuestError as exc:
@@ -453,7 +480,7 @@ def _wait_listening(g: Guest, name: str, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def _set_on(gs: _Guests, names: tuple[str, str], on: str, off: str | dict[str, str],
+def _set_on(gs: _Guests, names: tuple[str, ...], on: str, off: str | dict[str, str],
             what: str) -> Iterator[None]:
     """Run *on* in each guest of *names*; *off* (or each guest's own, from a dict)
     afterwards, whatever happened."""
@@ -472,13 +499,13 @@ def _set_on(gs: _Guests, names: tuple[str, str], on: str, off: str | dict[str, s
 Setting = contextlib.AbstractContextManager[None]
 
 
-def _busy_poll(gs: _Guests, names: tuple[str, str], us: int) -> Setting:
+def _busy_poll(gs: _Guests, names: tuple[str, ...], us: int) -> Setting:
     """Socket busy polling on both ends: the same sysctls for every path."""
     sysctl = "sysctl -qw net.core.busy_read={0} net.core.busy_poll={0}"
     return _set_on(gs, names, sysctl.format(us), sysctl.format(0), "busy polling")
 
 
-def _ring_poll_off(gs: _Guests, names: tuple[str, str]) -> Setting:
+def _ring_poll_off(gs: _Guests, names: tuple[str, ...]) -> Setting:
     """rx-usecs 0 on both ends (doorbells only); each guest's own value back afterwards."""
     now = {name: _poll_us(gs[name]) for name in names}
     back = {name: f"{paths.SET_POLL_US} {value}" for name, value in now.items()}
@@ -493,7 +520,7 @@ def _poll_us(g: Guest) -> int:
     return int(text)
 
 
-def _variant(gs: _Guests, workload: str, names: tuple[str, str]) -> Setting:
+def _variant(gs: _Guests, workload: str, names: tuple[str, ...]) -> Setting:
     """The guest setting a workload variant runs under (none for a plain workload)."""
     if workload.endswith(BUSY_POLL_SUFFIX):
         return _busy_poll(gs, names, BUSY_POLL_US)
@@ -502,8 +529,8 @@ def _variant(gs: _Guests, workload: str, names: tuple[str, str]) -> Setting:
     return contextlib.nullcontext()
 
 
-def _forced_lower(gs: _Guests, pair: tuple[str, str]) -> Setting:
-    return _set_on(gs, pair, f"{paths.FORCE_LOWER} on", f"{paths.FORCE_LOWER} off",
+def _forced_lower(gs: _Guests, names: tuple[str, ...]) -> Setting:
+    return _set_on(gs, names, f"{paths.FORCE_LOWER} on", f"{paths.FORCE_LOWER} off",
                    "force-lower")
 
 
@@ -538,50 +565,103 @@ def tx_counters(g: Guest, driver: bool) -> dict[str, int]:
 # one sample
 
 
+def flows_of(suite: Suite, path: str, workload: str, roles: Roles) -> list[tuple[str, str]]:
+    """(client, server) of each pair that runs a cell at once: the path's two ends, or
+    the suite's first co-resident pairs for a workload of :attr:`Suite.at_once`."""
+    return [roles[r] for r in suite.flow_roles(workload)] or [ends(path, roles)]
+
+
+def at_once(jobs: list[Callable[[], T]]) -> list[T]:
+    """Run *jobs* together, a thread each, released at one barrier; their results in order.
+
+    Every job ends before anything is raised (the first failed job's exception,
+    in the order given), so no client is left running into the next sample.
+    """
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    barrier = threading.Barrier(len(jobs))
+
+    def go(job: Callable[[], T]) -> T:
+        barrier.wait(timeout=60)
+        return job()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [pool.submit(go, job) for job in jobs]
+        concurrent.futures.wait(futures)
+    return [f.result() for f in futures]
+
+
+def _sum(values: list[dict[str, int]]) -> dict[str, int]:
+    return {k: sum(v[k] for v in values) for k in values[0]}
+
+
 def measure(gs: _Guests, path: str, workload: str, *, roles: Roles, ips: Mapping[str, str],
-            secs: int, rep: int) -> dict[str, Any]:
+            secs: int, rep: int, suite: Suite = CLASSIC) -> dict[str, Any]:
     """One sample of a cell: counters, the workload (retried once if it fails), counters.
 
-    Also how busy both guests' CPUs were: the shared path moves work from QEMU
+    Also how busy the guests' CPUs were: the shared path moves work from QEMU
     (native) into the guests (emulated under TCG), so CPU is part of the result.
-    The sample has every key a suite may record (``flow_bytes``: mix only).
+    A cell of several pairs (:attr:`Suite.at_once`) starts every pair's client
+    at once; its metrics are the sums of theirs, each pair's own in ``flows``,
+    and every client's counters must show the path.  The sample has every key
+    a suite may record (``flow_bytes``: mix only; ``flows``: several pairs only).
     """
-    client, server = ends(path, roles)
-    pair = roles["pair"]
-    g = gs[client]
+    flows = flows_of(suite, path, workload, roles)
+    base = suite.at_once[workload][0] if workload in suite.at_once else workload
+    clients = [c for c, _ in flows]
+    names = tuple(dict.fromkeys(n for f in flows for n in f))
     driver = path != "nodriver"
     error: str | None = None
-    metrics: dict[str, float] = {}
-    flows: dict[str, int] | None = None
-    lower = _forced_lower(gs, pair) if path == "lower" else contextlib.nullcontext()
-    with lower, _variant(gs, workload, (client, server)):
-        before = tx_counters(g, driver)
-        cpu_before = cpu_jiffies(g), cpu_jiffies(gs[server])
+    results: list[dict[str, float]] = []
+    mix_bytes: dict[str, int] | None = None
+    lower = _forced_lower(gs, names) if path == "lower" else contextlib.nullcontext()
+    with lower, _variant(gs, base, names):  # a variant's suffix ends its base's name
+        before = {c: tx_counters(gs[c], driver) for c in clients}
+        cpu_before = {n: cpu_jiffies(gs[n]) for n in names}
         for attempt in (1, 2):
             try:
                 if path == "mix":
-                    metrics, flows = iperf3_mix(g, ips[pair[1]], ips[roles["cross"][1]], secs)
+                    pair = roles["pair"]
+                    mixed, mix_bytes = iperf3_mix(gs[pair[0]], ips[pair[1]],
+                                                  ips[roles["cross"][1]], secs)
+                    results = [mixed]
                 else:
-                    metrics = RUNNERS[workload](g, ips[server], secs)
+                    results = at_once([functools.partial(RUNNERS[base], gs[c], ips[s], secs)
+                                       for c, s in flows])
                 error = None
                 break
-            except (GuestError, ValueError, KeyError, TypeError) as exc:
+            except (GuestError, ValueError, KeyError, TypeError,
+                    threading.BrokenBarrierError) as exc:
                 error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("%s/%s rep %d attempt %d failed: %s", path, workload, rep,
                             attempt, error)
                 time.sleep(1)
-        cpu_after = cpu_jiffies(g), cpu_jiffies(gs[server])
-        after = tx_counters(g, driver)
-    counters = {k: after[k] - before.get(k, 0) for k in after}
+        cpu_after = {n: cpu_jiffies(gs[n]) for n in names}
+        after = {c: tx_counters(gs[c], driver) for c in clients}
+    counters = {c: {k: after[c][k] - before[c].get(k, 0) for k in after[c]} for c in clients}
     if error is None:
-        error = counters_problem(path, counters, flows)
+        wrong = [(c, p) for c in clients if (p := counters_problem(path, counters[c], mix_bytes))]
+        if wrong:
+            error = "; ".join(p if len(clients) == 1 else f"{c}: {p}" for c, p in wrong)
+    busy = {n: round(busy_percent(cpu_before[n], cpu_after[n]), 1) for n in names}
+
+    def cpu(pairs: list[tuple[str, str]]) -> dict[str, float]:
+        return {"client_busy_pct": round(statistics.fmean(busy[c] for c, _ in pairs), 1),
+                "server_busy_pct": round(statistics.fmean(busy[s] for _, s in pairs), 1)}
+
+    metrics = results[0] if results else {}
     sample: dict[str, Any] = {
-        "path": path, "workload": workload, "rep": rep, "client": client, "server": server,
-        "valid": error is None, "error": error, "metrics": metrics, "counters": counters,
-        "cpu": {"client_busy_pct": round(busy_percent(cpu_before[0], cpu_after[0]), 1),
-                "server_busy_pct": round(busy_percent(cpu_before[1], cpu_after[1]), 1)}}
-    if flows is not None:
-        sample["flow_bytes"] = flows
+        "path": path, "workload": workload, "rep": rep, "client": clients[0],
+        "server": flows[0][1], "valid": error is None, "error": error, "metrics": metrics,
+        "counters": _sum(list(counters.values())), "cpu": cpu(flows)}
+    if mix_bytes is not None:
+        sample["flow_bytes"] = mix_bytes
+    if workload in suite.at_once:
+        sample["metrics"] = {m: sum(r[m] for r in results) for m in suite.workloads[workload][1]
+                             if results and all(m in r for r in results)}
+        sample["flows"] = [{"client": c, "server": s, "metrics": results[i] if results else {},
+                            "counters": counters[c], "cpu": cpu([(c, s)])}
+                           for i, (c, s) in enumerate(flows)]
     return sample
 
 
@@ -594,7 +674,9 @@ def _summary(sample: dict[str, Any]) -> str:
     for key, fmt in (("throughput_mbps", "{:.0f} Mbit/s"), ("transactions_per_s", "{:.0f} tr/s"),
                      ("lat_mean_us", "{:.0f} µs mean")):
         if key in m:
-            return fmt.format(m[key])
+            each = [f"{f['metrics'][key]:.0f}" for f in sample.get("flows", ())
+                    if key in f["metrics"]]
+            return fmt.format(m[key]) + (f" ({' + '.join(each)})" if len(each) > 1 else "")
     return "ok"
 
 
@@ -610,6 +692,7 @@ def _environment(gs: _Guests, suite: Suite, roles: Roles, secs: int) -> dict[str
     g = gs[pair[0]]
     facts: dict[str, Callable[[], object]] = {
         "accelerator": lambda: state.accel,
+        "lower_path": lambda: accel_mod.lower_path(state.accel, state.vhost_net),
         "topology": lambda: state.topology_source,
         "guest_kernel": lambda: g.run("uname -r", timeout=20).strip(),
         "guest_vcpus": lambda: topo.vm(pair[0]).cpus,
@@ -669,7 +752,9 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
         cross: tuple[str, str] = ("vm1", "vm3"), reps: int = 5, quick: bool = False,
         out_dir: Path, say: Say | None = None, with_native: bool = True,
         native_json: Path | None = None, suite: str = CLASSIC_SUITE,
-        plain: tuple[str, str] = ("vm4", "vm5")) -> Path:
+        plain: tuple[str, str] = ("vm4", "vm5"),
+        more_pairs: tuple[tuple[str, str], ...] = (("vm3", "vm4"), ("vm5", "vm6"),
+                                                   ("vm7", "vm8"))) -> Path:
     """Run *suite* on the running topology; write ``out_dir/bench.json`` and return its path.
 
     The classic suite benchmarks the three paths.  *native_json*: results of
@@ -679,6 +764,8 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
 
     *suite* ``"smp"`` runs the 2-vCPU suite instead (*plain* is its no-driver
     pair; the native benchmark is the classic suite's, not run there).
+    *suite* ``"pairs"`` runs *pair* and *more_pairs* (its second to fourth
+    co-resident pairs) 1, 2 and 4 at once.
     """
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark suite {suite!r} (suites: {', '.join(SUITES)})")
@@ -691,7 +778,8 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
     secs = 1 if quick else int(os.environ.get("IVLOOP_BENCH_SECONDS", "3"))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "bench.json"
-    roles = {"pair": pair, "cross": cross, "plain": plain}
+    roles = {"pair": pair, "cross": cross, "plain": plain,
+             **dict(zip(PAIR_ROLES[1:], more_pairs, strict=False))}
 
     gs = _Guests(sd)
     try:
@@ -714,8 +802,9 @@ def run(sd: StateDir, *, pair: tuple[str, str] = ("vm1", "vm2"),
         start = time.monotonic()
         with _sockperf_servers(gs, list(dict.fromkeys(servers)), ips):
             for rep in range(reps):
-                for path, w in cells:
-                    full = measure(gs, path, w, roles=roles, ips=ips, secs=secs, rep=rep)
+                for path, w in s.rep_cells(workloads, rep):
+                    full = measure(gs, path, w, roles=roles, ips=ips, secs=secs, rep=rep,
+                                   suite=s)
                     sample = {key: full[key] for key in s.sample if key in full}
                     doc["samples"].append(sample)
                     say(s.progress.format(rep=rep + 1, reps=reps, workload=w, path=path,

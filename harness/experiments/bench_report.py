@@ -22,12 +22,30 @@ and the smp suite's (2-vCPU guests), one sample per cell and repetition::
                   "counters": {"shm_tx_bytes": N, "lower_tx_bytes": N},
                   "flow_bytes": {"shm": N, "wire": N}, "cpu": {...}}, ...]}
 
+and the pairs suite's (1, 2 and 4 co-resident pairs at once), whose sample is
+a whole step: its metrics the sums of its pairs', each pair's own in ``flows``::
+
+    {"schema": 1, "suite": "pairs", ..., "environment": {"lower_path":
+     "virtio-net, user-space (TCG)", ...},
+     "roles": {"pair": ["vm1", "vm2"], "pair2": ["vm3", "vm4"], ...},
+     "samples": [{"path": "lower", "workload": "iperf3_tcp_1_x2", "rep": 0,
+                  "valid": true, "error": null, "metrics": {"throughput_mbps": 1500.0},
+                  "counters": {...the pairs' sums...}, "cpu": {...},
+                  "flows": [{"client": "vm1", "server": "vm2",
+                             "metrics": {"throughput_mbps": 800.0},
+                             "counters": {"shm_tx_bytes": 0, "lower_tx_bytes": N},
+                             "cpu": {...}}, {"client": "vm3", ...}]}, ...]}
+
+Every suite's environment says which lower path was measured
+(``lower_path``: virtio-net with vhost-net on KVM, user-space under TCG);
+the pairs suite requires it, the others show "not recorded" for older runs.
+
 Nothing is printed from data that fails validation: :func:`check` (for the
 suite of :mod:`harness.experiments.bench_suites` the JSON names;
-:func:`validate` and :func:`validate_smp` for one suite) raises
-:class:`BenchReportError` naming every sample and field that is wrong.  Each
-suite has its report (:func:`markdown` with :func:`charts`, :func:`smp_markdown`);
-:func:`write` picks by the suite.
+:func:`validate`, :func:`validate_smp` and :func:`validate_pairs` for one
+suite) raises :class:`BenchReportError` naming every sample and field that is
+wrong.  Each suite has its report (:func:`markdown` with :func:`charts`,
+:func:`smp_markdown`, :func:`pairs_markdown`); :func:`write` picks by the suite.
 """
 
 from __future__ import annotations
@@ -48,6 +66,10 @@ from harness.experiments.bench_suites import (
     CLASSIC,
     COST_TOLERANCE,
     NO_RING_POLL_SUFFIX,
+    PAIR_ROLES,
+    PAIRS,
+    PAIRS_RUNS,
+    PAIRS_STEPS,
     SCALING_TARGET,
     SMP,
     Cell,
@@ -58,6 +80,7 @@ from harness.experiments.bench_suites import (
 
 # The suites' names, where harness.cli reads its --suite choices.
 CLASSIC_SUITE, SMP_SUITE = bench_suites.CLASSIC_SUITE, bench_suites.SMP_SUITE
+PAIRS_SUITE = bench_suites.PAIRS_SUITE
 SUITES = bench_suites.SUITES
 
 MIN_REPS = 5  # a full (not --quick) run needs at least this many per cell
@@ -227,6 +250,11 @@ def validate_smp(data: object) -> Bench:
     return check(data, SMP)
 
 
+def validate_pairs(data: object) -> Bench:
+    """Check a pairs-suite document (parsed JSON); its valid samples, or raise."""
+    return check(data, PAIRS)
+
+
 def check(data: object, suite: Suite) -> Bench:
     """Check *data* (parsed JSON) as a run of *suite*; return its valid samples, or raise."""
     problems: list[str] = []
@@ -246,13 +274,19 @@ def check(data: object, suite: Suite) -> Bench:
     workloads = (_check_workloads(data["workloads"], suite, problems)
                  if "workloads" in suite.document else list(suite.workloads))
     roles = _check_roles(data["roles"], suite, problems) if "roles" in suite.document else {}
+    for key in suite.required_environment:
+        v = data["environment"].get(key)
+        if not isinstance(v, str) or not v:
+            problems.append(f"benchmark: environment '{key}' must be a non-empty string, "
+                            f"got {v!r}")
     duration = data.get("duration_s") if "duration_s" in suite.document else None
     if duration is not None and (not _is_number(duration) or not math.isfinite(duration)
                                  or duration < 0):
         problems.append(f"benchmark: 'duration_s' must be a non-negative number, "
                         f"got {duration!r}")
     cells = suite.cells_of(workloads)
-    samples, invalid = _check_samples(data["samples"], suite, cells, reps, problems)
+    samples, invalid = _check_samples(data["samples"], suite, cells, reps, problems,
+                                      roles=roles)
     if not problems:
         for p, w in cells:
             n = sum(1 for s in samples if s.path == p and s.workload == w)
@@ -309,7 +343,8 @@ def _check_roles(given: dict[str, Any], suite: Suite,
 
 
 def _check_samples(raw: list[Any], suite: Suite, cells: tuple[Cell, ...], reps: int,
-                   problems: list[str]) -> tuple[list[Sample], int]:
+                   problems: list[str], *,
+                   roles: Mapping[str, tuple[str, str]]) -> tuple[list[Sample], int]:
     """The valid samples, and how many the runner marked invalid."""
     samples: list[Sample] = []
     seen: set[tuple[str, str, int]] = set()
@@ -329,6 +364,8 @@ def _check_samples(raw: list[Any], suite: Suite, cells: tuple[Cell, ...], reps: 
             invalid += 1
             continue
         problem = counters_problem(s["path"], s["counters"], s.get("flow_bytes"))
+        if problem is None and s["workload"] in suite.at_once:
+            problem = _flows_problem(s, suite, roles)
         if problem:
             problems.append(f"{where}: marked valid but {problem}")
             continue
@@ -343,6 +380,45 @@ def _check_samples(raw: list[Any], suite: Suite, cells: tuple[Cell, ...], reps: 
             seen.add(key)
             samples.append(Sample(s["path"], s["workload"], s["rep"], metrics, cpu))
     return samples, invalid
+
+
+def _flows_problem(s: dict[str, Any], suite: Suite,
+                   roles: Mapping[str, tuple[str, str]]) -> str | None:
+    """Why a sample of several pairs at once does not add up (None: it does).
+
+    Its ``flows`` must be the suite's first N pairs, in order, each with
+    counters that show the sample's path on its own and the workload's
+    metrics; the sample's metrics must be their sums.
+    """
+    n = suite.at_once[s["workload"]][1]
+    flows = s.get("flows")
+    if not isinstance(flows, list) or len(flows) != n:
+        return f"'flows' must list the {n} pair(s) measured at once, got {flows!r:.200}"
+    names = suite.workloads[s["workload"]][1]
+    for i, (f, role) in enumerate(zip(flows, PAIR_ROLES, strict=False)):
+        if not isinstance(f, dict):
+            return f"flows[{i}] must be an object, got {type(f).__name__}"
+        got = (f.get("client"), f.get("server"))
+        if role in roles and got != roles[role]:
+            return (f"flows[{i}] is {got[0]} -> {got[1]}, not the pair {role} "
+                    f"({roles[role][0]} -> {roles[role][1]})")
+        counters = f.get("counters")
+        problem = (counters_problem(s["path"], counters) if isinstance(counters, dict)
+                   else "no 'counters' object")
+        if problem:
+            return f"flows[{i}] ({got[0]}): {problem}"
+        metrics = f.get("metrics")
+        bad = [m for m in names if not isinstance(metrics, dict)
+               or not _is_number(metrics.get(m)) or not math.isfinite(metrics[m])
+               or metrics[m] < 0]
+        if bad:
+            return f"flows[{i}] ({got[0]}): metric(s) {', '.join(bad)} missing or not a number"
+    for m in names:
+        total = sum(f["metrics"][m] for f in flows)
+        v = s["metrics"].get(m)
+        if not _is_number(v) or not math.isclose(v, total, rel_tol=1e-6, abs_tol=1e-6):
+            return f"metric '{m}' is {v!r}, not the sum of its pairs' ({total:g})"
+    return None
 
 
 def _cell_problem(path: str, workload: str, suite: Suite, cells: tuple[Cell, ...]) -> str | None:
@@ -491,6 +567,16 @@ def headline(b: Bench) -> dict[str, float | None]:
     return out
 
 
+def lower_path_line(env: Mapping[str, Any]) -> str:
+    """Which lower path a run measured (every suite's report says it)."""
+    lower = env.get("lower_path")
+    if not lower:
+        return "Lower path: not recorded by this run (the harness before vhost-net support)."
+    return (f"Lower path: **{lower}** (the data NIC under ivl0 and behind `force-lower`: "
+            "vhost-net where the accelerator is KVM and /dev/vhost-net opens, QEMU's own "
+            "virtio-net otherwise).")
+
+
 def markdown(b: Bench) -> str:
     """The classic suite's report: every workload's metrics on every path."""
     env = b.environment
@@ -503,6 +589,7 @@ def markdown(b: Bench) -> str:
         f"accelerator {env.get('accelerator', '?')}; guests: kernel "
         f"{env.get('guest_kernel', '?')}, {env.get('guest_vcpus', '?')} vCPU. "
         f"Run {env.get('date', '?')}.",
+        lower_path_line(env),
         "",
         f"Paths: **shm** = {env.get('pair', '?')} over the shared ring; **lower** = the same "
         f"pair with `force-lower` (virtio-net, tap, bridge); **wire** = "
@@ -782,6 +869,29 @@ def _row(b: Bench, label: str, c: Comparison, shown: tuple[Measure, Measure],
             f"| {_spread(paired(b, c.num, c.den), digits)} |")
 
 
+def _machine_line(env: Mapping[str, Any]) -> str:
+    """The host, its QEMU and accelerator, the guests' kernel and size, when and what."""
+    cpus = env.get("guest_vcpus", "?")
+    return (f"Machine: {env.get('cpu_model', '?')}, {env.get('cores', '?')} cores, "
+            f"host kernel {env.get('host_kernel', '?')}, {env.get('qemu_version', '?')}, "
+            f"accelerator {env.get('accelerator', '?')}; guests: kernel "
+            f"{env.get('guest_kernel', '?')}, {cpus} vCPU{'' if cpus == 1 else 's'}, "
+            f"{env.get('guest_memory_mib', '?')} MiB each. Run {env.get('date', '?')}"
+            + (f", commit {env['commit']}" if env.get("commit") else "") + ".")
+
+
+def _run_facts(b: Bench) -> str:
+    """Medians and sample length, what was discarded, how long it took, which driver."""
+    env = b.environment
+    return (f"median [min-max]; {env.get('seconds', '?')} s per sample"
+            + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "")
+            + (f"; {b.duration_s:.0f} s of measurement" if b.duration_s is not None else "")
+            + "." + (f" Guest ivloop.ko sha256 {env['driver_sha256']}."
+                     if env.get("driver_sha256") else "")
+            + (f" Ring poller: a {env['ring_poll_us']} µs window (ethtool rx-usecs)."
+               if "ring_poll_us" in env else ""))
+
+
 def smp_markdown(b: Bench) -> str:
     """The smp suite's report: its comparisons, each a table row and maybe a target."""
     env = b.environment
@@ -795,12 +905,8 @@ def smp_markdown(b: Bench) -> str:
     lines = [
         "## ivloop benchmark: 2-vCPU guests",
         "",
-        f"Machine: {env.get('cpu_model', '?')}, {env.get('cores', '?')} cores, "
-        f"host kernel {env.get('host_kernel', '?')}, {env.get('qemu_version', '?')}, "
-        f"accelerator {env.get('accelerator', '?')}; guests: kernel "
-        f"{env.get('guest_kernel', '?')}, {env.get('guest_vcpus', '?')} vCPUs, "
-        f"{env.get('guest_memory_mib', '?')} MiB each. Run {env.get('date', '?')}"
-        + (f", commit {env['commit']}" if env.get("commit") else "") + ".",
+        _machine_line(env),
+        lower_path_line(env),
         "",
         f"Paths: **shm** = {at(pair[0])} -> {at(pair[1])} over the shared ring; **lower** = "
         "the same pair with `force-lower` on both (virtio-net, tap, bridge); **wire** = "
@@ -809,13 +915,7 @@ def smp_markdown(b: Bench) -> str:
         "like the wire pair but booted with the driver off (`driver = false`: IP on eth0); "
         f"**mix** = {pair[0]} streaming to {pair[1]} (shm) and to {cross[1]} (wire) at once. "
         f"Every cell is measured once per repetition, in the same order, {b.reps} "
-        f"repetition(s); median [min-max]; {env.get('seconds', '?')} s per sample"
-        + (f"; {b.invalid} sample(s) discarded as invalid" if b.invalid else "")
-        + (f"; {b.duration_s:.0f} s of measurement" if b.duration_s is not None else "")
-        + "." + (f" Guest ivloop.ko sha256 {env['driver_sha256']}."
-                 if env.get("driver_sha256") else "")
-        + (f" Ring poller: a {env['ring_poll_us']} µs window (ethtool rx-usecs)."
-           if "ring_poll_us" in env else ""),
+        f"repetition(s); " + _run_facts(b),
         "Ratios are of the medians; *per repetition* gives the min-max of the same ratio "
         "taken within each repetition, whose two cells ran next to each other.",
         "",
@@ -872,28 +972,80 @@ def smp_markdown(b: Bench) -> str:
     return "\n".join(lines) + "\n"
 
 
-def smp_cpu_markdown(b: Bench) -> list[str]:
+def smp_cpu_markdown(b: Bench, whose: str = "for mix the server is the co-resident "
+                                               "receiver") -> list[str]:
     busy = cell_cpu_busy(b)
     if not busy:
         return []
     lines = ["", "### Guest CPU", "",
              "Busy % of the client / server guest (all its vCPUs, /proc/stat) during each "
-             "sample, median; for mix the server is the co-resident receiver.", "",
+             f"sample, median; {whose}.", "",
              "| path | workload | client / server busy % |", "|---|---|---:|"]
     for (p, w), (client, server) in busy.items():
         lines.append(f"| {p} | {b.suite.workloads[w][0]} | {client:.0f} / {server:.0f} |")
     return lines
 
 
+# ---------------------------------------------------------------------------
+# the pairs suite's report: shm against lower at each step (bench_suites.PAIRS_COMPARISONS)
+
+
+def pairs_markdown(b: Bench) -> str:
+    """The pairs suite's report: per step, both paths' aggregates and their ratio."""
+    env = b.environment
+    compare = _comparisons(b)
+    pairs = [b.roles[r] for r in b.suite.roles if r in PAIR_ROLES]
+    hosts = env.get("hosts", {})
+    where = {hosts.get(vm) for p in pairs for vm in p}
+    lines = [
+        "## ivloop benchmark: co-resident pairs at once",
+        "",
+        _machine_line(env),
+        lower_path_line(env),
+        "",
+        "Pairs: " + ", ".join(f"{a} -> {z}" for a, z in pairs)
+        + (f", all on host {next(iter(where))}" if len(where) == 1 and None not in where
+           else "") + ". Step N runs the first N pairs at once, every client started "
+        "together: each pair one iperf3 TCP stream, or one netperf TCP_RR connection; a "
+        "step's aggregate is the sum of its pairs' rates. **shm** = over the shared rings; "
+        "**lower** = the same pairs with `force-lower` on every guest of the step. Every "
+        "pair's own counters must show the path. Each cell is measured once per "
+        "repetition, the two paths of a step next to each other (lower first in every "
+        f"other repetition), {b.reps} repetition(s); " + _run_facts(b),
+        "shm / lower: the ratio of the medians (above 1: shm ahead); *per repetition*: "
+        "the min-max of the same ratio within each repetition.",
+    ]
+    for w, run in PAIRS_RUNS.items():
+        lines += ["", f"### {run.title} ({run.unit})", "",
+                  "| pairs at once | shm | lower | shm / lower | per repetition |",
+                  "|---:|---:|---:|---:|---:|"]
+        for n in PAIRS_STEPS:
+            c = compare[bench_suites.pairs_key(w, n)]
+            lines.append(_row(b, str(n), c, (c.num, c.den)))
+    first, last = PAIRS_STEPS[0], PAIRS_STEPS[-1]
+    growth = []
+    for w, run in PAIRS_RUNS.items():
+        one, many = bench_suites.pairs_workload(w, first), bench_suites.pairs_workload(w, last)
+        x = [comparison_value(b, Comparison("", (p, many, run.metric), (p, one, run.metric)))
+             for p in ("shm", "lower")]
+        growth.append(f"{run.short} {_ratio_text(x[0])} on shm, {_ratio_text(x[1])} on lower")
+    lines += ["", f"The aggregate at {last} pairs at once against {first}: "
+              + "; ".join(growth) + "."]
+    lines += smp_cpu_markdown(b, "the mean over the step's clients / servers")
+    return "\n".join(lines) + "\n"
+
+
 # Each suite's report: bench.md's text, and whether charts go with it (Suite.charts).
-REPORTS: dict[str, Callable[[Bench], str]] = {CLASSIC_SUITE: markdown, SMP_SUITE: smp_markdown}
+REPORTS: dict[str, Callable[[Bench], str]] = {CLASSIC_SUITE: markdown, SMP_SUITE: smp_markdown,
+                                              PAIRS_SUITE: pairs_markdown}
 
 
 def write(json_path: Path, out_dir: Path | None = None) -> list[Path]:
     """Validate *json_path*, then write bench.md (and the charts) next to it.
 
     The JSON's ``suite`` says which report: none (or "paths") the classic
-    shm / lower / wire table with its charts, "smp" the 2-vCPU rows.
+    shm / lower / wire table with its charts, "smp" the 2-vCPU rows, "pairs"
+    the steps of co-resident pairs at once.
     """
     data = read_json(json_path)
     name = data.get("suite", CLASSIC_SUITE) if isinstance(data, dict) else CLASSIC_SUITE

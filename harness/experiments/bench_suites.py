@@ -10,8 +10,12 @@ know about a suite is its :class:`Suite` here.
 * ``smp`` (:data:`SMP`, on ``harness/topologies/bench-smp.toml``): 2-vCPU
   guests, fixed cells: 1 against 4 streams on shm and lower, the cross-host
   pair through ivl0 against a pair booted without the driver, and a mixture.
+* ``pairs`` (:data:`PAIRS`, on ``harness/topologies/many.toml``): 1, 2 and 4
+  co-resident pairs streaming at once, shm against lower at each step; a
+  sample is the whole step, its metrics the sums of its pairs'.
 
-Paths: shm and lower are the co-resident pair (lower: ``force-lower`` on both);
+Paths: shm and lower are the co-resident pair (lower: ``force-lower`` on both;
+in the pairs suite the co-resident pairs of the step, ``force-lower`` on all);
 wire is the cross pair through ivl0 (the driver loaded, nothing to
 accelerate); nodriver is a second pair placed like the cross pair but booted
 without the driver (eth0, counted from eth0's own statistics); mix is the
@@ -21,11 +25,13 @@ pair's client streaming to its co-resident peer and across hosts at once.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 SCHEMA = 1
 CLASSIC_SUITE = "paths"  # shm / lower / wire over many workloads; no "suite" key in its JSON
 SMP_SUITE = "smp"
+PAIRS_SUITE = "pairs"
 
 Cell = tuple[str, str]  # (path, workload): what one sample measures
 Measure = tuple[str, str, str]  # (path, workload, metric)
@@ -35,6 +41,9 @@ Workloads = Mapping[str, tuple[str, tuple[str, ...]]]  # name -> (description, m
 # from the pair's client to its peer and to the cross pair's server at once.
 PATH_ROLES = {"shm": "pair", "lower": "pair", "mix": "pair", "wire": "cross",
               "nodriver": "plain"}
+# The roles that are co-resident pairs (shm and lower run between their VMs):
+# "pair" in every suite, the others the pairs suite's second to fourth pairs.
+PAIR_ROLES = ("pair", "pair2", "pair3", "pair4")
 
 # ---------------------------------------------------------------------------
 # the classic suite
@@ -155,6 +164,66 @@ SMP_COMPARISONS = (
 )
 
 # ---------------------------------------------------------------------------
+# the pairs suite: many co-resident pairs at once
+#
+# The 2013 measurement paper's mixture of local and remote workloads, extended
+# to many pairs: at step N the first N pairs of eight one-vCPU guests run one
+# iperf3 stream (or one netperf TCP_RR) each, all started together, on shm and
+# then on the lower path (force-lower on every guest of the step), every step
+# and path in every repetition, the two paths of a step next to each other and
+# their order swapped every other repetition.  The aggregate is the sum of the
+# pairs' rates; every pair's own counters must show the path.
+
+PAIRS_STEPS = (1, 2, 4)  # pairs at once
+
+
+class PairsRun(NamedTuple):
+    """What each pair of a step runs, and how the report shows the steps' sums."""
+
+    metric: str  # the one metric summed over the pairs
+    title: str  # the report's table
+    unit: str
+    short: str  # in the sentence comparing the last step with the first
+
+
+# workload each pair runs -> its row of tables (a variant such as
+# "netperf_tcp_rr_irq", ring polling off on every guest of the step, is one
+# more entry)
+PAIRS_RUNS = {
+    "iperf3_tcp_1": PairsRun("throughput_mbps",
+                             "Aggregate throughput: iperf3 TCP, one stream a pair", "Mbit/s",
+                             "throughput"),
+    "netperf_tcp_rr": PairsRun("transactions_per_s",
+                               "Aggregate TCP_RR: netperf, one connection a pair",
+                               "transactions/s", "TCP_RR transactions"),
+}
+PAIRS_TOPOLOGY_PATH = "harness/topologies/many.toml"  # from the repository
+
+
+def pairs_workload(base: str, n: int) -> str:
+    """The pairs suite's name for *base* run by *n* pairs at once."""
+    return f"{base}_x{n}"
+
+
+def pairs_key(base: str, n: int) -> str:
+    """The key of shm / lower for *base* at *n* pairs (``<key>_x`` in the headline)."""
+    return f"{base}_{n}pairs"
+
+
+# workload -> (the workload each pair runs, how many pairs at once)
+PAIRS_AT_ONCE = {pairs_workload(w, n): (w, n) for n in PAIRS_STEPS for w in PAIRS_RUNS}
+PAIRS_WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    name: (f"{WORKLOADS[w][0]}, {n} pair{'s' if n > 1 else ''} at once (sum)",
+           (PAIRS_RUNS[w].metric,))
+    for name, (w, n) in PAIRS_AT_ONCE.items()}
+PAIRS_CELLS: tuple[Cell, ...] = tuple(
+    (p, name) for name in PAIRS_AT_ONCE for p in ("shm", "lower"))
+PAIRS_COMPARISONS = tuple(
+    Comparison(pairs_key(w, n), ("shm", pairs_workload(w, n), m),
+               ("lower", pairs_workload(w, n), m))
+    for w, (m, *_) in PAIRS_RUNS.items() for n in PAIRS_STEPS)
+
+# ---------------------------------------------------------------------------
 # the suites
 
 
@@ -186,6 +255,13 @@ class Suite:
     progress: str = ""
     versus: tuple[str, ...] = ()  # per row: how many times better shm is than these paths
     comparisons: tuple[Comparison, ...] = ()  # ratios between cells, with their targets
+    # workload -> (the workload each pair runs, how many pairs run it at once:
+    # the suite's first co-resident pairs); a workload not here runs on one pair.
+    at_once: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    # Odd repetitions measure each two neighbouring cells the other way round.
+    alternate: bool = False
+    # Environment keys its JSON must have (older runs of the other suites lack some).
+    required_environment: tuple[str, ...] = ()
 
     @property
     def tagged(self) -> bool:
@@ -199,10 +275,21 @@ class Suite:
         return tuple(self.workloads)
 
     def cells_of(self, workloads: Sequence[str]) -> tuple[Cell, ...]:
-        """A run's cells, in the order each repetition measures them."""
+        """A run's cells, in the order :meth:`rep_cells` starts from."""
         if self.cells is not None:
             return self.cells
         return tuple((p, w) for w in workloads for p in self.paths)
+
+    def rep_cells(self, workloads: Sequence[str], rep: int) -> tuple[Cell, ...]:
+        """The cells in the order repetition *rep* (from 0) measures them."""
+        cells = self.cells_of(workloads)
+        if not (self.alternate and rep % 2):
+            return cells
+        return tuple(c for i in range(0, len(cells), 2) for c in reversed(cells[i:i + 2]))
+
+    def flow_roles(self, workload: str) -> tuple[str, ...]:
+        """The co-resident pairs (roles) that run *workload* at once; () for one path's ends."""
+        return PAIR_ROLES[:self.at_once[workload][1]] if workload in self.at_once else ()
 
 
 CLASSIC = Suite(
@@ -211,9 +298,9 @@ CLASSIC = Suite(
               "samples", "native"),
     sample=("path", "workload", "rep", "client", "valid", "error", "metrics", "counters",
             "cpu"),
-    environment=("accelerator", "guest_kernel", "guest_vcpus", "guest_memory_mib", "iperf3",
-                 "pair", "cross", "seconds", "udp_rate", "sockperf_sizes", "busy_poll_us",
-                 "ring_poll_us"),
+    environment=("accelerator", "lower_path", "guest_kernel", "guest_vcpus", "guest_memory_mib",
+                 "iperf3", "pair", "cross", "seconds", "udp_rate", "sockperf_sizes",
+                 "busy_poll_us", "ring_poll_us"),
     workloads=WORKLOADS, paths=PATHS, roles=("pair", "cross"),
     quick_workloads=QUICK_WORKLOADS, charts=True,
     progress="rep {rep}/{reps} {workload:<18} {path:<5} {summary}",
@@ -226,13 +313,30 @@ SMP = Suite(
               "samples", "duration_s"),
     sample=("path", "workload", "rep", "client", "server", "valid", "error", "metrics",
             "counters", "cpu", "flow_bytes"),
-    environment=("accelerator", "topology", "guest_kernel", "guest_vcpus", "guest_memory_mib",
-                 "iperf3", "driver_sha256", "ring_poll_us", "hosts", "seconds"),
+    environment=("accelerator", "lower_path", "topology", "guest_kernel", "guest_vcpus",
+                 "guest_memory_mib", "iperf3", "driver_sha256", "ring_poll_us", "hosts",
+                 "seconds"),
     workloads=SMP_WORKLOADS, paths=SMP_PATHS, roles=SMP_ROLES, cells=SMP_CELLS,
     topology=SMP_TOPOLOGY_PATH, min_cpus=SMP_MIN_CPUS, paired_reps=True,
     progress="rep {rep}/{reps} {workload:<15} {path:<8} {summary}",
     comparisons=SMP_COMPARISONS,
 )  # fmt: skip
 
-BY_NAME = {s.name: s for s in (CLASSIC, SMP)}
+PAIRS = Suite(
+    name=PAIRS_SUITE, schema=1,
+    document=("schema", "suite", "reps", "quick", "seconds", "environment", "roles", "cells",
+              "samples", "duration_s"),
+    sample=("path", "workload", "rep", "valid", "error", "metrics", "counters", "cpu",
+            "flows"),
+    environment=("accelerator", "lower_path", "topology", "guest_kernel", "guest_vcpus",
+                 "guest_memory_mib", "iperf3", "driver_sha256", "ring_poll_us", "hosts",
+                 "seconds"),
+    workloads=PAIRS_WORKLOADS, paths=("shm", "lower"), roles=PAIR_ROLES, cells=PAIRS_CELLS,
+    topology=PAIRS_TOPOLOGY_PATH, min_cpus=1, paired_reps=True,
+    progress="rep {rep}/{reps} {workload:<20} {path:<5} {summary}",
+    comparisons=PAIRS_COMPARISONS, at_once=PAIRS_AT_ONCE, alternate=True,
+    required_environment=("accelerator", "lower_path"),
+)  # fmt: skip
+
+BY_NAME = {s.name: s for s in (CLASSIC, SMP, PAIRS)}
 SUITES = tuple(BY_NAME)  # `harness bench --suite` choices, the default first

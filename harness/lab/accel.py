@@ -29,6 +29,7 @@ TCG_RAM_PAD_KIB = 8  # QEMU rounds guest RAM to 8 KiB; see Choice.memory_arg
 TCG_DIRTY_WORD_BYTES = 64 * 4096  # one word of QEMU's dirty bitmap
 FSRM_IN_TCG_MAX = Version(8, 0)  # see Choice.qemu_args_for
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "ivloop/accel.json"
+VHOST_NET = "/dev/vhost-net"
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,36 @@ class Choice:
 
     def _needs_ram_padding(self, qemu: Binary | None) -> bool:
         return self.accel != "kvm" and (qemu is None or qemu.tcg_loses_dirty_writes)
+
+    def vhost_net(self, device_usable: bool) -> bool:
+        """Whether the data NIC's tap gets ``vhost=on`` (libvirt: ``<driver name='vhost'/>``).
+
+        What users run on a KVM host is virtio-net with vhost-net: the
+        host kernel moves the frames, not QEMU's main loop, so the lower
+        path ivloop is measured against must be that one where it can be.
+        vhost-net needs KVM (its ioeventfds and irqfds are KVM's) and a
+        /dev/vhost-net this user can open (*device_usable*,
+        :func:`vhost_net_usable`); otherwise QEMU's own user-space virtio-net.
+        """
+        return self.accel == "kvm" and device_usable
+
+
+def vhost_net_usable(dev: str = VHOST_NET) -> bool:
+    """Whether *dev* opens read-write, as QEMU opens it for ``vhost=on``."""
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def lower_path(accel: str, vhost: bool) -> str:
+    """What the lower path (the data NIC: virtio-net on a tap) is, for reports."""
+    if vhost:
+        return f"virtio-net, vhost-net ({accel.upper()})"
+    why = " without a usable /dev/vhost-net" if accel == "kvm" else ""
+    return f"virtio-net, user-space ({(accel or '?').upper()}{why})"
 
 
 def decide(facts: Facts, forced: str | None = None) -> Choice:

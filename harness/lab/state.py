@@ -87,6 +87,10 @@ class State:
     topology: dict[str, Any]
     topology_source: str
     accel: str = ""
+    # The data NICs' taps run vhost-net (accel.Choice.vhost_net, decided at
+    # `harness up`: KVM and a usable /dev/vhost-net); False in a state
+    # written by an older harness, which never asked for it.
+    vhost_net: bool = False
     driver: bool = True  # guests stack ivl0 (ivloop.ko) on their data NIC
     # The QEMU binary every VM of the topology runs (chosen at `harness up`:
     # --qemu, $IVLOOP_QEMU or PATH) and its `--version` line when it was
@@ -123,6 +127,7 @@ class State:
             topology=raw["topology"],
             topology_source=raw.get("topology_source", ""),
             accel=raw.get("accel", ""),
+            vhost_net=bool(raw.get("vhost_net", False)),
             driver=bool(raw.get("driver", True)),
             qemu=str(raw.get("qemu", "")),
             qemu_banner=str(raw.get("qemu_banner", "")),

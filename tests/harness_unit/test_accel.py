@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from harness.errors import AccelError
-from harness.lab.accel import Choice, Facts, decide
+from harness.lab.accel import Choice, Facts, decide, lower_path, vhost_net_usable
 
 GOOD = Facts(kvm_usable=True, pvm_host=False, probe_booted=True)
 
@@ -51,3 +54,42 @@ def test_tcg_guest_ram_is_not_a_multiple_of_64_pages() -> None:
     kib = int(Choice("tcg", "test").memory_arg(256).removesuffix("K"))
     assert kib * 1024 % (64 * 4096) != 0 and kib % 8 == 0 and kib >= 256 * 1024
     assert Choice("kvm", "test").memory_arg(256) == "256M"
+
+
+# ---------------------------------------------------------------------------
+# the lower path: vhost-net on KVM where /dev/vhost-net opens
+
+
+@pytest.fixture
+def vhost_dev(tmp_path: Path) -> str:
+    """A stand-in for /dev/vhost-net that opens read-write."""
+    dev = tmp_path / "vhost-net"
+    dev.touch(mode=0o600)
+    return str(dev)
+
+
+def test_kvm_with_a_vhost_device_runs_vhost_net(vhost_dev: str) -> None:
+    assert vhost_net_usable(vhost_dev)
+    assert Choice("kvm", "test").vhost_net(vhost_net_usable(vhost_dev)) is True
+
+
+def test_tcg_never_runs_vhost_net(vhost_dev: str) -> None:
+    # vhost-net's doorbells and interrupts are KVM's ioeventfds and irqfds
+    assert Choice("tcg", "test").vhost_net(vhost_net_usable(vhost_dev)) is False
+
+
+def test_kvm_without_a_vhost_device_stays_in_user_space(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-vhost-net")
+    assert not vhost_net_usable(missing)
+    assert Choice("kvm", "test").vhost_net(vhost_net_usable(missing)) is False
+    unreadable = tmp_path / "ro"
+    unreadable.touch(mode=0o400)
+    if os.geteuid() != 0:  # root opens it anyway
+        assert not vhost_net_usable(str(unreadable))
+
+
+def test_the_lower_path_says_what_it_is() -> None:
+    assert lower_path("kvm", True) == "virtio-net, vhost-net (KVM)"
+    assert lower_path("tcg", False) == "virtio-net, user-space (TCG)"
+    assert lower_path("kvm", False) == (
+        "virtio-net, user-space (KVM without a usable /dev/vhost-net)")

@@ -190,7 +190,8 @@ def test_write_dispatches_on_the_suite(tmp_path: Path) -> None:
     assert written == [tmp_path / "bench.md"]
     assert "### Parallel streams (iperf3 TCP)" in written[0].read_text()
     js.write_text(json.dumps({**synthetic(), "suite": "numa"}))
-    with pytest.raises(BenchReportError, match="unknown suite 'numa' \\(suites: paths, smp\\)"):
+    with pytest.raises(BenchReportError,
+                       match="unknown suite 'numa' \\(suites: paths, smp, pairs\\)"):
         bench_report.write(js)
 
 

@@ -93,6 +93,16 @@ def test_kvm_gets_host_cpu_and_plain_ram(tmp_path: Path) -> None:
     assert "-m" not in domain.parse(ET.tostring(root, encoding="unicode")).qemu_args
 
 
+@pytest.mark.parametrize(("accel", "vhost", "driver"), [
+    ("kvm", True, "vhost"), ("kvm", False, "qemu"), ("tcg", False, "qemu")])
+def test_the_data_nic_names_its_backend(tmp_path: Path, accel: str, vhost: bool,
+                                        driver: str) -> None:
+    """Said either way: on KVM libvirt would take vhost-net by itself whenever it can."""
+    xml = domain.render(spec(tmp_path, accel=accel, vhost_net=vhost))
+    assert domain.parse(xml).data_driver == driver
+    assert not [a for a in domain.parse(xml).qemu_args if "vhost" in a]
+
+
 def test_tcg_cpu_is_max_without_erms(tmp_path: Path) -> None:
     cpu = ET.fromstring(domain.render(spec(tmp_path))).find("cpu")
     assert cpu is not None and cpu.get("mode") == "maximum"

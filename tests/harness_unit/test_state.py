@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,17 @@ def test_state_round_trips_through_json(tmp_path: Path) -> None:
         again = sd.load()
     assert again == state
     assert again.vms["vm1"].status is VMStatus.RUNNING
+
+
+def test_vhost_net_is_recorded_and_absent_in_older_states(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "s")
+    with sd:
+        sd.save(State(instance=sd.instance, topology={}, topology_source="t", accel="kvm",
+                      vhost_net=True))
+        assert sd.load().vhost_net is True
+    older = json.loads(State(instance="x", topology={}, topology_source="t").to_json())
+    del older["vhost_net"]  # a state written before the harness asked for vhost-net
+    assert State.from_json(json.dumps(older)).vhost_net is False
 
 
 def test_second_holder_of_the_lock_is_refused(tmp_path: Path) -> None:

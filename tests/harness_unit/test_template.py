@@ -81,3 +81,12 @@ def test_render_tells_the_guest_the_topologys_mtu(tmp_path: Path) -> None:
     # nothing of the kind without [network] mtu: the guest keeps the kernel's 1500
     assert not any(w.startswith("ivl.mtu") for w in opt(qemu.render(spec(tmp_path)),
                                                         "-append")[0].split())
+
+
+def test_the_data_nic_runs_vhost_net_only_when_asked(tmp_path: Path) -> None:
+    """accel.Choice.vhost_net decides (KVM and /dev/vhost-net); the template obeys."""
+    data = [n for n in opt(qemu.render(spec(tmp_path, vhost_net=True)), "-netdev")
+            if n.startswith("tap,")]
+    assert data == ["tap,id=data,ifname=tap-vm2,script=no,downscript=no,vhost=on"]
+    plain = [n for n in opt(qemu.render(spec(tmp_path)), "-netdev") if n.startswith("tap,")]
+    assert plain == ["tap,id=data,ifname=tap-vm2,script=no,downscript=no"]
