@@ -93,6 +93,7 @@ struct ivl_stats {
 	u64_stats_t poll_hits;		/* ... and found records before a doorbell */
 	u64_stats_t poll_starved;	/* nobody could watch: doorbells for a while */
 	u64_stats_t poll_watchdog;	/* the watchdog found the poller away */
+	u64_stats_t poll_stolen;	/* host short of cores: polling paused */
 };
 
 struct ivl_pcpu_stats {
@@ -275,6 +276,8 @@ struct ivl_priv {
 	u64 poll_rx;			/* last frames received from rings */
 	u64 poll_looked;		/* poller polled or we sent: not starved */
 	u64 poll_starved;		/* until then, kicks on whenever we yield */
+	u64 poll_stolen;		/* until then, no windows: the host is short of cores */
+	u64 poll_theft;			/* the host last took our spin (poller) */
 	bool poll_missed;		/* the last window heard nothing */
 	u32 poll_max_us;		/* ethtool rx-usecs: longest window */
 	struct hrtimer poll_watchdog;	/* frames never wait unwatched for long */

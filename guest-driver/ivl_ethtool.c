@@ -58,6 +58,7 @@ static const struct ivl_stat_desc ivl_stat_descs[] = {
 	IVL_STAT(poll_hits),
 	IVL_STAT(poll_starved),
 	IVL_STAT(poll_watchdog),
+	IVL_STAT(poll_stolen),
 };
 
 #define IVL_NR_STATS	ARRAY_SIZE(ivl_stat_descs)
