@@ -45,10 +45,10 @@
  * cores made 0.47x and 0.69x the transactions of doorbells alone).  The
  * guest cannot see the host's run queue, but it sees the result: a spin
  * iteration that lasted IVL_POLL_STOLEN_NS while no guest task, interrupt
- * or softirq ran here was the host running another vCPU.  Once is chance (a host thread
- * woke); twice within IVL_POLL_THEFT_GAP_NS is a host short of cores, and
- * then no window opens for IVL_POLL_STOLEN_HOLD_NS (poll_stolen): the
- * vCPU halts between frames, giving the core back.
+ * or softirq ran here was the host running another vCPU.  Once is chance
+ * (a host thread woke); twice within IVL_POLL_THEFT_GAP_NS is a host short
+ * of cores, and then no window opens for IVL_POLL_STOLEN_HOLD_NS
+ * (poll_stolen): the vCPU halts between frames, giving the core back.
  */
 #include <linux/kernel_stat.h>
 #include <linux/kthread.h>
