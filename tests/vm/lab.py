@@ -230,6 +230,24 @@ def parse_ping(text: str) -> PingRun:
     return PingRun(sent=int(m.group(1)), received=int(m.group(2)), rtts_ms=rtts)
 
 
+def in_ns(ns: str | None, command: str) -> str:
+    """*command* run in the guest's network namespace *ns* (None: the guest's own).
+    iproute2's ip by path: busybox's sh prefers its own applets, ip included."""
+    return command if ns is None else f"/sbin/ip netns exec {ns} {command}"
+
+
+def start_hashing_receiver(g: Guest, port: int, ns: str | None = None) -> str:
+    """nc listening on *port* in *g* (in its namespace *ns*), handing the socket
+    to sha256sum, which writes /tmp/rx-PORT.sum (busybox nc copies 1 KiB per
+    syscall; the program reads the socket itself).  Returns once it listens;
+    the value is the receiver's log, for :func:`collect`."""
+    rx = f"/tmp/rx-{port}"
+    spawn(g, in_ns(ns, f"nc -l -p {port} -e sh -c 'sha256sum > {rx}.sum'"), f"{rx}.log")
+    g.run(in_ns(ns, f"sh -c 't=0; until netstat -ltn | grep -q \":{port} \"; do sleep 0.1; "
+                    f"t=$((t + 1)); [ $t -gt 100 ] && exit 1; done; true'"))
+    return f"{rx}.log"
+
+
 def spawn(g: Guest, command: str, log: str) -> None:
     """Start *command* in *g*'s background, detached from the SSH session (it
     survives the session and a migration): stdout and stderr to *log*, its

@@ -33,6 +33,7 @@ from .lab import (
     row_deltas,
     rows_for,
     spawn,
+    start_hashing_receiver,
     topology_file,
 )
 
@@ -102,12 +103,7 @@ def start_streams(lab: Lab, pairs: list[tuple[str, str]], *, copies: int,
     stream light enough for eight guests on two cores."""
     streams = [Stream(a, b, base_port + i) for i, (a, b) in enumerate(pairs)]
     for s in streams:
-        dst = lab.guest(s.dst)
-        spawn(dst, f"nc -l -p {s.port} -e sh -c 'sha256sum > /tmp/rx-{s.port}.sum'",
-              f"/tmp/rx-{s.port}.log")
-    for s in streams:
-        lab.guest(s.dst).run(f"t=0; until netstat -ltn | grep -qw {s.port}; do sleep 0.1; "
-                             f"t=$((t + 1)); [ $t -gt 100 ] && exit 1; done; true")
+        start_hashing_receiver(lab.guest(s.dst), s.port)
     for s in streams:
         nap = f"; sleep {pause}" if pause else ""
         body = (f"n=0; while [ $n -lt {copies} ] && [ ! -e {s.stop} ]; do "

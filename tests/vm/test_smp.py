@@ -17,7 +17,15 @@ from harness.lab import paths
 from harness.lab.guest import Guest
 
 from .conftest import booted
-from .lab import Lab, collect, deltas, kernel_trouble, spawn, topology_file
+from .lab import (
+    Lab,
+    collect,
+    deltas,
+    kernel_trouble,
+    spawn,
+    start_hashing_receiver,
+    topology_file,
+)
 
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
 SECONDS = 8  # the parallel-streams run
@@ -118,10 +126,7 @@ def payload(smp: Lab) -> str:
 
 def start_transfer(lab: Lab, port: int) -> None:
     """vm2 listens and hashes; vm1 sends PAYLOAD."""
-    g2 = lab.guest("vm2")
-    spawn(g2, f"nc -l -p {port} -e sh -c 'sha256sum > /tmp/rx-{port}.sum'", f"/tmp/rx-{port}.log")
-    g2.run(f"t=0; until netstat -ltn | grep -q ':{port} '; do sleep 0.1; t=$((t + 1)); "
-           f"[ $t -gt 100 ] && exit 1; done; true")
+    start_hashing_receiver(lab.guest("vm2"), port)
     spawn(lab.guest("vm1"), f"nc {lab.ip('vm2')} {port} -e cat {PAYLOAD}", f"/tmp/tx-{port}.log")
 
 

@@ -24,7 +24,17 @@ from harness.lab import paths
 from harness.lab.guest import Guest
 
 from .conftest import booted
-from .lab import Lab, collect, deltas, kernel_trouble, parse_ping, spawn, topology_file
+from .lab import (
+    Lab,
+    collect,
+    deltas,
+    in_ns,
+    kernel_trouble,
+    parse_ping,
+    spawn,
+    start_hashing_receiver,
+    topology_file,
+)
 
 REPORT: dict[str, Any] = {}
 MTU = 9000
@@ -55,12 +65,6 @@ def no_trouble(lab: Lab) -> None:
         assert not bad, f"{vm}: {bad}"
 
 
-def in_ns(ns: str | None, command: str) -> str:
-    """*command* run in the guest's network namespace *ns* (None: the guest's own).
-    iproute2's ip by path: busybox's sh prefers its own applets, ip included."""
-    return command if ns is None else f"/sbin/ip netns exec {ns} {command}"
-
-
 def ping(g: Guest, dst: str, *, count: int = 10, size: int = 56, ns: str | None = None,
          six: bool = False) -> int:
     """Echo requests lost out of *count*."""
@@ -81,9 +85,7 @@ def transfer(src: Guest, dst: Guest, dst_ip: str, port: int, *, src_ns: str | No
     """Send *src*'s payload to *dst_ip*:*port* (nc), hash it where it lands, compare."""
     want = payload(src)
     rx = f"/tmp/rx-{port}"
-    spawn(dst, in_ns(dst_ns, f"nc -l -p {port} -e sh -c 'sha256sum > {rx}.sum'"), f"{rx}.log")
-    dst.run(in_ns(dst_ns, f"sh -c 't=0; until netstat -ltn | grep -qw {port}; do sleep 0.1; "
-                          f"t=$((t + 1)); [ $t -gt 100 ] && exit 1; done; true'"))
+    start_hashing_receiver(dst, port, dst_ns)
     spawn(src, in_ns(src_ns, f"nc {dst_ip} {port} -e cat {PAYLOAD}"), f"/tmp/tx-{port}.log")
     code, out = collect(src, f"/tmp/tx-{port}.log", timeout=300)
     assert code == 0, f"{src.vm}: sender failed: {out}"
