@@ -98,9 +98,9 @@ class Binary:
     Version-dependent workarounds ask it: the TCG RAM padding applies below
     9.0 only (:attr:`tcg_loses_dirty_writes`).  The ivshmem workarounds apply
     on every version, since the code they avoid is unchanged upstream
-    (``hw/misc/ivshmem-pci.c``): peer IDs are never reused and "peer left"
-    messages are not sent (ivloop-server), and the fds an unplug frees are
-    parked (harness.backends.qmp.unplug_ivshmem).
+    (``hw/misc/ivshmem-pci.c``): "peer left" messages are not sent and a
+    departed peer's ID is handed on only with its eventfds (ivloop-server),
+    and the fds an unplug frees are parked (harness.backends.qmp.unplug_ivshmem).
     """
 
     path: str  # absolute, or a bare name found on PATH made absolute

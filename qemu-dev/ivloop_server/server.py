@@ -12,13 +12,26 @@ setup fails).
 Each peer has two numbers:
 
 - its QEMU peer ID, what the protocol sends and the guest reads as its
-  IVPosition.  IDs are given out in increasing order, 0, 1, 2..., and
-  never twice while the server runs: QEMU's ivshmem (7.2 to 10.0, and
-  upstream's hw/misc/ivshmem-pci.c) frees a departed peer's eventfd
-  array without resetting it (``close_peer_eventfds``) and writes a
-  returning ID's eventfds into that freed memory, corrupting its heap.
-  QEMU takes IDs up to 65535; once they are used up, new connections are
-  refused (restart the server to start again from 0).
+  IVPosition.  A QEMU is never told that a peer left (see
+  ``ServerConfig.leave_notices``), so it keeps that peer's eventfds in
+  its table under the departed ID for as long as it runs, and it takes no
+  new eventfds for an ID it already has (``process_msg_connect``: "Too
+  many eventfd received").  An ID is therefore handed on together with its
+  eventfds: when a QEMU hangs up, its ID and the server's copies of its
+  eventfds are parked, and the next joiner gets the lowest parked ID with
+  those same eventfds (drained).  Members that were told of the ID
+  already hold them and are sent nothing; only those that never were get
+  the connect messages.  So every QEMU holds at most ``vectors`` eventfds
+  per ID, and the IDs in use never exceed the most members the region has
+  had at once: a QEMU on a host with churn stays within its fd limit.
+  Only an ID whose QEMU hung up itself is parked -- a QEMU closes its
+  socket only when its device goes (and with it the eventfds) or its
+  process exits.  One the server cut off (evicted, not reading its
+  socket, misbehaving) may still hold its eventfds and read its own
+  doorbells, so its ID is retired: the server closes its copies and never
+  gives that ID out again.  New IDs count up from 0; QEMU takes IDs up to
+  65535, and once they are used up (only retired IDs use them up), new
+  connections are refused until the server restarts.
 - its directory slot, its index in the region's directory and ring
   matrix: the lowest free one.  A slot stays taken until its peer is GONE,
   that is until its leave is written to the directory and announced to
@@ -59,6 +72,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -104,6 +118,8 @@ SETUP_MSG_TRUESIZE: Final = 1024
 SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
 #: One WARNING when only this many QEMU peer IDs are left.
 _IDS_LOW_WATER: Final = 1000
+#: Errors that mean the other end closed its socket.
+_HANG_UPS: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 
 
 class Runstate(enum.Enum):
@@ -164,10 +180,12 @@ class ServerConfig:
     #: Send QEMU's "peer N left" message (an ID without an fd) on a leave.
     #: Off by default: QEMU's ivshmem (every version, upstream's too) frees the departed
     #: peer's eventfd array on that message and frees it again when its own
-    #: device is unplugged -- a double free that kills the QEMU.  Guests learn
-    #: of leaves from the directory and the vector-0 doorbell instead; the
-    #: price is that each QEMU keeps two stale eventfds per departed peer
-    #: (IDs are never reused, so they are never confused with a new peer).
+    #: device is unplugged -- a double free that kills the QEMU -- and writes
+    #: a returning ID's eventfds into the freed array.  Guests learn of
+    #: leaves from the directory and the vector-0 doorbell instead; each QEMU
+    #: keeps a departed peer's eventfds, and the server hands that ID on with
+    #: those same eventfds (see the module docstring).  With notices on,
+    #: IDs are never given out twice.
     leave_notices: bool = False
     #: QEMU -name -> data-NIC MAC (6 bytes), the operator's --nic-macs map.
     nic_macs: Mapping[str, bytes] = field(default_factory=dict)
@@ -262,6 +280,9 @@ class Peer:
         self.state = PeerState.JOINING
         #: IDs this peer's QEMU has been told about and not yet told are gone.
         self.known: set[int] = set()
+        #: The other end closed the connection (EOF, reset, broken pipe): a
+        #: QEMU does that only when its device or its process goes.
+        self.hung_up = False
         self.log = log.getChild(f"peer{peer_id}")
         self._reading = False
         #: What the server learned about this peer's QEMU, and its data-NIC MAC.
@@ -294,18 +315,22 @@ class Peer:
     def forget_log(self) -> None:
         """Drop this peer's logger from logging's registry (it would stay there forever).
 
-        IDs are never reused, so a long-lived server would keep one logger
-        per QEMU that ever joined (about 0.6 KiB each, 38 MiB over the ID
-        space); the Peer's own reference keeps working for late messages.
+        A long-lived server would keep one logger per QEMU that ever joined
+        (about 0.6 KiB each); the Peer's own reference keeps working for
+        late messages.
         """
         logging.Logger.manager.loggerDict.pop(self.log.name, None)
 
     def close(self) -> None:
         """Close the connection and the server's copies of the eventfds."""
         self.sock.close()
-        vectors, self.vectors = self.vectors, []
-        for fd in vectors:
+        for fd in self.take_vectors():
             os.close(fd)
+
+    def take_vectors(self) -> list[int]:
+        """The server's copies of the eventfds, which this peer no longer owns."""
+        vectors, self.vectors = self.vectors, []
+        return vectors
 
 
 def _peer_pid(sock: socket.socket) -> int:
@@ -417,8 +442,11 @@ class IvshmemServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Connected peers by QEMU peer ID.
         self._peers: dict[int, Peer] = {}
-        #: The next QEMU peer ID to give out; IDs are never given out twice.
+        #: The next new QEMU peer ID (one no QEMU has seen yet).
         self._next_id = config.first_peer_id
+        #: IDs whose QEMU hung up, with the server's copies of their
+        #: eventfds, which every QEMU told of the ID still holds.
+        self._parked: dict[int, list[int]] = {}
         self._doomed: dict[int, tuple[Peer, str, int]] = {}
         #: Connections refused because no peer ID is left (ERROR once, then WARNING).
         self._exhausted_refusals = 0
@@ -456,7 +484,11 @@ class IvshmemServer:
     @property
     def next_peer_id(self) -> int:
         """The QEMU peer ID the next client will get (above MAX_PEER_ID: none)."""
-        return self._next_id
+        return min(self._parked, default=self._next_id)
+
+    def parked_ids(self) -> list[int]:
+        """IDs free to be handed on with their eventfds, lowest first."""
+        return sorted(self._parked)
 
     # -- lifecycle ------------------------------------------------------
 
@@ -552,6 +584,10 @@ class IvshmemServer:
     def _teardown(self) -> None:
         for fd in list(self._refused):
             self._close_refused(fd)
+        for vectors in self._parked.values():
+            for fd in vectors:
+                os.close(fd)
+        self._parked.clear()
         if self._police_handle is not None:
             self._police_handle.cancel()
             self._police_handle = None
@@ -705,8 +741,9 @@ class IvshmemServer:
         if self._exhausted_refusals == 1:
             reason = (
                 f"QEMU peer IDs are used up: all {first} IDs up to {MAX_PEER_ID} have been "
-                "given out and an ID cannot be given out twice (QEMU's ivshmem cannot take "
-                "one back); members keep working, but no new QEMU can join until the server "
+                "given out and none is free to hand on (QEMU's ivshmem cannot take an ID "
+                "back: IDs of QEMUs the server cut off, or any with --leave-notices, are "
+                "retired); members keep working, but no new QEMU can join until the server "
                 "restarts: restart the server and re-plug every VM of this host "
                 "(ivloop-libvirt server-restart, or harness server-restart HOST)"
             )
@@ -743,8 +780,8 @@ class IvshmemServer:
 
     @property
     def peer_ids_left(self) -> int:
-        """How many more QEMUs can join before the server must restart."""
-        return max(MAX_PEER_ID + 1 - self._next_id, 0)
+        """IDs that can still be given out: new ones, and parked ones to hand on."""
+        return max(MAX_PEER_ID + 1 - self._next_id, 0) + len(self._parked)
 
     def _size_send_buffer(self, conn: socket.socket) -> None:
         """Room in *conn*'s send buffer for the whole setup, sent at once.
@@ -771,7 +808,7 @@ class IvshmemServer:
         conn.setblocking(False)
         self._size_send_buffer(conn)
         pid = _peer_pid(conn)
-        if self._next_id > MAX_PEER_ID:
+        if self._next_id > MAX_PEER_ID and not self._parked:
             self._refuse_exhausted(conn, pid)
             return
         slot = self._free_slot()
@@ -781,19 +818,18 @@ class IvshmemServer:
         identity = self._identify(pid)
         if self._held_off(conn, identity):
             return
-        vectors: list[int] = []
-        try:
-            for _ in range(self.config.vectors):
-                vectors.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-        except OSError as exc:
-            for fd in vectors:
-                os.close(fd)
-            self._refuse(conn, pid, f"cannot create eventfds: {exc.strerror}")
-            return
-
-        # The ID is spent from here on, even if the setup below fails.
-        peer_id = self._next_id
-        self._next_id += 1
+        if self._parked:
+            peer_id = min(self._parked)
+            vectors = self._unpark(peer_id)
+        else:
+            try:
+                vectors = self._new_vectors()
+            except OSError as exc:
+                self._refuse(conn, pid, f"cannot create eventfds: {exc.strerror}")
+                return
+            # The ID is spent from here on, even if the setup below fails.
+            peer_id = self._next_id
+            self._next_id += 1
         peer = Peer(peer_id, slot, conn, vectors, pid, identity=identity)
         others = self._live_peers()
         self._peers[peer_id] = peer
@@ -801,13 +837,15 @@ class IvshmemServer:
         region.zero_rings_of(slot)
         generation = region.mark_present(slot, peer_id, identity.mac)
         peer.join_generation = generation
+        handed_on = sum(peer_id in o.known for o in others)
         peer.log.info(
-            "peer %d joined in slot %d (pid %d, QEMU %s, generation %d)",
+            "peer %d joined in slot %d (pid %d, QEMU %s, generation %d%s)",
             peer_id,
             slot,
             pid,
             peer.qemu_name,
             generation,
+            f", ID handed on: {handed_on} peers hold its eventfds already" if handed_on else "",
             extra={
                 "event": "join",
                 "peer": peer_id,
@@ -816,6 +854,7 @@ class IvshmemServer:
                 "qemu_name": identity.name,
                 "generation": generation,
                 "nr_present": len(self._peers),
+                "handed_on": handed_on,
             },
         )
         self._log_identity(peer)
@@ -828,6 +867,10 @@ class IvshmemServer:
         peer.known.update(o.id for o in others)
         peer.known.add(peer_id)
         for other in others:
+            # Those told of this ID before hold these very eventfds (and
+            # QEMU would refuse a second set).
+            if peer_id in other.known:
+                continue
             if self._send_all(other, protocol.join_messages(peer_id, vectors)):
                 other.known.add(peer_id)
         peer.transition(PeerState.ACTIVE)
@@ -837,12 +880,54 @@ class IvshmemServer:
         self._warn_ids_low()
         self._changed()
 
+    def _new_vectors(self) -> list[int]:
+        vectors: list[int] = []
+        try:
+            for _ in range(self.config.vectors):
+                vectors.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        except OSError:
+            for fd in vectors:
+                os.close(fd)
+            raise
+        return vectors
+
+    def _unpark(self, peer_id: int) -> list[int]:
+        """Take parked ``peer_id``'s eventfds for a new member, emptied of doorbells
+        rung for the one that left."""
+        vectors = self._parked.pop(peer_id)
+        # Poll before reading: O_NONBLOCK belongs to the open file, which
+        # every QEMU shares, and QEMU's char-socket makes received fds
+        # blocking.  Nobody else reads a parked eventfd.
+        poller = select.poll()
+        for fd in vectors:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(0):
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+        return vectors
+
+    def _park_or_retire(self, peer: Peer) -> None:
+        """After ``peer``'s leave: park its ID with its eventfds, or retire both.
+
+        Only a QEMU that hung up itself has let go of its eventfds; with
+        leave notices, QEMU frees its copies and cannot take the ID again.
+        """
+        vectors = peer.take_vectors()
+        if peer.hung_up and not self.config.leave_notices and len(vectors) == self.config.vectors:
+            self._parked[peer.id] = vectors
+            return
+        for fd in vectors:
+            os.close(fd)
+
     def _warn_ids_low(self) -> None:
+        if self._parked:
+            return
         left = self.peer_ids_left
-        if left in (_IDS_LOW_WATER, 0):  # each is crossed once: IDs only count up
+        if left in (_IDS_LOW_WATER, 0):  # each is crossed once: new IDs only count up
             log.warning(
-                "%d QEMU peer IDs left (IDs are never reused); when none are left, new QEMUs "
-                "are refused: restart the server and re-plug its VMs at a quiet moment",
+                "%d QEMU peer IDs left (IDs of QEMUs the server cut off are never given out "
+                "again); when none are left, new QEMUs are refused: restart the server and "
+                "re-plug its VMs at a quiet moment",
                 left, extra={"event": "ids_low", "ids_left": left},
             )  # fmt: skip
 
@@ -865,6 +950,7 @@ class IvshmemServer:
             self._doom(peer, "not reading its socket (send buffer full)", logging.WARNING)
             return False
         except OSError as exc:
+            peer.hung_up = exc.errno in _HANG_UPS
             self._doom(peer, f"send failed: {exc.strerror or exc}", logging.WARNING)
             return False
         return True
@@ -887,6 +973,7 @@ class IvshmemServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            peer.hung_up = exc.errno in _HANG_UPS
             self._doom(peer, f"connection error: {exc.strerror or exc}", logging.INFO)
         else:
             if data:
@@ -896,6 +983,7 @@ class IvshmemServer:
                     logging.WARNING,
                 )
             else:
+                peer.hung_up = True
                 self._doom(peer, "disconnected", logging.INFO)
         self._reap()
 
@@ -924,6 +1012,7 @@ class IvshmemServer:
         notified = (self._announce_leave(peer.id, self._live_peers())
                     if self.config.leave_notices else 0)
         self._ring_membership(exclude=peer)
+        self._park_or_retire(peer)
         peer.close()
         peer.transition(PeerState.GONE)
         del self._peers[peer.id]

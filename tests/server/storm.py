@@ -219,7 +219,7 @@ def assert_log_agrees(house: House) -> None:
     dropped = [r for r in records if r.get("event") == "leave" and "not reading" in r["reason"]]
     assert dropped == [], "the server dropped members that read all their messages"
     events = Counter(r.get("event") for r in records)
-    assert events["join"] == events["leave"] == house.next_id
+    assert events["join"] == events["leave"] == house.admitted
     assert events["refuse"] == house.refusals
 
 
@@ -255,8 +255,12 @@ class House:
         self.leave_notices = leave_notices
         self.fakes: dict[int, FakeQemu] = {}  # QEMU peer ID -> its protocol client
         self.slot_of: dict[int, int] = {}  # every member's QEMU peer ID -> directory slot
-        self.departed: set[int] = set()  # IDs admitted and gone since
-        self.next_id = 0  # IDs are given out 0, 1, 2 ..., each once
+        self.departed: set[int] = set()  # IDs admitted and gone since (some back since)
+        self.next_id = 0  # the next new ID: they count up 0, 1, 2 ...
+        # Default mode: IDs of members that hung up, which the server hands on
+        # (lowest first, before a new one) with the eventfds members kept.
+        self.parked: set[int] = set()
+        self.admitted = 0  # connections admitted (IDs given out, new or handed on)
         self.generation = 0  # the header's
         self.slot_gen = [0] * MAX_PEERS  # each slot's
         self.refusals = 0
@@ -312,12 +316,39 @@ class House:
         assert self.generation > self.slot_gen[slot], "slot generations only increase"
         self.slot_gen[slot] = self.generation
 
+    def upcoming_ids(self, count: int = 1) -> list[int]:
+        """The IDs the next ``count`` admitted connections get, in order."""
+        ids = sorted(self.parked)[:count]
+        return ids + list(range(self.next_id, self.next_id + count - len(ids)))
+
+    @property
+    def expected_id(self) -> int:
+        return self.upcoming_ids()[0]
+
+    def _spend(self, peer_id: int) -> None:
+        """The server gave ``peer_id`` to the next connection: the lowest parked
+        ID, else the next new one (with notices: IDs are never given twice)."""
+        assert peer_id == self.expected_id, (
+            f"ID {peer_id} given out, expected {self.expected_id} (the lowest departed ID "
+            f"free to hand on, of {sorted(self.parked)}, else the next new one)"
+        )
+        if peer_id in self.parked:
+            self.parked.remove(peer_id)
+        else:
+            self.next_id += 1
+        self.admitted += 1
+
+    def _departed(self, peer_ids: Iterable[int]) -> None:
+        """Members ``peer_ids`` hung up: without notices, the server parks their IDs."""
+        self.departed.update(peer_ids)
+        if not self.leave_notices:
+            self.parked.update(peer_ids)
+
     def _admitted(self, peer_id: int, slot: int) -> None:
-        """The server admitted the next connection: ``peer_id`` (the next ID) in ``slot``
-        (the lowest free one), with the next generation."""
-        assert peer_id == self.next_id, "IDs are given out in order, never twice"
+        """The server admitted the next connection: ``peer_id`` (see :meth:`_spend`)
+        in ``slot`` (the lowest free one), with the next generation."""
+        self._spend(peer_id)
         assert slot == self.lowest_free_slot(), "a join takes the lowest free slot"
-        self.next_id += 1
         self.slot_of[peer_id] = slot
         self._bump(slot, 1)
 
@@ -417,7 +448,7 @@ class House:
         remaining member's membership doorbell rings: in the default mode
         that and the directory are all it learns of a leave.
         """
-        self.departed.update(peer_ids)
+        self._departed(peer_ids)
         first = self.generation + 1
         self.generation += len(slots)
         self.sync()
@@ -449,7 +480,7 @@ class House:
                     assert (first.value, first.fd) == (0, None), first
                     if how == "mid-peers":
                         own = client.recv()
-                        assert own.value == self.next_id, own
+                        assert own.value == self.expected_id, own
                         client.recv()  # the region
                         for _ in range(rng.randrange(2 * self.size + 2)):
                             client.recv()
@@ -461,8 +492,9 @@ class House:
                 self.refused_join()
             return
         assert slot is not None
-        self.departed.add(self.next_id)
-        self.next_id += 1
+        peer_id = self.expected_id
+        self._spend(peer_id)
+        self._departed([peer_id])
         self._bump(slot, 2)  # present, then absent again
         self.sync()
         present, _, generation = self.slot_words(slot)
@@ -584,10 +616,8 @@ class House:
                     "neither live nor departed"
                 )
                 assert client.gone == [], f"{peer_id} got leave messages (QEMU double-frees)"
-                # QEMU keeps the departed peers' eventfds; the test closes
-                # them, to stay within its own fd limit over the storm.
-                for gone in stale:
-                    client.forget(gone)
+                # Like QEMU, it keeps the departed peers' eventfds: an ID handed
+                # on comes with them, and it is sent nothing for it again.
         # The directory, through each member's own mapping of BAR2, and the
         # test's: slots, generations.
         want_dir = {slot: peer_id for peer_id, slot in self.slot_of.items()}
@@ -599,13 +629,31 @@ class House:
                     seen[slot] = half["peer_id"]
             assert seen == want_dir, f"member {peer_id} reads the directory as {seen}"
         self.check_directory()
-        # The server holds the doorbells of the live members, no other.
-        held = set(eventfd_ids(self.pid).values())
+        # Every member rings each live peer through that peer's own doorbells,
+        # including the ones it kept from an earlier holder of the same ID.
         members = self.vector_ids()
+        own = eventfd_ids("self")  # every eventfd of the test's, read once
+        for peer_id, client in self.fakes.items():
+            for other in live - {peer_id}:
+                ids = frozenset(own[fd] for fd in client.peers[other])
+                assert ids == members[other], (
+                    f"member {peer_id}'s doorbells for peer {other} are not {other}'s own"
+                )
+        # The server holds the doorbells of the live members and of the
+        # parked IDs (as members kept them), no other.
+        held = set(eventfd_ids(self.pid).values())
         want_held = set().union(*members.values())
-        assert held == want_held, (
-            f"the server holds {len(held)} eventfds, the {len(members)} live members' are "
-            f"{len(want_held)} ({len(held - want_held)} of them not a live member's)"
+        unseen = 0  # parked IDs no member still here was told of
+        for parked in self.parked:
+            told = next((c for c in self.fakes.values() if parked in c.peers), None)
+            if told is None:
+                unseen += 1
+            else:
+                want_held |= set(eventfd_ids("self", told.peers[parked]).values())
+        assert want_held <= held and len(held) == len(want_held) + unseen * abi.IVL_NR_VECTORS, (
+            f"the server holds {len(held)} eventfds, the {len(members)} live members' and "
+            f"{len(self.parked)} parked IDs' are {len(want_held)} + {unseen} IDs unseen "
+            f"({len(held - want_held)} held beyond them, {len(want_held - held)} missing)"
         )
 
 

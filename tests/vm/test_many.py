@@ -32,6 +32,7 @@ from .lab import (
     peer_rows,
     row_deltas,
     rows_for,
+    server_log,
     spawn,
     start_hashing_receiver,
     topology_file,
@@ -258,6 +259,7 @@ def test_streams_survive_every_guest_unplugged_and_replugged_in_turn(many: Lab) 
     wait_all_pairs(lab)
     made = {vm: paths.counters(lab.guest(vm))["peer_rx_made"] for vm in VMS}
     streams = start_streams(lab, RING, copies=10_000, pause=LONG_PAUSE_S, base_port=6400)
+    since = time.time()
     t0 = time.monotonic()
     for _ in range(CHURN_ROUNDS):
         for i, vm in enumerate(VMS):
@@ -280,6 +282,13 @@ def test_streams_survive_every_guest_unplugged_and_replugged_in_turn(many: Lab) 
     remade = {vm: paths.counters(lab.guest(vm))["peer_rx_made"] - made[vm] for vm in VMS}
     REPORT["churn"]["peer_rx_made"] = remade  # type: ignore[index]
     assert all(n >= CHURN_ROUNDS * (len(VMS) - 1) for n in remade.values()), remade
+    # Each re-plug got a departed ID back with the eventfds every other QEMU
+    # kept for it (none was sent a second set): the IDs stay those of 8 guests.
+    joins = [r for r in server_log(lab.sd, "A", since) if r.get("event") == "join"]
+    REPORT["churn"]["ids"] = sorted({r["peer"] for r in joins})  # type: ignore[index]
+    assert len(joins) == CHURN_ROUNDS * len(VMS), joins
+    assert {r["peer"] for r in joins} <= set(range(len(VMS))), joins
+    assert all(r["handed_on"] == len(VMS) - 1 for r in joins), joins
     check = start_streams(lab, RING[:2], copies=4, base_port=6500)
     finish_streams(lab, check)
     no_trouble(lab)
