@@ -24,6 +24,11 @@ APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod cpio gzip xz-utils zstd
 	linux-source-6.1 dkms debootstrap e2fsprogs libvirt-dev pkg-config \
 	libvirt-daemon-system libvirt-clients
 
+# What `make deb` builds with (debian/control's Build-Depends) and checks
+# with (lintian); all in Debian 12.
+DEB_PACKAGES := debhelper dh-python dh-dkms pybuild-plugin-pyproject python3-all \
+	python3-setuptools python3-wheel lintian fakeroot dpkg-dev
+
 # checkpatch.pl and the data files it reads, from the linux-source tarball
 CHECKPATCH := build/linux-source-6.1/scripts/checkpatch.pl
 
@@ -76,18 +81,34 @@ $(CHECKPATCH): | apt
 		linux-source-6.1/scripts/const_structs.checkpatch
 	@touch $@
 
+# The three Python distributions, editable: ivloop-server (qemu-dev/),
+# ivloop-libvirt (libvirt/) and the lab with the dev tools (.).  A venv from
+# before the split loses the all-in-one `ivloop` first.  VERSION is a
+# prerequisite: an editable install keeps the version it was installed with.
+PYPROJECTS := pyproject.toml qemu-dev/pyproject.toml libvirt/pyproject.toml
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: $(PYPROJECTS) VERSION
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@if $(PY) -m pip show -q ivloop >/dev/null 2>&1; then $(PY) -m pip uninstall -q -y ivloop; fi
+	@$(PY) -m pip install -q -e qemu-dev -e libvirt -e '.[dev]'
 	@touch $@
+
+# The three wheels, built with the venv's setuptools (no download).  Each
+# project builds in its own build/ directory: emptied first, or a module
+# deleted from the tree would stay in the wheel.
+WHEELS := build/wheels
+.PHONY: wheels
+wheels: venv  ## build the wheels of ivloop-server, ivloop-libvirt and the lab into build/wheels
+	@rm -rf $(WHEELS) qemu-dev/build libvirt/build build/lib build/bdist.*
+	@$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) ./qemu-dev ./libvirt .
+	@ls -l $(WHEELS)/*.whl
 
 driver: apt  ## build ivloop.ko against the guest kernel's headers (W=1; KERNEL=6.12: in build/driver-6.12)
 	@set -e; [ -e guest-driver/Kbuild ] || exit 0; \
 	if [ "$(DRIVER_DIR)" != guest-driver ]; then \
 		mkdir -p $(DRIVER_DIR); \
-		cp -p guest-driver/Kbuild guest-driver/Makefile guest-driver/dkms.conf \
+		cp -p VERSION guest-driver/Kbuild guest-driver/Makefile guest-driver/dkms.conf \
 			guest-driver/ivl.h guest-driver/ivl_*.[ch] $(DRIVER_DIR)/; \
 	fi; \
 	$(MAKE) -s -C $(DRIVER_DIR) KDIR=$(KDIR)
@@ -103,12 +124,65 @@ profile-image: apt driver  ## the guest image plus perf, in images/out-perf (see
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf >/dev/null
 	@IVLOOP_IMAGE_OUT=$(CURDIR)/images/out-perf images/build --perf --module guest-driver/ivloop.ko
 
-# The systemd Debian 12 guest (debootstrap, kernel 6.1, ivloop.ko installed
-# and configured as a user would; see images/debian/): topologies boot it
-# with `image = "debian"` (harness/topologies/debian.toml).
+# The systemd Debian 12 guest (debootstrap, kernel 6.1, the ivloop-guest
+# package installed with apt, DKMS building its module, and configured as a
+# user would; see images/debian/): topologies boot it with `image = "debian"`
+# (harness/topologies/debian.toml).
 .PHONY: debian-image
-debian-image: apt driver  ## build (or reuse) the systemd Debian guest in images/out-debian
-	@images/build-debian --module guest-driver/ivloop.ko
+debian-image: apt deb  ## build (or reuse) the systemd Debian guest in images/out-debian
+	@images/build-debian --package $(DEB_DIR)/ivloop-guest_$$(cat VERSION)-1_all.deb
+
+# The Debian packages ivloop-host and ivloop-guest (debian/), built with
+# debhelper from a copy of what they are made of (DEB_INPUTS, git's tracked
+# and untracked files) in build/deb/src, with a debian/changelog saying
+# VERSION-1, by Debian's own Python (PATH without pyenv or a venv); the
+# .debs, .buildinfo and .changes land in build/deb/, checked by lintian.
+# Rerun: a no-op unless an input changed (a hash of them all).
+DEB_DIR := build/deb
+DEB_INPUTS := VERSION debian qemu-dev libvirt guest-driver images/debian
+.PHONY: deb deb-deps
+deb: deb-deps  ## Debian packages ivloop-host and ivloop-guest in build/deb/
+	@set -eo pipefail; mkdir -p $(DEB_DIR); \
+	exec 9>$(DEB_DIR)/.lock; flock 9; \
+	inputs() { git ls-files -co --exclude-standard -z -- $(DEB_INPUTS) | sort -z | \
+		while IFS= read -r -d '' f; do [ ! -e "$$f" ] || printf '%s\0' "$$f"; done; }; \
+	version=$$(cat VERSION); \
+	debs="$(DEB_DIR)/ivloop-host_$${version}-1_all.deb $(DEB_DIR)/ivloop-guest_$${version}-1_all.deb"; \
+	hash=$$(inputs | xargs -0 sha256sum | sha256sum | cut -d' ' -f1); \
+	if ls $$debs >/dev/null 2>&1 && [ "$$(cat $(DEB_DIR)/inputs.sha256 2>/dev/null)" = "$$hash" ]; then \
+		echo "[deb] up to date:" $$debs; exit 0; \
+	fi; \
+	rm -rf $(DEB_DIR)/src $(DEB_DIR)/inputs.sha256 $(DEB_DIR)/ivloop*_*; \
+	mkdir -p $(DEB_DIR)/src; \
+	inputs | tar -cf - --null -T - | tar -xf - -C $(DEB_DIR)/src; \
+	maintainer=$$(sed -n 's/^Maintainer: //p' debian/control); \
+	{ printf 'ivloop (%s-1) bookworm; urgency=medium\n\n' "$$version"; \
+	  printf '  * Built by make deb from the ivloop tree at %s.\n\n' "$$(git describe --always --dirty)"; \
+	  printf ' -- %s  %s\n' "$$maintainer" "$$(date -R -d @$$(git log -1 --format=%ct))"; \
+	} > $(DEB_DIR)/src/debian/changelog; \
+	echo "[deb] building ivloop $$version-1 in $(DEB_DIR)/src (log: $(DEB_DIR)/build.log)"; \
+	(cd $(DEB_DIR)/src && env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV \
+		PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b) > $(DEB_DIR)/build.log 2>&1 || \
+		{ tail -n 30 $(DEB_DIR)/build.log; echo "[deb] dpkg-buildpackage failed; see $(DEB_DIR)/build.log" >&2; exit 1; }; \
+	echo "[deb] lintian"; \
+	lintian --fail-on error $(DEB_DIR)/ivloop_$${version}-1_*.changes; \
+	echo "$$hash" > $(DEB_DIR)/inputs.sha256; \
+	echo "[deb] built:" $$debs
+
+# Always checked (a dpkg query): what `make deb` needs.
+deb-deps:
+	@set -e; \
+	missing() { \
+		dpkg-query -W -f='$${Package} $${Status}\n' $(DEB_PACKAGES) 2>/dev/null | \
+			awk '$$NF == "installed" { print $$1 }' | sort | \
+			comm -13 - <(tr -s ' ' '\n' <<<"$(DEB_PACKAGES)" | sort -u); \
+	}; \
+	todo=$$(missing); \
+	if [ -n "$$todo" ]; then \
+		apt-get update -q >/dev/null; \
+		echo "[deb-deps] installing:" $$todo; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$todo >/dev/null; \
+	fi
 
 # A second QEMU next to the system's (Debian 12: 7.2): bookworm-backports'
 # 10.0, its firmware and any library the system lacks, unpacked (never
@@ -130,7 +204,7 @@ unit-test: pycheck  ## fast tests, no VM
 # headers too, for the build and DKMS tests), the systemd Debian guest and
 # the second QEMU.
 QEMU10 := $(CURDIR)/build/qemu-10/bin/qemu-system-x86_64
-test-deps: deps image debian-image qemu-10
+test-deps: deps image debian-image qemu-10 deb
 	@$(MAKE) -s --no-print-directory image KERNEL=6.12
 
 # The whole VM suite on the default kernel and QEMU, then the `versions`
@@ -196,4 +270,5 @@ soak: deps image  ## migrate vm2 A<->B SOAK_COUNT times (default 20) under traff
 
 clean:  ## remove build outputs (keeps the downloaded packages)
 	@if [ -e guest-driver/Kbuild ]; then $(MAKE) -s -C guest-driver clean; fi
-	rm -rf images/out images/out-6.12 images/out-debian images/out-perf tests/ring/build build
+	rm -rf images/out images/out-6.12 images/out-debian images/out-perf tests/ring/build build \
+		qemu-dev/build libvirt/build

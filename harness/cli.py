@@ -9,7 +9,6 @@ through :mod:`harness.lab.vms` and :mod:`harness.lab.guest`.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from harness import cluster
+from harness import __version__, cluster
 from harness import migrate as migrate_mod
 from harness.errors import (
     GuestError,
@@ -50,13 +49,6 @@ if not out.is_terminal:  # pipes and CI logs: do not squeeze tables into 80 colu
     out.width = 200
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("ivloop")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _add_report_options(s: argparse.ArgumentParser) -> None:
     """--json and --json-out, meaning the same for every command with a report."""
     s.add_argument("--json", action="store_true",
@@ -77,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example:\n  harness up && harness status && harness down",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                    help="print the harness version and exit")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="runtime state directory (default $IVLOOP_STATE_DIR or /run/ivloop)")

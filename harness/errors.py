@@ -58,6 +58,10 @@ class ImageError(HarnessError):
     """The guest image is missing or incomplete."""
 
 
+class ServerBinaryError(HarnessError):
+    """The ivloop-server to run (``$IVLOOP_SERVER_ROOT``) is not there."""
+
+
 class LaunchError(HarnessError):
     """A process did not start; carries its command line and output."""
 

@@ -51,8 +51,10 @@ def dkms(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dkms, str]:
         pytest.fail("dkms is not installed: run `make deps`")
     root = tmp_path_factory.mktemp("dkms")
     d = Dkms(root)
-    # `dkms add DIR` copies DIR into the source tree as ivloop-<version>
-    d.run("add", str(copy_sources(root / "checkout" / "guest-driver")))
+    # `dkms add DIR` copies DIR into the source tree as ivloop-<version>; DIR
+    # is laid out as in the repository (VERSION one level up), as the
+    # README's `dkms add ./guest-driver` runs it
+    d.run("add", str(copy_sources(root / "checkout" / "guest-driver", version_above=True)))
     version = package_version()
     assert (d.sources / f"ivloop-{version}" / "dkms.conf").is_file()
     return d, f"ivloop/{version}"

@@ -79,7 +79,7 @@ def test_module_is_for_that_kernel(build: tuple[str, Path, str]) -> None:
 
 def test_module_metadata(build: tuple[str, Path, str]) -> None:
     """The module binds 1af4:1110, autoloads for `type ivloop`, carries the
-    version dkms.conf states, and has exactly the documented parameters."""
+    version VERSION states, and has exactly the documented parameters."""
     _, work, _ = build
     info = subprocess.run(
         ["modinfo", str(work / "ivloop.ko")],

@@ -12,6 +12,7 @@ from typing import Any
 import libvirt
 import pytest
 
+import ivloop_libvirt
 from ivloop_libvirt import cli, lv, shmem
 
 from .conftest import SOCK_A, SOCK_B, shmem_xml
@@ -129,6 +130,22 @@ def test_migrate_table(capsys: pytest.CaptureFixture[str],
     assert code == 0
     for row in ("unplug (source)", "migrate", "downtime", "plug (destination)", "0.042"):
         assert row in out
+    # plain text (no rich in this package): a title, then the steps with their
+    # seconds right-aligned in one column
+    lines = out.splitlines()
+    title = next(i for i, line in enumerate(lines) if line.startswith("vm2: test://"))
+    assert " -> test://" in lines[title]
+    table = lines[title + 1:]
+    assert table[0].split() == ["step", "seconds"]
+    assert len({len(line) for line in table}) == 1, table
+    assert any(line.split()[-1] == "0.042" and "downtime" in line for line in table)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"ivloop-libvirt {ivloop_libvirt.__version__}\n"
 
 
 def test_migrate_rolled_back_exit_1(capsys: pytest.CaptureFixture[str],

@@ -151,7 +151,7 @@ def test_unit_files_are_package_data() -> None:
     it), and package-data names them."""
     for name in UNIT_FILES:
         assert (resources.files("ivloop_server") / "systemd" / name).is_file()
-    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setup = tomllib.loads((ROOT / "qemu-dev/pyproject.toml").read_text())["tool"]["setuptools"]
     assert "ivloop_server.systemd" in setup["packages"]
     assert "*" in setup["package-data"]["ivloop_server.systemd"]
 

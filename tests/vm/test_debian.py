@@ -2,10 +2,13 @@
 
 One boot for the module (harness/topologies/debian.toml): deb1 and deb2 boot
 images/build-debian's disk on host A; host B is empty until deb2 migrates
-there.  The harness only writes each guest's files (hostname, keys, ivl0's
-addresses) into its disk copy and starts QEMU: ivloop.ko loads from
-/etc/modules-load.d, ivloop@eth0.service stacks ivl0, systemd-networkd
-configures it.  The tests run in file order; the migration test is last.
+there.  The image has the ivloop-guest package (make deb) installed with
+apt, its module built by DKMS during the image build (issue 28).  The
+harness only writes each guest's files (hostname, keys, ivl0's addresses)
+into its disk copy and starts QEMU: ivloop.ko loads through the package's
+modules-load.d entry, its ivloop@.service (enabled as ivloop@eth0) stacks
+ivl0, systemd-networkd configures it.  The tests run in file order; the
+migration test is last.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from harness.lab.guest import Guest
 
 from .conftest import booted
 from .lab import ROUND_TRIP_MAX_S, Lab, deltas, kernel_trouble, topology_file
+
+#: The version every piece of ivloop carries (the repository's VERSION).
+VERSION = (Path(__file__).resolve().parents[2] / "VERSION").read_text().strip()
 
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
 GUESTS = ("deb1", "deb2")
@@ -65,10 +71,19 @@ def test_guests_bring_ivl0_up_from_their_own_configuration(debian: Lab) -> None:
         state = g.run("systemctl is-system-running || true").strip()
         failed = g.run("systemctl --failed --no-legend --plain --no-pager").strip()
         assert state == "running", f"{name}: {state}; failed units: {failed}"
-        # ivloop.ko as a user installs it: updates/ in the module tree, autoloaded
-        assert g.run("modinfo -F filename ivloop").strip().endswith("/updates/ivloop.ko")
+        # ivloop.ko as a user installs it: the ivloop-guest package, its module
+        # built by DKMS, autoloaded by the package's modules-load.d entry
+        assert g.run("dpkg-query -W -f='${Status} ${Version}' ivloop-guest") == (
+            f"install ok installed {VERSION}-1")
+        assert g.run("dkms status ivloop").strip().endswith("installed"), g.run("dkms status")
+        assert g.run("modinfo -F filename ivloop").strip().endswith("/updates/dkms/ivloop.ko")
+        assert g.run("modinfo -F version ivloop").strip() == VERSION
         assert re.search(r"^ivloop\s", g.run("cat /proc/modules"), re.M)
         assert g.run("systemctl is-active ivloop@eth0.service").strip() == "active"
+        assert g.run("systemctl show -P FragmentPath ivloop@eth0.service").strip() == (
+            "/lib/systemd/system/ivloop@.service")
+        loads = g.run("systemd-analyze cat-config modules-load.d/ivloop.conf")
+        assert "/usr/lib/modules-load.d/ivloop.conf" in loads, loads
         links = networkctl(g)
         assert links.get("ivl0") == ("routable", "configured"), links
         assert links.get("eth0", ("", ""))[1] == "configured", links

@@ -4,6 +4,10 @@ Drives harness.backends.libvirt directly (the CLI's ``--backend libvirt``
 wiring calls the same functions).  The default topology boots once for the
 module; its teardown checks that nothing is left: no libvirtd, no QEMU, no
 namespace, no mount, no socket, no libvirt directory.
+
+Its ivloop-servers are the ivloop-host package's (make deb), unpacked and
+run by the system's Python through ``$IVLOOP_SERVER_ROOT`` (issue 28): the
+files the package ships carry this module's traffic and migrations.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from harness.backends import domain, libvirtd, qmp
 from harness.backends import libvirt as backend_libvirt
 from harness.errors import MigrationError
 from harness.experiments.watch import Watch
-from harness.lab import accel, hostnet, paths, topology, vms
+from harness.lab import accel, hostnet, paths, servers, topology, vms
 from harness.lab.state import StateDir
+from tests.packaging import debs
 
 from .conftest import leftovers, recorded_pids
 from .lab import ROUND_TRIP_MAX_S, Lab
@@ -70,7 +75,16 @@ def pids_of(sd: StateDir) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def lvlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def packaged_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The ivloop-host package unpacked; the harness runs its servers from it."""
+    root = debs.extract(debs.built().host, tmp_path_factory.mktemp("ivloop-host"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(servers.SERVER_ROOT_ENV, str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def lvlab(tmp_path_factory: pytest.TempPathFactory, packaged_server: Path) -> Iterator[Lab]:
     sd = StateDir(tmp_path_factory.mktemp("lv") / "state")
     t0 = time.monotonic()
     try:
@@ -170,6 +184,24 @@ def test_domains_have_the_template_layout(lvlab: Lab) -> None:
     assert vs.proc is not None and [r.pid for n, r in libvirtd.qemu_of(d, None)
                                     if n == "vm1"] == [vs.proc.pid]
     assert "ivloop-init" in Path(vs.console).read_text(errors="replace")
+
+
+def test_servers_are_the_packaged_ones(lvlab: Lab, packaged_server: Path) -> None:
+    """Each host's ivloop-server runs the ivloop-host package's script and modules."""
+    binary = str(packaged_server / servers.PACKAGED_BINARY)
+    site = f"PYTHONPATH={packaged_server / servers.PACKAGED_PYTHONPATH}".encode()
+    found = []
+    for pid in recorded_pids(lvlab.sd):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--max-peers" in argv:  # an ivloop-server
+            assert argv[:2] == [b"/usr/bin/python3", binary.encode()], argv
+            assert site in environ, f"server {pid} runs without the packaged modules"
+            found.append(pid)
+    assert len(found) == len(lvlab.topo.hosts), found
 
 
 def test_co_resident_traffic_uses_shared_memory(lvlab: Lab) -> None:

@@ -1,8 +1,9 @@
 """Restart a host's ivloop-server and re-plug every running domain that uses it.
 
-ivloop-server never reuses a peer ID (16-bit), and a region cannot be
-handed from one server process to the next, so the way out of an exhausted
-or broken server is a new one with every guest re-joining it:
+ivloop-server gives out 16-bit peer IDs and retires the IDs of QEMUs it cut
+off, and a region cannot be handed from one server process to the next, so
+the way out of an exhausted or broken server is a new one with every guest
+re-joining it:
 
 1. unplug the device from each running domain whose ``<shmem>`` uses this
    socket (the guests leave cleanly and fall back to their lower NIC);

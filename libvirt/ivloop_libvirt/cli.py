@@ -7,7 +7,8 @@ nothing changed; 3 the VM runs but without shared memory (moved without a
 device on the destination, or the source could not get its device back):
 the message says which ``ivloop-libvirt plug`` fixes it; 130 interrupted.
 Errors are one line on stderr (a second one says what to do next);
-``--json`` puts only the JSON report on stdout.
+``--json`` puts only the JSON report on stdout.  Plain text: the package
+needs nothing but libvirt-python.
 """
 
 from __future__ import annotations
@@ -18,14 +19,10 @@ import logging
 import os
 import shlex
 import sys
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.table import Table
-
-from . import lv, plug, restart, shmem
+from . import __version__, lv, plug, restart, shmem
 from . import migrate as migrate_mod
 from .errors import (
     IncompleteMigrationError,
@@ -42,10 +39,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_SHM = 3
 
-out = Console()
-err = Console(stderr=True)
-if not out.is_terminal:
-    out.width = 200
+
+def _say(stream: TextIO, text: str) -> None:
+    print(text, file=stream, flush=True)
 
 
 def _default_socket() -> str:
@@ -119,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "live-migrate around it, restart the host's ivloop-server.",
         epilog="Exit status: 0 done, 1 failed and rolled back, 2 bad request (nothing "
         "changed), 3 the VM runs without shared memory (re-plug it).")
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -194,15 +191,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    logging.basicConfig(level=level, format="%(levelname)-8s %(message)s", stream=sys.stderr)
 
 
 def _fail(message: str, hint: str = "") -> None:
     lines = message.splitlines() or ["failed"]
-    err.print(f"{PROG}: error: {lines[0]}", markup=False, highlight=False, soft_wrap=True)
+    _say(sys.stderr, f"{PROG}: error: {lines[0]}")
     for line in [*lines[1:], *([hint] if hint else [])]:
-        err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        _say(sys.stderr, f"  {line}")
 
 
 def cmd_plug(args: argparse.Namespace) -> int:
@@ -212,8 +208,8 @@ def cmd_plug(args: argparse.Namespace) -> int:
     done = plug.plug(dom, socket, name=args.name, address=args.address, config=args.config)
     addr = done.device.address
     where = f" at {addr.bus:02x}:{addr.slot:02x}" if addr else ""
-    out.print(f"{done.domain}: {args.name} plugged on {socket}{where} "
-              f"({done.seconds:.3f} s)", highlight=False)
+    _say(sys.stdout, f"{done.domain}: {args.name} plugged on {socket}{where} "
+         f"({done.seconds:.3f} s)")
     return 0
 
 
@@ -221,21 +217,22 @@ def cmd_unplug(args: argparse.Namespace) -> int:
     conn = lv.connect(args.connect)
     dom = lv.lookup(conn, args.domain)
     done = plug.unplug(dom, name=args.name, config=args.config, timeout=args.timeout)
-    out.print(f"{done.domain}: {args.name} unplugged ({done.seconds:.3f} s)", highlight=False)
+    _say(sys.stdout, f"{done.domain}: {args.name} unplugged ({done.seconds:.3f} s)")
     return 0
 
 
-def _migration_table(report: MigrationReport) -> Table:
-    table = Table(title=f"{report.vm}: {report.source} -> {report.destination}")
-    table.add_column("step")
-    table.add_column("seconds", justify="right")
-    for step, seconds in report.rows():
-        table.add_row(step, seconds)
-    return table
+def _migration_table(report: MigrationReport) -> str:
+    """The report's rows under a title: steps left-aligned, seconds right-aligned."""
+    rows = [("step", "seconds"), *report.rows()]
+    left = max(len(step) for step, _ in rows)
+    right = max(len(seconds) for _, seconds in rows)
+    lines = [f"{report.vm}: {report.source} -> {report.destination}"]
+    lines += [f"  {step:<{left}}  {seconds:>{right}}" for step, seconds in rows]
+    return "\n".join(lines)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    human = err if args.json else out
+    human = sys.stderr if args.json else sys.stdout
     if args.connect and args.connect == args.to:
         raise RequestError(f"--to {args.to} is the source itself (--connect)")
     sconn = lv.connect(args.connect)
@@ -245,10 +242,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     def progress(phase: str, info: dict[str, Any]) -> None:
         t = float(info.get("t", 0.0))
         if phase == "transfer":
-            human.print(f"[{t:5.1f} s] migrating: {float(info['mib']):.0f} MiB sent",
-                        highlight=False)
+            _say(human, f"[{t:5.1f} s] migrating: {float(info['mib']):.0f} MiB sent")
         else:
-            human.print(f"[{t:5.1f} s] {phase}", highlight=False)
+            _say(human, f"[{t:5.1f} s] {phase}")
 
     try:
         report = migrate_mod.migrate(
@@ -259,7 +255,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(json.dumps(exc.report.as_dict(), indent=2) + "\n")
         raise
-    human.print(_migration_table(report))
+    _say(human, _migration_table(report))
     if args.json:
         sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
     return 0
@@ -268,11 +264,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_server_restart(args: argparse.Namespace) -> int:
     conn = lv.connect(args.connect)
     socket = args.socket or _default_socket()
-    human = err if args.json else out
+    human = sys.stderr if args.json else sys.stdout
 
     def progress(what: str, info: dict[str, Any]) -> None:
-        human.print(f"{what} {info.get('domain', shlex.join(info.get('command', [])))}",
-                    highlight=False)
+        _say(human, f"{what} {info.get('domain', shlex.join(info.get('command', [])))}")
 
     try:
         report = restart.server_restart(conn, socket, command=args.command, name=args.name,
@@ -285,7 +280,7 @@ def cmd_server_restart(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
     else:
         names = ", ".join(r.domain for r in report.domains) or "no domain"
-        out.print(f"{socket}: re-plugged {names}", highlight=False)
+        _say(sys.stdout, f"{socket}: re-plugged {names}")
     return 0
 
 
@@ -323,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        err.print(f"{PROG}: interrupted")
+        _say(sys.stderr, f"{PROG}: interrupted")
         return 130
 
 

@@ -44,8 +44,8 @@ def _attach_error(exc: BaseException, name: str, socket: str) -> Exception:
     text = lv.error_text(exc)
     if REFUSED in text:
         return DeviceError(f"{name}: ivloop-server at {socket} refused this QEMU ({text}); "
-                           "the server's log says why (full, or a hold-off after an eviction); "
-                           "`ivloop-libvirt server-restart` gives it a fresh set of peer IDs")
+                           "the server's log says why (full, a hold-off after an eviction, or "
+                           "no peer ID left: `ivloop-libvirt server-restart` replaces that server)")
     if "hotplug" in text.lower():
         return HotplugError(f"{name}: {text}; a pc domain needs <features><acpi/></features>, "
                             "a q35 one an empty pcie-root-port (restart after adding it)")
