@@ -248,10 +248,14 @@ def test_guest_units_modules_load_and_examples(debs: Debs, tmp_path: Path) -> No
     assert member_text(debs.guest, "/usr/lib/modules-load.d/ivloop.conf") == (
         GUEST_DIST / "modules-load.d/ivloop.conf").read_text()
     examples = "/usr/share/doc/ivloop-guest/examples"
-    network = tree_files(GUEST_ETC / "systemd/network", "*")
-    assert network
-    for name in network:
-        assert f"{examples}/{name}" in paths, f"example {name} not packaged"
+    shipped = sorted(p.rsplit("/", 1)[1] for p in paths
+                     if p.startswith(f"{examples}/") and not p.endswith("/"))
+    # the NIC, ivl0 and their .link files; not the lab's management NIC
+    assert shipped == ["10-ivloop-eth0.link", "10-ivloop-ivl0.link", "20-eth0.network",
+                       "30-ivl0.network"], shipped
+    for name in shipped:
+        assert member_text(debs.guest, f"{examples}/{name}") == (
+            GUEST_ETC / "systemd/network" / name).read_text()
     # nothing in /etc: the guest's own configuration stays the administrator's
     assert not [p for p in paths if p.startswith("/etc")]
     # the template is installed, never enabled (the instance names the NIC)
