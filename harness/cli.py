@@ -198,8 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_report_options(s)
 
     s = add("server-restart", "start a new ivloop-server for a host and re-plug its VMs",
-            "harness server-restart A")
+            "harness server-restart A; harness server-restart --hand-over A")
     s.add_argument("host", help="host name, as in the topology (e.g. A)")
+    s.add_argument("--hand-over", action="store_true",
+                   help="the new server takes the running one's region and members over "
+                        "(what an ivloop-host upgrade does): no re-plug, guests stay on "
+                        "shared memory")
 
     s = add("restart", "boot a VM again (e.g. after its QEMU died)", "harness restart vm2")
     vm_arg(s)
@@ -530,6 +534,11 @@ def cmd_soak(args: argparse.Namespace, sd: StateDir) -> int:
 
 
 def cmd_server_restart(args: argparse.Namespace, sd: StateDir) -> int:
+    if args.hand_over:
+        with sd:
+            old, new = cluster.hand_over_server(sd, args.host)
+        out.print(f"{args.host}: ivloop-server {old} handed its region and members over to {new}")
+        return 0
     with sd:
         moved = cluster.restart_server(sd, args.host)
     out.print(f"{args.host}: new ivloop-server; re-plugged " + (", ".join(moved) or "no VM"))

@@ -93,10 +93,29 @@ def start_server(sd: StateDir, state: State, host: str) -> None:
     hs.server_socket = str(sd.file(f"ivshmem-{host}.sock"))
     sd.save(state)
     spec = topo.host(host)
-    hs.server = servers.start(hs.netns, Path(hs.server_socket),
-                              sd.file("logs", f"server-{host}.log"),
-                              size=spec.region_size, max_peers=spec.max_peers)
+    hs.server, hs.supervisor = servers.start(
+        hs.netns, Path(hs.server_socket), sd.file("logs", f"server-{host}.log"),
+        sd.file(f"server-{host}.pid"), size=spec.region_size, max_peers=spec.max_peers)
     sd.save(state)
+
+
+def hand_over_server(sd: StateDir, host: str) -> tuple[int, int]:
+    """Replace *host*'s ivloop-server by a new one that takes its region and members over.
+
+    What the ivloop-host package does on upgrade: VMs keep their devices and
+    shared memory, nothing is re-plugged.  Returns (old PID, new PID).
+    """
+    state = sd.load()
+    vms.topology_of(state).host(host)
+    hs = state.hosts[host]
+    if hs.server is None or hs.supervisor is None:
+        raise StateError(f"host {host} has no server under a supervisor to hand over "
+                         "(started by an older harness?): use 'harness server-restart'")
+    old = hs.server.pid
+    hs.server = servers.hand_over(hs.server, hs.supervisor, sd.file(f"server-{host}.pid"))
+    sd.save(state)
+    log.info("%s: ivloop-server %d handed over to %d", host, old, hs.server.pid)
+    return old, hs.server.pid
 
 
 def down(sd: StateDir) -> list[str]:
@@ -129,6 +148,9 @@ def down(sd: StateDir) -> list[str]:
     for hs in state.hosts.values():
         if hs.server and qemu.terminate(hs.server):
             removed.append(f"ivloop-server {hs.name} (pid {hs.server.pid})")
+        if hs.supervisor and qemu.terminate(hs.supervisor):
+            removed.append(f"ivloop-server {hs.name}'s supervisor (pid {hs.supervisor.pid})")
+        sd.file(f"server-{hs.name}.pid").unlink(missing_ok=True)
     netnses = [hs.netns for hs in state.hosts.values()] + state.extra_netns
     # Names are derived from the state directory, so even a state file that
     # lost a host still finds its namespaces.
@@ -255,6 +277,8 @@ def restart_server(sd: StateDir, host: str) -> list[str]:
     hs = state.hosts[host]
     if hs.server is not None and qemu.terminate(hs.server):
         log.info("stopped the running ivloop-server of %s", host)
+    if hs.supervisor is not None:
+        qemu.terminate(hs.supervisor)  # it exits with its server
     if hs.server_socket:
         # A killed server leaves its socket behind, and start_server takes
         # the socket's presence as "listening": remove it first.

@@ -1,4 +1,5 @@
-"""One ivloop-server per simulated host, run inside the host's namespace.
+"""One ivloop-server per simulated host, run inside the host's namespace
+under a supervisor that keeps its descriptors across a hand-over.
 
 By default the server is this harness's own (``python -m ivloop_server``
 from the tree or the venv).  With ``$IVLOOP_SERVER_ROOT`` set, it is the
@@ -46,29 +47,65 @@ def server_command(environ: dict[str, str] | None = None) -> list[str]:
     return ["env", f"PYTHONPATH={Path(root).resolve() / PACKAGED_PYTHONPATH}", str(binary)]
 
 
-def start(netns: str, sock: Path, logfile: Path, *, size: str, max_peers: int,
-          timeout: float = 15) -> ProcRecord:
-    """Start ivloop-server for one host; return once its socket accepts."""
+def start(netns: str, sock: Path, logfile: Path, pidfile: Path, *, size: str, max_peers: int,
+          timeout: float = 15) -> tuple[ProcRecord, ProcRecord]:
+    """Start ivloop-server for one host under its fd-store supervisor; return once it is
+    READY, with the records of (the server, the supervisor).
+
+    The supervisor (:mod:`harness.lab.fdstore`) is to the server what
+    systemd is to the packaged unit, so that ``hand_over`` works here too.
+    """
+    pidfile.unlink(missing_ok=True)
     argv = [
-        "ip", "netns", "exec", netns, *server_command(),
+        "ip", "netns", "exec", netns,
+        sys.executable, "-m", "harness.lab.fdstore", "--pidfile", str(pidfile), "--",
+        *server_command(),
         "--socket", str(sock), "--size", size, "--max-peers", str(max_peers),
         "--vectors", "2", "--log-format", "json",
     ]  # fmt: skip
     pid = procs.spawn_detached(argv, logfile)
-    record = ProcRecord.of(pid)
+    supervisor = ProcRecord.of(pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = procs.exit_status(pid)
         if code is not None:
             raise LaunchError("ivloop-server exited during start-up", argv, code,
                               logfile.read_text(errors="replace"))
-        # The server binds and listens in one step; a test connection would
-        # count as a peer joining, so the socket's presence is the signal.
-        if sock.exists():
-            log.info("ivloop-server for %s listening on %s (pid %d)", netns, sock, pid)
-            return record
+        server = _ready_pid(pidfile)
+        if server is not None:
+            log.info("ivloop-server for %s listening on %s (pid %d)", netns, sock, server.pid)
+            return server, supervisor
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     procs.reap(pid)
-    raise LaunchError(f"ivloop-server did not listen within {timeout:.0f} s", argv, None,
+    raise LaunchError(f"ivloop-server did not say READY within {timeout:.0f} s", argv, None,
                       logfile.read_text(errors="replace"))
+
+
+def _ready_pid(pidfile: Path) -> ProcRecord | None:
+    """The server the supervisor last saw READY (its pidfile), if that one runs."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    record = ProcRecord.of(pid)
+    return record if record.alive() else None
+
+
+def hand_over(server: ProcRecord, supervisor: ProcRecord, pidfile: Path,
+              timeout: float = 15) -> ProcRecord:  # fmt: skip
+    """Have ``server`` hand its region and members over to a new server (SIGUSR2); the
+    new server's record, once it is READY."""
+    if not server.alive() or not supervisor.alive():
+        raise LaunchError("no running ivloop-server under its supervisor to hand over",
+                          [], None, "")  # fmt: skip
+    os.kill(server.pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = _ready_pid(pidfile)
+        if new is not None and new.pid != server.pid:
+            return new
+        if not supervisor.alive():
+            break
+        time.sleep(0.05)
+    raise LaunchError("ivloop-server did not hand over (its log says why)", [], None, "")

@@ -61,6 +61,8 @@ class HostState:
     netns: str
     server: ProcRecord | None = None
     server_socket: str = ""
+    #: The server's fd-store supervisor (harness.lab.fdstore).
+    supervisor: ProcRecord | None = None
 
 
 @dataclass
@@ -115,7 +117,8 @@ class State:
             return ProcRecord(**value) if value else None
 
         hosts = {
-            k: HostState(**{**v, "server": proc(v.get("server"))})
+            k: HostState(**{**v, "server": proc(v.get("server")),
+                            "supervisor": proc(v.get("supervisor"))})
             for k, v in raw.get("hosts", {}).items()
         }
         vms = {

@@ -18,7 +18,8 @@ status; :mod:`~ivloop_server.daemon` runs the server, and
 Exit status: 0 after a clean stop (SIGTERM/SIGINT), a dump or a printed
 unit, and in the process that started a daemon once the daemon accepts
 connections; 1 when the server cannot run (socket in use, path not a
-socket, no memory...), 2 for invalid options.  Errors are one line on
+socket, no memory...), 2 for invalid options, 75 after a hand-over to the
+next server process (SIGUSR2 under systemd; the unit restarts it).  Errors are one line on
 stderr; logs go to stderr; stdout stays empty except for --dump and
 --print-unit.
 """
@@ -39,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from . import __version__, abi, options
+from . import __version__, abi, handoff, options
 from .daemon import DaemonStartError, Readiness, daemonize, serve
 from .errors import ConfigError, IvloopServerError
 from .nic import load_nic_map
@@ -59,6 +60,8 @@ PROG = "ivloop-server"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: The server handed its region and members over (SIGUSR2): restart it.
+EXIT_HANDED_OFF = handoff.EXIT_HANDED_OFF
 
 log = logging.getLogger("ivloop_server")
 
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                  " as ivshmem-server does with -S and no -F" if not args.daemon else "",
                  extra={"event": "daemon", "pid": os.getpid()})  # fmt: skip
     try:
-        asyncio.run(serve(config, pidfile, None, nic_path, readiness=readiness))
+        handed_off = asyncio.run(serve(config, pidfile, None, nic_path, readiness=readiness))
     except (IvloopServerError, OSError) as exc:
         if not readiness.failed(str(exc)):
             log.error("%s", exc, extra={"event": "error", "reason": str(exc)})
@@ -400,4 +403,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         notifier.close()
         log.removeHandler(handler)
-    return EXIT_OK
+    return EXIT_HANDED_OFF if handed_off else EXIT_OK

@@ -1,7 +1,10 @@
 """Running one server as a process: daemon, pidfile, readiness, signals.
 
 :func:`serve` runs an :class:`~ivloop_server.server.IvshmemServer` until
-SIGTERM or SIGINT (SIGHUP rereads the NIC map), writing and removing the
+SIGTERM or SIGINT (SIGHUP rereads the NIC map; SIGUSR2 hands the region and
+its members over to the next server process, :mod:`~ivloop_server.handoff`,
+and ends this one; a server started with handed-over descriptors takes
+them over), writing and removing the
 pidfile and reporting readiness through :class:`Readiness` (``--ready-fd``,
 the process that started a daemon, the service manager via
 :mod:`~ivloop_server.sdnotify`).  :func:`daemonize` forks into a daemon as
@@ -20,7 +23,8 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ConfigError, IvloopServerError, PidfileError
+from . import handoff
+from .errors import ConfigError, HandOffError, IvloopServerError, PidfileError, StateError
 from .nic import load_nic_map
 from .sdnotify import Notifier
 from .server import IvshmemServer, ServerConfig
@@ -120,6 +124,38 @@ class Readiness:
         return told
 
 
+async def _start(server: IvshmemServer, notifier: Notifier) -> None:
+    """Start ``server``: take over what a previous process handed over, if it did."""
+    fds = handoff.inherited()
+    if not fds:
+        await server.start()
+        return
+    names = list(fds)
+    try:
+        state = handoff.load(fds)
+        why = server.mismatch(state)
+        if why is None:
+            await server.resume(state, fds)
+            return
+        # Serve the old region just long enough to drop its members in order
+        # (each guest falls back to the lower path), then make the new one.
+        log.error("the configuration changed (%s): dropping the %d peers handed over and "
+                  "starting a new region; re-plug the VMs (ivloop-libvirt server-restart)",
+                  why, len(state.peers), extra={"event": "resume_failed", "reason": why})
+        old = IvshmemServer(server.config_of(state))
+        await old.resume(state, fds)
+        await old.stop("the server's configuration changed across the hand-over")
+    except HandOffError as exc:
+        handoff.close_all(fds)
+        log.error("cannot take over from the previous server process: %s; starting with a new "
+                  "region (running VMs must be re-plugged: ivloop-libvirt server-restart)", exc,
+                  extra={"event": "resume_failed", "reason": str(exc)})  # fmt: skip
+    finally:
+        # From here on the server alone holds them: a member it drops sees EOF.
+        handoff.unstore(notifier, names)
+    await server.start()
+
+
 async def serve(
     config: ServerConfig,
     pidfile: Path | None,
@@ -127,8 +163,9 @@ async def serve(
     nic_macs: Path | None = None,
     *,
     readiness: Readiness | None = None,
-) -> None:
-    """Run a server until SIGTERM or SIGINT; SIGHUP rereads the ``nic_macs`` file.
+) -> bool:
+    """Run a server until SIGTERM or SIGINT, or until it hands over (SIGUSR2); SIGHUP
+    rereads the ``nic_macs`` file.  True if it handed over.
 
     Readiness (``ready_fd``, ``readiness``: the daemon's parent, sd_notify)
     is reported once connections are accepted and the pidfile is written.
@@ -136,6 +173,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason = ["stop requested"]
+    handed_off = [False]
     if readiness is None:
         readiness = Readiness([] if ready_fd is None else [ready_fd], Notifier(None))
     elif ready_fd is not None:
@@ -147,6 +185,25 @@ async def serve(
     def on_signal(sig: signal.Signals) -> None:
         reason[0] = f"received {sig.name}"
         notifier.stopping(f"stopping: {reason[0]}, dropping {len(server.peers())} peers")
+        stop.set()
+
+    def on_hand_off() -> None:
+        if stop.is_set():
+            return
+        nr_peers = len(server.peers())
+        try:
+            leavings = server.hand_off()
+            handoff.store(notifier, leavings)
+        except (HandOffError, StateError) as exc:
+            log.error("SIGUSR2: cannot hand over: %s; still serving", exc,
+                      extra={"event": "hand_off_failed", "reason": str(exc)})  # fmt: skip
+            return
+        log.info("SIGUSR2: region, socket and %d peers are in the service manager's store "
+                 "for the next server process", nr_peers,
+                 extra={"event": "hand_off", "peers": nr_peers, "fds": len(leavings.fds) + 1})
+        notifier.status(f"handing {nr_peers} peers over to the next server process")
+        server.detach()
+        handed_off[0] = True
         stop.set()
 
     def on_hup() -> None:
@@ -181,8 +238,9 @@ async def serve(
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR2, on_hand_off)
     try:
-        await server.start()
+        await _start(server, notifier)
         if pidfile is not None:
             _write_pidfile(pidfile)
 
@@ -200,8 +258,9 @@ async def serve(
         await server.stop(reason[0])
         if pidfile is not None:
             _remove_pidfile(pidfile)
-        for sig in (*signals, signal.SIGHUP):
+        for sig in (*signals, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
+    return handed_off[0]
 
 
 # -- daemon ------------------------------------------------------------------

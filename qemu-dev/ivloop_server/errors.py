@@ -10,8 +10,9 @@ caller can catch them all at once::
      +-- SocketPathError      the listening socket path cannot be used
      |    +-- SocketInUseError  another server is listening on it
      +-- PidfileError         the pidfile names another running server
- +-- RegionError          a region (memfd or mapped file) is unusable
+     +-- RegionError          a region (memfd or mapped file) is unusable
      +-- StateError           an operation was called in the wrong state
+     +-- HandOffError         the region and members cannot be handed over or taken over
 
 The message of each one says what was wrong and, where there is one, what
 to do about it.  The CLI prints it as a single line.
@@ -72,3 +73,7 @@ class StateError(IvloopServerError):
         self.what = what
         self.current = current
         self.wanted = wanted
+
+
+class HandOffError(IvloopServerError):
+    """The server cannot hand its region and members over, or take them over."""

@@ -295,6 +295,20 @@ class ServerHalf:
 
 
 @dataclass(frozen=True)
+class RegionRecord:
+    """A server's own view of a region it published (:meth:`Region.record`, parsed)."""
+
+    size: int
+    max_peers: int
+    ring_size: int
+    page: int
+    generation: int
+    nr_present: int
+    srv_seq: tuple[int, ...]
+    halves: tuple[ServerHalf, ...]
+
+
+@dataclass(frozen=True)
 class GuestHalf:
     """A consistent copy of the fields a guest publishes under its ``seq``."""
 
@@ -501,9 +515,9 @@ class Region:
             raise RegionError(f"{source}: inconsistent header: layout {found} != {expected}")
         return layout
 
-    def _init_header(self) -> None:
+    def _header_for(self, generation: int, nr_present: int) -> abi.IvlRegionHdr:
         lay = self.layout
-        hdr = _HDR(
+        return _HDR(
             magic=abi.IVL_MAGIC,
             version=abi.IVL_ABI_VERSION,
             region_size=lay.size,
@@ -513,9 +527,13 @@ class Region:
             slot_size=abi.IVL_SLOT_SIZE,
             rings_offset=lay.rings_offset,
             ring_stride=lay.ring_stride,
-            generation=0,
-            nr_present=0,
+            generation=generation,
+            nr_present=nr_present,
         )
+
+    def _init_header(self) -> None:
+        lay = self.layout
+        hdr = self._header_for(0, 0)
         # A fresh memfd reads as zeroes, so the directory and rings are zero
         # already; write them anyway so the invariant does not rest on that.
         # No QEMU has the fd yet, so this is the one write of server halves
@@ -523,6 +541,64 @@ class Region:
         self._zero(lay.dir_offset, lay.max_peers * abi.IVL_SLOT_SIZE)
         self._map[0 : ctypes.sizeof(hdr)] = bytes(hdr)
         self._hdr_shadow = hdr
+
+    # -- handing over to the next server process --------------------------
+
+    def record(self) -> dict[str, object]:
+        """The server's own view of what it published, as plain data (JSON-able).
+
+        With the memfd, this is all :meth:`adopt` needs to carry on writing
+        the directory where this object stopped.
+        """
+        self._check_writer()
+        return {
+            "size": self.layout.size,
+            "max_peers": self.layout.max_peers,
+            "ring_size": self.layout.ring_size,
+            "page": self._page,
+            "generation": self._generation,
+            "nr_present": self._nr_present,
+            "srv_seq": list(self._srv_seq),
+            "halves": [
+                {"present": h.present, "peer_id": h.peer_id, "generation": h.generation,
+                 "flags": h.flags, "nic_mac": h.nic_mac.hex()}
+                for h in self._halves
+            ],
+        }  # fmt: skip
+
+    @classmethod
+    def adopt(cls, fd: int, record: RegionRecord) -> Self:
+        """Take over a region another server process created, from its :meth:`record`.
+
+        ``fd`` (owned from here on, closed on failure) must be a sealed memfd
+        of the recorded size.  Nothing is read back from the region: the
+        record is the server's truth, and the first :meth:`repair` restores
+        whatever members wrote over the server's bytes in between.
+        """
+        try:
+            layout = compute_layout(record.size, record.max_peers, record.ring_size)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != layout.size:
+                raise RegionError(f"the handed-over region is {st.st_size} bytes, "
+                                  f"not the {layout.size} its record says")  # fmt: skip
+            wanted = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & wanted != wanted:
+                raise RegionError("the handed-over region is not a sealed memfd")
+            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, LayoutError) as exc:
+            os.close(fd)
+            raise RegionError(f"cannot take over the handed-over region: {exc}") from exc
+        except RegionError:
+            os.close(fd)
+            raise
+        region = cls(fd, mapping, layout, owner=True)
+        region._page = record.page
+        region._generation = record.generation
+        region._nr_present = record.nr_present
+        region._srv_seq = list(record.srv_seq)
+        region._halves = list(record.halves)
+        region._hdr_shadow = region._header_for(record.generation, record.nr_present)
+        return region
 
     # -- lifetime -------------------------------------------------------
 

@@ -17,9 +17,11 @@ alone suffers from a lost datagram (a start timeout), and says so.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import MutableMapping
@@ -50,9 +52,12 @@ class Notifier:
     """
 
     def __init__(self, address: str | bytes | None, *, watchdog_usec: int = 0,
-                 description: str = "") -> None:  # fmt: skip
+                 description: str = "", fdstore_max: int = 0) -> None:  # fmt: skip
         self.address = address
         self.description = description
+        #: Descriptors the unit's store may hold (``$FDSTORE``: systemd 254 and
+        #: later set it from FileDescriptorStoreMax=; ivloop's units set it too).
+        self.fdstore_max = fdstore_max if address is not None else 0
         #: Microseconds between the manager's watchdog deadlines (0: none).
         self.watchdog_usec = watchdog_usec if address is not None else 0
         self._sock: socket.socket | None = None
@@ -76,7 +81,10 @@ class Notifier:
             log.warning("NOTIFY_SOCKET=%s is not a UNIX socket path or @name; the service "
                         "manager will not hear from this server", value)  # fmt: skip
             return cls(None, description=value)
-        return cls(address, watchdog_usec=_watchdog_usec(usec_text, pid_text), description=value)
+        fdstore_text = env.get("FDSTORE", "0")
+        fdstore_max = int(fdstore_text) if fdstore_text.isdigit() else 0
+        return cls(address, watchdog_usec=_watchdog_usec(usec_text, pid_text), description=value,
+                   fdstore_max=fdstore_max)  # fmt: skip
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +106,48 @@ class Notifier:
             self.close()
             return False
         return True
+
+    def send_fds(self, lines: list[str], fds: list[int], timeout: float = 10.0) -> None:
+        """Send ``lines`` with ``fds`` attached; OSError (or TimeoutError) if it fails.
+
+        Unlike :meth:`notify`, a failure is the caller's to handle: a file
+        descriptor that did not reach the store must not be counted on.
+        """
+        if self.address is None:
+            raise OSError("no service manager (NOTIFY_SOCKET is not set)")
+        data = "\n".join(lines).encode() + b"\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            sock.sendmsg([data], rights, 0, self.address)
+
+    def store_fd(self, name: str, fd: int) -> None:
+        """Put ``fd`` in the unit's file-descriptor store as ``name`` (FDSTORE=1)."""
+        self.send_fds(["FDSTORE=1", f"FDNAME={name}"], [fd])
+
+    def remove_fd(self, name: str) -> None:
+        """Take ``name`` out of the unit's file-descriptor store (FDSTOREREMOVE=1)."""
+        self.send_fds(["FDSTOREREMOVE=1", f"FDNAME={name}"], [])
+
+    def barrier(self, timeout: float = 10.0) -> None:
+        """Return once the manager has handled every notification sent before.
+
+        sd_notify_barrier(): the write end of a pipe goes with BARRIER=1 and
+        the manager closes it after the earlier datagrams; POLLHUP on the
+        read end says so.  TimeoutError if it does not come in ``timeout``.
+        """
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                self.send_fds(["BARRIER=1"], [wfd], timeout)
+            finally:
+                os.close(wfd)
+            poller = select.poll()
+            poller.register(rfd, select.POLLHUP)
+            if not poller.poll(int(timeout * 1000)):
+                raise TimeoutError(f"the service manager did not answer BARRIER=1 in {timeout:g} s")
+        finally:
+            os.close(rfd)
 
     def ready(self, status: str | None = None, *, mainpid: int | None = None) -> bool:
         lines = ["READY=1"]

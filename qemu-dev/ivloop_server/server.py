@@ -67,10 +67,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import select
 import socket
@@ -84,8 +86,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from . import abi, protocol
-from .errors import ConfigError, SocketInUseError, SocketPathError, StateError
+from . import __version__, abi, handoff, protocol
+from .errors import ConfigError, HandOffError, SocketInUseError, SocketPathError, StateError
+from .handoff import HandOff, SavedPeer, State
 from .nic import NicIdentity, NicResolver, ProcNicResolver, check_unicast, format_mac
 from .protocol import MAX_PEER_ID
 from .region import Layout, Region, SlotView, compute_layout, format_size
@@ -351,6 +354,13 @@ def _unread(sock: socket.socket) -> int:
     except OSError:
         return 0
     return buf[0]
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 def prepare_socket_path(path: Path) -> None:
@@ -628,6 +638,278 @@ class IvshmemServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    # -- handing over to the next server process (ivloop_server.handoff) --
+
+    def hand_off(self) -> HandOff:
+        """What the next server process needs to carry on serving every member.
+
+        Changes nothing: the descriptors stay this server's, and it keeps
+        serving until :meth:`detach`.  Between the two calls nothing else
+        may run on the loop (callers do both in one callback).
+        """
+        if self._runstate is not Runstate.RUNNING or self._listener is None:
+            raise StateError("server", self._runstate, "hand off")
+        self._reap()
+        region = self.region
+        assert self._socket_id is not None
+        fds = {handoff.REGION: region.fd, handoff.LISTENER: self._listener.fileno()}
+        # What a member was told matters only for IDs that can be handed on
+        # (retired IDs stay in ``known`` but are never given out again).
+        in_circulation = set(self._peers) | set(self._parked)
+        peers = []
+        for peer in sorted(self._peers.values(), key=lambda p: p.id):
+            assert peer.state is PeerState.ACTIVE, peer  # joins and leaves complete in a callback
+            fds[handoff.peer_name(peer.id)] = peer.sock.fileno()
+            for n, fd in enumerate(peer.vectors):
+                fds[handoff.vector_name("peer", peer.id, n)] = fd
+            ident = peer.identity
+            peers.append({
+                "id": peer.id, "slot": peer.slot, "pid": peer.pid,
+                "known": sorted(peer.known & in_circulation),
+                "join_generation": peer.join_generation,
+                "noted": sorted(peer.noted),
+                "identity": {"pid": ident.pid, "mac": ident.mac.hex() if ident.mac else None,
+                             "source": ident.source, "name": ident.name,
+                             "start_time": ident.start_time, "warning": ident.warning},
+            })  # fmt: skip
+        for peer_id, vectors in sorted(self._parked.items()):
+            for n, fd in enumerate(vectors):
+                fds[handoff.vector_name("parked", peer_id, n)] = fd
+        state = {
+            "format": handoff.STATE_FORMAT,
+            "pid": os.getpid(),
+            "version": __version__,
+            "socket_path": str(self.config.socket_path),
+            "socket_id": list(self._socket_id),
+            "vectors": self.config.vectors,
+            "leave_notices": self.config.leave_notices,
+            "region": region.record(),
+            "next_id": self._next_id,
+            "exhausted_refusals": self._exhausted_refusals,
+            "peers": peers,
+            "parked": sorted(self._parked),
+            "strikes": [
+                {"pid": pid, "start_time": start, "count": st.count, "until": st.until,
+                 "forget": st.forget, "evicted_at": st.evicted_at, "refusals": st.refusals}
+                for (pid, start), st in self._strikes.items()
+            ],
+        }  # fmt: skip
+        return HandOff(state, fds)
+
+    def detach(self) -> None:
+        """Let go of everything after a hand-off, telling nobody: the next process serves on.
+
+        No leave is written, no socket file removed; this process's copies
+        of the descriptors are closed and the server is STOPPED.
+        """
+        if self._runstate is not Runstate.RUNNING:
+            raise StateError("server", self._runstate, "detach")
+        self._transition(Runstate.STOPPING)
+        nr_peers = len(self._peers)
+        for peer in self._peers.values():
+            if self._loop is not None:
+                self._loop.remove_reader(peer.sock.fileno())
+            peer.close()
+            peer.forget_log()
+        self._peers.clear()
+        self._socket_id = None  # so that _teardown leaves the socket file alone
+        self._teardown()
+        self._transition(Runstate.STOPPED)
+        log.info("handed %d peers over to the next server process", nr_peers,
+                 extra={"event": "handed_off", "peers": nr_peers})  # fmt: skip
+        self._stopped.set()
+
+    def mismatch(self, state: State) -> str | None:
+        """Why this server cannot serve ``state``'s region as it is (None: it can)."""
+        rec, lay = state.region, self.layout
+        page = self.config.hugepage_size or mmap.PAGESIZE
+        found = {"size": rec.size, "max peers": rec.max_peers, "ring size": rec.ring_size,
+                 "vectors": state.vectors, "socket": state.socket_path, "page size": rec.page,
+                 "leave notices": state.leave_notices}  # fmt: skip
+        wanted = {"size": lay.size, "max peers": lay.max_peers, "ring size": lay.ring_size,
+                  "vectors": self.config.vectors, "socket": str(self.config.socket_path),
+                  "page size": page, "leave notices": self.config.leave_notices}  # fmt: skip
+        diffs = [f"{key} {found[key]} -> {wanted[key]}" for key in found
+                 if found[key] != wanted[key]]  # fmt: skip
+        return ", ".join(diffs) or None
+
+    def config_of(self, state: State) -> ServerConfig:
+        """This server's configuration with ``state``'s region shape and socket."""
+        rec = state.region
+        return dataclasses.replace(
+            self.config, size=rec.size, max_peers=rec.max_peers, ring_size=rec.ring_size,
+            vectors=state.vectors, socket_path=Path(state.socket_path),
+            leave_notices=state.leave_notices,
+            hugepage_size=None if rec.page == mmap.PAGESIZE else rec.page,
+        )  # fmt: skip
+
+    async def resume(self, state: State, fds: dict[str, int]) -> None:
+        """Start by taking over what a previous server process handed over.
+
+        ``fds`` (the inherited descriptors by name, without the state) are
+        all consumed: taken over, or closed.  A member whose descriptors
+        are missing or are not what the state says is dropped alone (its
+        slot marked absent, its ID retired).  HandOffError if the state
+        cannot be served (:meth:`mismatch` first), after closing them all.
+        """
+        why = self.mismatch(state)
+        if why is not None:
+            handoff.close_all(fds)
+            raise HandOffError(f"the handed-over region does not match this configuration: {why}")
+        self._transition(Runstate.STARTING)
+        self._loop = asyncio.get_running_loop()
+        lost: list[tuple[SavedPeer, str]] = []
+        try:
+            self._check_record(state)
+            region_fd = fds.pop(handoff.REGION, None)
+            if region_fd is None:
+                raise HandOffError("the handed-over descriptors hold no region")
+            self._region = Region.adopt(region_fd, state.region)
+            self._listener = self._adopt_listener(fds.pop(handoff.LISTENER, None), state)
+            self._next_id = state.next_id
+            self._exhausted_refusals = state.exhausted_refusals
+            for st in state.strikes:
+                self._strikes[(st.pid, st.start_time)] = _Strike(
+                    st.count, st.until, st.forget, st.evicted_at, st.refusals)
+            for saved in state.peers:
+                peer, problem = self._adopt_peer(saved, state.vectors, fds)
+                if peer is None:
+                    lost.append((saved, problem))
+                else:
+                    self._peers[peer.id] = peer
+            for peer_id in state.parked:
+                vectors = self._adopt_vectors("parked", peer_id, state.vectors, fds)
+                if vectors is not None:
+                    self._parked[peer_id] = vectors
+        except BaseException:
+            handoff.close_all(fds)
+            self._teardown()
+            self._transition(Runstate.STOPPING)
+            self._transition(Runstate.STOPPED)
+            self._stopped.set()
+            raise
+        if fds:
+            log.warning("closing %d handed-over descriptors no member owns: %s", len(fds),
+                        ", ".join(sorted(fds)))  # fmt: skip
+            handoff.close_all(fds)
+        self._transition(Runstate.RUNNING)
+        self._loop.add_reader(self._listener.fileno(), self._on_listener_readable)
+        for peer in self._peers.values():
+            self._loop.add_reader(peer.sock.fileno(), self._on_peer_readable, peer)
+        for saved, problem in lost:
+            generation = self.region.mark_absent(saved.slot)
+            log.warning("peer %d (slot %d, pid %d) was not handed over whole (%s): marked absent "
+                        "(generation %d), its ID retired", saved.id, saved.slot, saved.pid,
+                        problem, generation,
+                        extra={"event": "leave", "peer": saved.id, "slot": saved.slot,
+                               "pid": saved.pid, "reason": problem, "generation": generation,
+                               "nr_present": len(self._peers)})  # fmt: skip
+        if lost:
+            self._ring_membership(exclude=None)
+        for slot in range(self.layout.max_peers):
+            if not self.region.server_half(slot).present:
+                self._loop.call_later(self.config.ring_release_delay, self._release_rings,
+                                      slot, self.region.server_half(slot).generation)
+        self._police_handle = self._loop.call_later(self.config.police_interval, self._police_tick)
+        log.info(
+            "took over from server pid %d (version %s) on %s: %d peers, %d IDs parked, "
+            "generation %d",
+            state.pid, state.version, self.config.socket_path, len(self._peers),
+            len(self._parked), state.region.generation,
+            extra={"event": "resume", "from_pid": state.pid, "from_version": state.version,
+                   "peers": sorted(self._peers), "lost": [s.id for s, _ in lost],
+                   "parked": sorted(self._parked), "generation": state.region.generation},
+        )  # fmt: skip
+        self._changed()
+
+    def _check_record(self, state: State) -> None:
+        """The members and the directory record must tell the same story."""
+        rec = state.region
+        present = {i: h for i, h in enumerate(rec.halves) if h.present}
+        members = {p.slot: p for p in state.peers}
+        if set(present) != set(members) or rec.nr_present != len(members):
+            raise HandOffError(f"handed-over state: the directory has slots {sorted(present)} "
+                               f"present, the members hold {sorted(members)}")  # fmt: skip
+        for slot, saved in members.items():
+            half = present[slot]
+            if half.peer_id != saved.id or half.generation != saved.join_generation:
+                raise HandOffError(f"handed-over state: slot {slot} holds peer {half.peer_id} "
+                                   f"of generation {half.generation}, not peer {saved.id} of "
+                                   f"{saved.join_generation}")  # fmt: skip
+        if any(p.id >= state.next_id for p in state.peers) or \
+                any(i >= state.next_id for i in state.parked):  # fmt: skip
+            raise HandOffError("handed-over state: an ID in use is not below the next new ID")
+
+    def _adopt_listener(self, fd: int | None, state: State) -> socket.socket:
+        """The handed-over listening socket, if it is still reached by its path; else a new one."""
+        path = self.config.socket_path
+        problem = "it was not handed over"
+        if fd is not None:
+            sock = socket.socket(fileno=fd)
+            problem = ""
+            try:
+                accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                st = os.lstat(path)
+                if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or \
+                        not accepting or sock.getsockname() != str(path):  # fmt: skip
+                    problem = "it is not a UNIX socket listening on that path"
+                elif (st.st_dev, st.st_ino) != state.socket_id:
+                    problem = "the socket file was removed or replaced"
+            except OSError as exc:
+                problem = f"cannot check it: {exc.strerror or exc}"
+            if not problem:
+                sock.setblocking(False)
+                if self.config.socket_group is not None:
+                    os.chown(path, -1, self.config.socket_group)
+                os.chmod(path, self.config.socket_mode)
+                self._socket_id = state.socket_id
+                return sock
+            sock.close()
+        log.warning("listening anew on %s: %s (QEMUs that connected during the swap are "
+                    "refused)", path, problem)  # fmt: skip
+        prepare_socket_path(path)
+        return self._listen(path)
+
+    def _adopt_vectors(self, prefix: str, peer_id: int, count: int,
+                       fds: dict[str, int]) -> list[int] | None:  # fmt: skip
+        """The handed-over eventfds of ``peer_id``, or None (closed) if any is missing or wrong."""
+        got = [fds.pop(handoff.vector_name(prefix, peer_id, n), None) for n in range(count)]
+        vectors = [fd for fd in got if fd is not None]
+        if len(vectors) == count and all(_is_eventfd(fd) for fd in vectors):
+            return vectors
+        for fd in vectors:
+            os.close(fd)
+        return None
+
+    def _adopt_peer(self, saved: SavedPeer, count: int,
+                    fds: dict[str, int]) -> tuple[Peer | None, str]:  # fmt: skip
+        sock_fd = fds.pop(handoff.peer_name(saved.id), None)
+        vectors = self._adopt_vectors("peer", saved.id, count, fds)
+        sock = socket.socket(fileno=sock_fd) if sock_fd is not None else None
+        problem = ""
+        if sock is None or vectors is None:
+            problem = "its connection or eventfds are missing from the store"
+        elif sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            problem = "its connection is not a UNIX stream socket"
+        elif _peer_pid(sock) != saved.pid:
+            problem = f"its connection is now held by pid {_peer_pid(sock)}"
+        if problem:
+            if sock is not None:
+                sock.close()
+            for fd in vectors or []:
+                os.close(fd)
+            return None, problem
+        assert sock is not None and vectors is not None
+        sock.setblocking(False)
+        i = saved.identity
+        identity = NicIdentity(i.pid, i.mac, i.source, i.name, i.start_time, i.warning)
+        peer = Peer(saved.id, saved.slot, sock, vectors, saved.pid, identity=identity)
+        peer.known = set(saved.known)
+        peer.join_generation = saved.join_generation
+        peer.noted = set(saved.noted)
+        peer.transition(PeerState.ACTIVE)
+        return peer, ""
 
     # -- connections ----------------------------------------------------
 
@@ -955,7 +1237,7 @@ class IvshmemServer:
             return False
         return True
 
-    def _ring_membership(self, exclude: Peer) -> None:
+    def _ring_membership(self, exclude: Peer | None) -> None:
         """Ring vector 0 (membership changed) of every live peer but ``exclude``."""
         for peer in self._live_peers():
             if peer is exclude:

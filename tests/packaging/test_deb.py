@@ -128,16 +128,24 @@ def test_host_units_defaults_and_group(debs: Debs, tmp_path: Path) -> None:
 
 
 def test_host_maintainer_scripts(debs: Debs, tmp_path: Path) -> None:
-    """The group exists before the server starts; the service alone is enabled and started."""
+    """The group exists before the server starts; the service alone is enabled and started;
+    an upgrade hands over instead of restarting (which would drop every member)."""
     postinst = control_file(debs.host, "postinst", tmp_path)
     group = postinst.index("systemd-sysusers")
     enable = postinst.index("deb-systemd-helper enable 'ivloop-server.service'")
-    start = postinst.index("deb-systemd-invoke $_dh_action 'ivloop-server.service'")
-    assert group < enable < start
-    assert "ivloop-server@" not in postinst  # the template is not enabled
+    start = postinst.index("deb-systemd-invoke start 'ivloop-server.service'")
+    hand_over = postinst.index("systemctl kill --kill-who=main --signal=SIGUSR2")
+    assert group < enable < start < hand_over
+    assert "deb-systemd-invoke restart 'ivloop-server.service'" not in postinst
+    assert "deb-systemd-invoke $_dh_action" not in postinst  # dh's restart on upgrade
+    assert "'ivloop-server@*.service'" in postinst  # instances hand over too
+    # The template is not enabled.
+    assert "deb-systemd-helper enable 'ivloop-server@" not in postinst
     assert "py3compile -p ivloop-host" in postinst
-    assert "deb-systemd-invoke stop 'ivloop-server.service'" in control_file(
-        debs.host, "prerm", tmp_path)
+    prerm = control_file(debs.host, "prerm", tmp_path)
+    # Stopped on removal only, not on upgrade.
+    assert "[ \"$1\" = remove ]" in prerm
+    assert "deb-systemd-invoke stop 'ivloop-server.service'" in prerm
 
 
 def test_host_depends(debs: Debs) -> None:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +51,8 @@ SOCKET = "/run/ivloop-server/ivloop.sock"
 DEFAULTS = "/etc/default/ivloop-server"
 # The project's protocol client and the script that drives it, copied in.
 CLIENT_DIR = "/opt/ivloop-test"
-CLIENT_FILES = (nspawn.REPO / "tests" / "server" / "fakeclient.py", HERE / "joinclient.py")
+CLIENT_FILES = (nspawn.REPO / "tests" / "server" / "fakeclient.py", HERE / "joinclient.py",
+                HERE / "upgradeclient.py")
 MEMBER, OUTSIDER = "ivl-member", "ivl-outsider"
 # systemd-analyze security's exposure for the running unit, 0 (locked down)
 # to 10.  Measured 1.5 ("OK") with Debian 12's systemd 252 (1.7 offline,
@@ -333,6 +335,88 @@ def test_reload_keeps_the_server(machine: nspawn.Machine) -> None:
         pytest.fail(f"systemctl reload failed: {proc.stderr}\n{journal}")
     after = assert_active(machine)
     assert after["MainPID"] == before["MainPID"]
+
+
+def newer_deb(deb: Path, directory: Path) -> Path:
+    """``deb`` as a newer version (VERSION-1+upgradetest1): the same files, a later package."""
+    tree = directory / "tree"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True, capture_output=True)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = nspawn.deb_field(deb, "Version")
+    control.write_text(text.replace(f"Version: {version}\n", f"Version: {version}+upgradetest1\n"))
+    newer = directory / f"ivloop-host_{version}+upgradetest1_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(newer)], check=True,
+                   capture_output=True)  # fmt: skip
+    return newer
+
+
+def read_report(path: Path, timeout: float = 60.0) -> dict[str, object]:
+    wait_for(f"{path.name} written", path.exists, timeout)
+    report: dict[str, object] = json.loads(path.read_text())
+    return report
+
+
+def test_upgrade_hands_members_over(machine: nspawn.Machine, deb: Path, timings: Timings,
+                                    tmp_path: Path) -> None:  # fmt: skip
+    """Installing a newer ivloop-host: the server hands over, members notice nothing.
+
+    Two members (upgradeclient.py, group ivloop) stay connected while dpkg
+    installs a newer package, whose postinst has the server hand its
+    region, socket and members to the new server through systemd's
+    file-descriptor store.  Then a crash (SIGKILL) must not bring the old
+    members back: the store was emptied by the take-over.
+    """
+    run_dir = f"{CLIENT_DIR}/run-upgrade"
+    host_dir = machine.root / run_dir.lstrip("/")
+    machine.run("install", "-d", "-o", MEMBER, "-g", MEMBER, run_dir)
+    machine.run("sh", "-c", f"python3 -B {CLIENT_DIR}/upgradeclient.py {SOCKET} {run_dir} "
+                f"> {run_dir}/client.log 2>&1 &", user=MEMBER)  # fmt: skip
+    try:
+        joined = read_report(host_dir / "joined.json", 20)
+        before = assert_active(machine)
+        newer = newer_deb(deb, tmp_path)
+        # Not /tmp: the booted container mounts a tmpfs there.
+        shutil.copy(newer, machine.root / CLIENT_DIR.lstrip("/") / newer.name)
+        done = timed(timings, "dpkg -i newer ivloop-host (hand-over)")
+        started = time.monotonic()
+        out = machine.run("dpkg", "-i", f"{CLIENT_DIR}/{newer.name}").stdout
+        took = time.monotonic() - started
+        done()
+        print(f"upgrade ({took:.1f} s):\n{out}")
+        assert f"{SERVICE} handed its members over to the new server" in out, out
+        after = assert_active(machine)
+        assert after["MainPID"] != before["MainPID"]
+        assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+        assert re.match(r"2 of 8 peers", after["StatusText"]), after
+        version = machine.run("dpkg-query", "-W", "-f=${Version}", "ivloop-host").stdout
+        assert version.endswith("+upgradetest1")
+        journal = machine.run("journalctl", "-u", SERVICE, "-o", "cat", "--no-pager",
+                              f"_PID={after['MainPID']}").stdout  # fmt: skip
+        assert f"took over from server pid {before['MainPID']}" in journal, journal
+
+        (host_dir / "upgraded").touch()
+        report = read_report(host_dir / "after.json")
+        print(f"members before: {joined}\nafter the upgrade: {report}")
+        assert report["ok"], report["problems"]
+        assert report["c_inode"] == joined["inode"]
+
+        machine.run("sh", "-c", f"kill -9 {int(after['MainPID'])}")
+        wait_for("restarted after SIGKILL",
+                 lambda: show(machine, "MainPID", "ActiveState")["ActiveState"] == "active" and
+                 show(machine, "MainPID")["MainPID"] not in ("0", after["MainPID"]))  # fmt: skip
+        (host_dir / "crashed").touch()
+        final = read_report(host_dir / "final.json")
+        assert final["ok"], final["problems"]
+        journal = machine.run("journalctl", "-u", SERVICE, "-o", "cat", "--no-pager").stdout
+        assert journal.count("took over from server pid") == 1, journal
+    finally:
+        log_file = host_dir / "client.log"
+        if log_file.exists() and log_file.read_text().strip():
+            print(f"upgradeclient.py said:\n{log_file.read_text()}")
+        for name in ("upgraded", "crashed"):
+            (host_dir / name).touch()
+    assert_active(machine)
 
 
 def test_restart(machine: nspawn.Machine, timings: Timings) -> None:

@@ -42,7 +42,8 @@ def recorded_pids(sd: StateDir) -> list[int]:
     if not sd.exists():
         return []
     state = sd.load()
-    procs = [vm.proc for vm in state.vms.values()] + [h.server for h in state.hosts.values()]
+    procs = [vm.proc for vm in state.vms.values()] + \
+        [p for h in state.hosts.values() for p in (h.server, h.supervisor)]  # fmt: skip
     return [p.pid for p in procs if p is not None]
 
 

@@ -26,7 +26,7 @@ from harness.lab.state import StateDir
 from ivloop_server.region import find_server_region, read_directory
 
 from .conftest import boot, teardown
-from .lab import Lab, received_bytes, server_log
+from .lab import Lab, collect, received_bytes, server_log, spawn, start_hashing_receiver
 
 VICTIMS = ("vm1", "vm2")
 REPORT: dict[str, object] = {}  # measured numbers, printed at the end
@@ -139,6 +139,68 @@ def test_server_crash_and_restart(rel: Lab) -> None:
     assert received_bytes(lab.iperf3("vm1", "vm2", seconds=2)) > 1_000_000
     a1 = paths.counters(g1)
     assert a1["shm_tx_bytes"] - b1["shm_tx_bytes"] > 1_000_000
+    for vm in VICTIMS:
+        assert not trouble(lab, vm), vm
+
+
+def test_server_hand_over_keeps_guests_on_shared_memory(rel: Lab) -> None:
+    """The server replaced as an ivloop-host upgrade replaces it: a checked transfer
+    runs through the swap on shared memory, nothing is re-plugged, and the new
+    server serves the same region (a real QEMU re-joins it afterwards)."""
+    lab = rel
+    wait_pair(lab)
+    g1, g2 = lab.guest("vm1"), lab.guest("vm2")
+    region = os.stat(find_server_region(server_pid(lab, "A"))).st_ino
+    # 16 x 32 MiB of random bytes: seconds of traffic, from the page cache.
+    stream = "for i in $(seq 16); do cat /tmp/handover.bin; done"
+    want = g1.run("dd if=/dev/urandom of=/tmp/handover.bin bs=1M count=32 2>/dev/null && "
+                  f"{stream} | sha256sum", timeout=120).split()[0]  # fmt: skip
+    rx = start_hashing_receiver(g2, 5301)
+    b1 = paths.counters(g1)
+    since = time.time()
+    spawn(g1, f"nc {lab.ip('vm2')} 5301 -e sh -c '{stream}'", "/tmp/handover-tx.log")
+    deadline = time.monotonic() + 30
+    while paths.counters(g1)["shm_tx_bytes"] - b1["shm_tx_bytes"] < 8 << 20:  # under way
+        assert time.monotonic() < deadline, "the transfer did not start"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    with lab.sd:
+        old, new = cluster.hand_over_server(lab.sd, "A")
+    REPORT["hand_over_s"] = round(time.monotonic() - t0, 2)
+    running = g1.status("test ! -e /tmp/handover-tx.log.rc")[0] == 0
+    code, out = collect(g1, "/tmp/handover-tx.log", timeout=300)
+    assert code == 0, f"sender failed: {out}"
+    code, out = collect(g2, rx, timeout=60)
+    assert code == 0, f"receiver failed: {out}"
+    assert g2.run("cat /tmp/rx-5301.sum").split()[0] == want, "the bytes changed on the way"
+    assert running, "the transfer ended before the hand-over: it proves nothing (make it longer)"
+    a1 = paths.counters(g1)
+    moved = {k: a1[k] - b1[k] for k in ("shm_tx_bytes", "lower_tx_bytes")}
+    REPORT["hand_over_path"] = moved
+    # All of it on shared memory: the pair never fell back to the lower path.
+    assert moved["shm_tx_bytes"] > 512 << 20, moved
+    assert moved["lower_tx_bytes"] < 64 << 10, moved
+    assert new != old and lab.state.hosts["A"].server is not None
+    assert os.stat(find_server_region(new)).st_ino == region, "the new server made a new region"
+    for vm in ("vm1", "vm2", "evil"):
+        rec = lab.state.vms[vm].proc
+        assert rec is not None and rec.alive(), f"{vm}'s QEMU died in the hand-over"
+    resume = [r for r in server_log(lab.sd, "A", since) if r.get("event") == "resume"]
+    assert len(resume) == 1 and len(resume[0]["peers"]) == 3 and not resume[0]["lost"], resume
+
+    # The new server serves the QEMUs: vm2's device goes and comes back (its ID
+    # handed on to itself), and the pair returns to shared memory.
+    with lab.sd:
+        cluster.set_ivshmem(lab.sd, "vm2", attached=False)
+    paths.wait_peer(g1, lab.mac("vm2"), shm=False, timeout=30)
+    with lab.sd:
+        cluster.set_ivshmem(lab.sd, "vm2", attached=True)
+    wait_pair(lab, timeout=30)
+    joins = [r for r in server_log(lab.sd, "A", since) if r.get("event") == "join"]
+    assert joins and joins[-1]["pid"] == lab.state.vms["vm2"].proc.pid, joins  # type: ignore[union-attr]
+    b1 = paths.counters(g1)
+    assert received_bytes(lab.iperf3("vm1", "vm2", seconds=2)) > 1_000_000
+    assert paths.counters(g1)["shm_tx_bytes"] - b1["shm_tx_bytes"] > 1_000_000
     for vm in VICTIMS:
         assert not trouble(lab, vm), vm
 
