@@ -144,23 +144,26 @@ def test_server_crash_and_restart(rel: Lab) -> None:
 
 
 def test_server_hand_over_keeps_guests_on_shared_memory(rel: Lab) -> None:
-    """The server replaced as an ivloop-host upgrade replaces it: a checked transfer
+    """The server replaced as an ivloop-host upgrade replaces it: a checked 128 MiB transfer
     runs through the swap on shared memory, nothing is re-plugged, and the new
     server serves the same region (a real QEMU re-joins it afterwards)."""
     lab = rel
     wait_pair(lab)
     g1, g2 = lab.guest("vm1"), lab.guest("vm2")
     region = os.stat(find_server_region(server_pid(lab, "A"))).st_ino
-    # 16 x 32 MiB of random bytes: seconds of traffic, from the page cache.
-    stream = "for i in $(seq 16); do cat /tmp/handover.bin; done"
+    # 4 x 32 MiB of random bytes from the page cache: about 3 s of traffic
+    # under TCG (hashing more costs the sender 5 s per 128 MiB).
+    stream = "for i in 1 2 3 4; do cat /tmp/handover.bin; done"
+    t_hash = time.monotonic()
     want = g1.run("dd if=/dev/urandom of=/tmp/handover.bin bs=1M count=32 2>/dev/null && "
                   f"{stream} | sha256sum", timeout=120).split()[0]  # fmt: skip
+    REPORT["hand_over_hash_s"] = round(time.monotonic() - t_hash, 1)
     rx = start_hashing_receiver(g2, 5301)
     b1 = paths.counters(g1)
     since = time.time()
     spawn(g1, f"nc {lab.ip('vm2')} 5301 -e sh -c '{stream}'", "/tmp/handover-tx.log")
     deadline = time.monotonic() + 30
-    while paths.counters(g1)["shm_tx_bytes"] - b1["shm_tx_bytes"] < 8 << 20:  # under way
+    while paths.counters(g1)["shm_tx_bytes"] - b1["shm_tx_bytes"] < 4 << 20:  # under way
         assert time.monotonic() < deadline, "the transfer did not start"
         time.sleep(0.2)
     t0 = time.monotonic()
@@ -169,6 +172,7 @@ def test_server_hand_over_keeps_guests_on_shared_memory(rel: Lab) -> None:
     REPORT["hand_over_s"] = round(time.monotonic() - t0, 2)
     running = g1.status("test ! -e /tmp/handover-tx.log.rc")[0] == 0
     code, out = collect(g1, "/tmp/handover-tx.log", timeout=300)
+    REPORT["hand_over_transfer_s"] = round(time.monotonic() - t0, 1)
     assert code == 0, f"sender failed: {out}"
     code, out = collect(g2, rx, timeout=60)
     assert code == 0, f"receiver failed: {out}"
@@ -178,7 +182,7 @@ def test_server_hand_over_keeps_guests_on_shared_memory(rel: Lab) -> None:
     moved = {k: a1[k] - b1[k] for k in ("shm_tx_bytes", "lower_tx_bytes")}
     REPORT["hand_over_path"] = moved
     # All of it on shared memory: the pair never fell back to the lower path.
-    assert moved["shm_tx_bytes"] > 512 << 20, moved
+    assert moved["shm_tx_bytes"] > 128 << 20, moved
     assert moved["lower_tx_bytes"] < 64 << 10, moved
     assert new != old and lab.state.hosts["A"].server is not None
     assert os.stat(find_server_region(new)).st_ino == region, "the new server made a new region"
