@@ -31,6 +31,14 @@ SAMPLE_INTERVAL = 0.5
 CLIENT_GRACE = 15.0
 #: iperf3's error for a client ended by SIGINT (3.x).
 IPERF_INTERRUPTED = "interrupt - the client has terminated"
+#: glibc's last words when iperf3 dies of the SIGINT the watch sent it: its
+#: handler longjmp()s out of whatever it interrupted (esnet/iperf#257 shows
+#: the longjmp), malloc included, and allocates again to print its report
+#: ("malloc(): ... assertion failure in sysmalloc", seen once in 2026-12).
+_IPERF_ABORT = re.compile(r"malloc|free\(\)|corrupted|assertion")
+#: Bytes the source must have sent in the last sample before the end for a
+#: stream to count as alive then (a 20 ms ping alone sends about 2.5 KB).
+_ALIVE_BYTES = 100_000
 _PING_RE = re.compile(r"seq=(\d+) .*time=([\d.]+) ms")
 #: The guests' TCP MIB counters a watch reports the change of, on both ends:
 #: when a stream dies they say which side reset it and why (an application
@@ -78,6 +86,9 @@ class Timeline:
     iperf_last_s: float = 0.0
     #: The watch ended the stream before its duration, as end_after() asked.
     iperf_ended_early: bool = False
+    #: iperf3 died of that interrupt (its own defect: see _IPERF_ABORT) while
+    #: the stream was moving; its last words.  The stream counts as ended early.
+    iperf_aborted: str = ""
     #: Per VM (source, destination), how much each of TCP_COUNTERS moved.
     tcp: dict[str, dict[str, int]] = field(default_factory=dict)
     #: Per VM, how many seconds more its clock advanced than the host's over
@@ -306,6 +317,21 @@ class Watch:
                     guest.close()
         self.write()
 
+    def _sent_in_last_sample(self) -> int:
+        """Bytes the source sent (both paths) between its last two samples."""
+        samples = self.timeline.samples
+        if len(samples) < 2:
+            return 0
+        a, b = samples[-2], samples[-1]
+        return (b.shm_tx_bytes - a.shm_tx_bytes) + (b.lower_tx_bytes - a.lower_tx_bytes)
+
+    def _sent_over_the_watch(self) -> int:
+        samples = self.timeline.samples
+        if len(samples) < 2:
+            return 0
+        a, b = samples[0], samples[-1]
+        return (b.shm_tx_bytes - a.shm_tx_bytes) + (b.lower_tx_bytes - a.lower_tx_bytes)
+
     def _collect(self, g: Guest) -> None:
         # iperf3 ends by itself; give it its last seconds, then stop both.  Only
         # the PIDs this watch started: the guest's own `iperf3 -s` must live.
@@ -333,7 +359,18 @@ class Watch:
         try:
             result = json.loads(raw)
         except ValueError:
-            tl.iperf_error = f"no JSON from iperf3: {raw[-200:]}"
+            moved = self._sent_in_last_sample()
+            if interrupted and _IPERF_ABORT.search(raw) and moved >= _ALIVE_BYTES:
+                # Our SIGINT killed iperf3, not the path: the stream was
+                # moving up to it.  What the source sent stands for it.
+                log.warning("%s: iperf3 aborted on the watch's SIGINT (%s); the stream was "
+                            "moving (%d bytes in the last sample)", self.src,
+                            raw.strip()[-120:], moved)  # fmt: skip
+                tl.iperf_aborted, tl.iperf_ended_early = raw.strip()[-200:], True
+                tl.iperf_bytes = self._sent_over_the_watch()
+                tl.iperf_ok = tl.iperf_bytes > 0
+            else:
+                tl.iperf_error = f"no JSON from iperf3: {raw[-200:]}"
         else:
             tl.iperf_error = str(result.get("error", ""))
             for interval in result.get("intervals", []):

@@ -44,6 +44,9 @@ class FakeGuest:
 
     #: Liveness checks of the client before it ends by itself.
     CLIENT_CHECKS = 2
+    #: Bytes the source's ivl0 sent between two samples (its ethtool reads).
+    TX_PER_SAMPLE = 0
+    tx_reads = 0
     #: Per VM, how far its clock moves between two snapshots (default 0).
     CLOCK_STEP: ClassVar[dict[str, float]] = {}
     SERVER_LOG = "-----\nServer listening on 5201 (test #2)\n"
@@ -78,7 +81,9 @@ class FakeGuest:
         if "/tmp/iperf3-server.log" in command:
             return 0, self.SERVER_LOG
         if command.startswith("ethtool"):
-            return 0, "shm_tx_bytes: 0\nlower_tx_bytes: 0\n"
+            self.tx_reads += 1
+            sent = self.tx_reads * self.TX_PER_SAMPLE
+            return 0, f"shm_tx_bytes: {sent}\nlower_tx_bytes: 0\n"
         if "cat /tmp/watch-iperf.json" in command:
             return 0, getattr(self, "_iperf_json", IPERF_JSON)
         if "cat /tmp/watch-ping.log" in command:
@@ -242,3 +247,29 @@ def test_an_interrupt_the_watch_did_not_plan_is_a_failed_stream(
     tl = w.timeline
     assert not tl.iperf_ok and not tl.iperf_ended_early
     assert watch.IPERF_INTERRUPTED in tl.stream_failure()
+
+
+ABORTED = ("malloc(): unaligned tcache chunk detected\n"
+           "iperf3: malloc.c:2617: sysmalloc: Assertion `(old_top == initial_top (av) ...' failed.")
+
+
+@pytest.mark.parametrize("moving", [True, False])
+def test_an_iperf3_killed_by_the_watchs_own_interrupt_is_judged_by_the_path(
+        state_dir: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        guest_procs: tuple[dict[int, str], list[str]], moving: bool) -> None:
+    """iperf3 3.12 can abort in its SIGINT handler (glibc's malloc assertion): with
+    the stream still moving when end_after() interrupted it, that is an early end;
+    with the source silent, still a failed stream."""
+    monkeypatch.setattr(FakeGuest, "CLIENT_CHECKS", 10**6)
+    monkeypatch.setattr(FakeGuest, "TX_PER_SAMPLE", 1_000_000 if moving else 0)
+    monkeypatch.setattr(FakeGuest, "_iperf_json", ABORTED, raising=False)
+    w = watch.Watch(state_dir, "vm1", "vm2", duration=60, out_dir=tmp_path / "w")
+    with w:
+        w.end_after(1.2)  # a few samples
+    tl = w.timeline
+    if moving:
+        assert tl.iperf_ok and tl.iperf_ended_early and "sysmalloc" in tl.iperf_aborted, tl
+        assert tl.iperf_bytes >= 1_000_000
+    else:
+        assert not tl.iperf_ok and not tl.iperf_aborted
+        assert "no JSON from iperf3" in tl.stream_failure()
