@@ -46,7 +46,7 @@ KDIR = /usr/src/linux-headers-$(KABI)
 # copy of the sources, so no build clobbers another kernel's ivloop.ko.
 DRIVER_DIR = $(if $(filter 6.1,$(KERNEL)),guest-driver,build/driver-$(KERNEL))
 
-.PHONY: help deps apt venv driver image profile-image pycheck test test-deps unit-test vm-test demo lint fuzz bench bench-smp bench-pairs soak clean
+.PHONY: help deps apt venv driver image profile-image pycheck test test-deps nspawn-root unit-test vm-test demo lint fuzz bench bench-smp bench-pairs soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-10s %s\n", $$1, $$2 }'
@@ -204,8 +204,26 @@ unit-test: pycheck  ## fast tests, no VM
 # headers too, for the build and DKMS tests), the systemd Debian guest and
 # the second QEMU.
 QEMU10 := $(CURDIR)/build/qemu-10/bin/qemu-system-x86_64
-test-deps: deps image debian-image qemu-10 deb
-	@$(MAKE) -s --no-print-directory image KERNEL=6.12
+# The root the host-package tests boot (a debootstrap, cached in build/nspawn)
+# is built alongside the images, so that its downloads overlap their work.
+# Without root, debootstrap or systemd-nspawn those tests skip, and so does this.
+define nspawn_root
+	if command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null && \
+	    [ "$$(id -u)" = 0 ]; then \
+		mkdir -p build; \
+		$(VENV)/bin/python -m tests.packaging.nspawn > build/nspawn-root.log 2>&1 || \
+			{ cat build/nspawn-root.log >&2; exit 1; }; \
+	fi
+endef
+
+test-deps: deps deb
+	@( $(nspawn_root) ) & root=$$!; \
+	$(MAKE) --no-print-directory image debian-image qemu-10 && \
+		$(MAKE) -s --no-print-directory image KERNEL=6.12; rc=$$?; \
+	wait $$root || rc=1; exit $$rc
+
+nspawn-root: deps deb  ## the cached Debian 12 root the host-package tests boot (build/nspawn)
+	@$(nspawn_root)
 
 # The whole VM suite on the default kernel and QEMU, then the `versions`
 # subset (ping and stream over shm, a round-trip migration, the hostile

@@ -40,6 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from . import debs
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -683,3 +685,21 @@ def deb_depends(deb: Path) -> list[str]:
     Installed at root-cache time, so that ``dpkg -i`` needs no network.
     """
     return parse_depends(deb_field(deb, "Pre-Depends"), deb_field(deb, "Depends"))
+
+
+def main() -> int:
+    """Build (or find) the pristine root test_host_package.py boots: ``make nspawn-root``.
+
+    The Makefile runs this while the guest images build, so the
+    debootstrap's downloads and the images' work overlap instead of the
+    first package test waiting for it.
+    """
+    logging.basicConfig(level=logging.INFO, format="nspawn: %(message)s")
+    started = time.monotonic()
+    root = cached_root(deb_depends(debs.built().host))
+    log.info("root %s ready in %.0f s", root, time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
