@@ -46,6 +46,7 @@ from typing import Any, Final
 
 from . import abi
 from .errors import HandOffError
+from .nic import NicIdentity
 from .protocol import MAX_PEER_ID
 from .region import MAC_LEN, RegionRecord, ServerHalf
 from .sdnotify import Notifier
@@ -85,21 +86,11 @@ def fds_needed(max_peers: int, vectors: int) -> int:
 
 
 @dataclass(frozen=True)
-class SavedIdentity:
-    pid: int
-    mac: bytes | None
-    source: str
-    name: str | None
-    start_time: int | None
-    warning: str | None
-
-
-@dataclass(frozen=True)
 class SavedPeer:
     id: int
     slot: int
     pid: int
-    identity: SavedIdentity
+    identity: NicIdentity
     known: frozenset[int]
     join_generation: int
     noted: frozenset[str]
@@ -253,7 +244,7 @@ def _parse_peer(raw: object, where: str, max_peers: int) -> SavedPeer:
     p = _Reader(raw, where)
     i = _Reader(p.obj.get("identity"), f"{where}.identity")
     start_time = i.obj.get("start_time")
-    identity = SavedIdentity(
+    identity = NicIdentity(
         pid=i.integer("pid", 0, 1 << 31), mac=i.mac("mac", optional=True),
         source=i.text("source") or "", name=i.text("name", optional=True),
         start_time=None if start_time is None else i.integer("start_time", 0, 1 << 62),

@@ -551,9 +551,7 @@ class IvshmemServer:
             sock.bind(str(path))
             # Before listen() nobody can connect, so there is no window in
             # which the socket is reachable with the umask's mode.
-            if self.config.socket_group is not None:
-                os.chown(path, -1, self.config.socket_group)
-            os.chmod(path, self.config.socket_mode)
+            self._set_socket_access(path)
             st = os.stat(path)
             self._socket_id = (st.st_dev, st.st_ino)
             sock.listen(LISTEN_BACKLOG)
@@ -561,6 +559,12 @@ class IvshmemServer:
             sock.close()
             raise SocketPathError(str(path), f"cannot listen: {exc.strerror or exc}") from exc
         return sock
+
+    def _set_socket_access(self, path: Path) -> None:
+        """Give the socket file the configured group and mode: who may connect."""
+        if self.config.socket_group is not None:
+            os.chown(path, -1, self.config.socket_group)
+        os.chmod(path, self.config.socket_mode)
 
     async def stop(self, reason: str = "server stopping") -> None:
         """Drop every peer (announcing each leave), unlink the socket, free the region."""
@@ -860,9 +864,7 @@ class IvshmemServer:
                 problem = f"cannot check it: {exc.strerror or exc}"
             if not problem:
                 sock.setblocking(False)
-                if self.config.socket_group is not None:
-                    os.chown(path, -1, self.config.socket_group)
-                os.chmod(path, self.config.socket_mode)
+                self._set_socket_access(path)
                 self._socket_id = state.socket_id
                 return sock
             sock.close()
@@ -902,9 +904,7 @@ class IvshmemServer:
             return None, problem
         assert sock is not None and vectors is not None
         sock.setblocking(False)
-        i = saved.identity
-        identity = NicIdentity(i.pid, i.mac, i.source, i.name, i.start_time, i.warning)
-        peer = Peer(saved.id, saved.slot, sock, vectors, saved.pid, identity=identity)
+        peer = Peer(saved.id, saved.slot, sock, vectors, saved.pid, identity=saved.identity)
         peer.known = set(saved.known)
         peer.join_generation = saved.join_generation
         peer.noted = set(saved.noted)
