@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import ctypes
-import fcntl
 import logging
 import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Final
@@ -42,7 +41,6 @@ log = logging.getLogger("harness.fdstore")
 EXIT_HANDED_OFF: Final = 75
 STORE_MAX: Final = 4163  # as the packaged unit's FileDescriptorStoreMax=
 _MAX_FDS: Final = 253  # SCM_MAX_FD
-_PR_SET_PDEATHSIG: Final = 1
 
 
 def read_notification(sock: socket.socket) -> tuple[dict[str, str], list[int]] | None:
@@ -108,6 +106,34 @@ class FdStore:
         self.fds.clear()
 
 
+#: What systemd does between fork and exec, run as ``python -c`` in the new
+#: process: the stored descriptors moved to 3, 4, ... (out of the way first),
+#: the others closed, LISTEN_PID its own PID, and the process killed with
+#: its parent (PR_SET_PDEATHSIG, 1), so a server never outlives whoever
+#: started it.
+_EXEC_WITH_FDS = """
+import ctypes, fcntl, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]
+for target, fd in enumerate(high, 3):
+    os.dup2(fd, target)
+    os.close(fd)
+for fd in fds:
+    if fd >= 3 + len(fds):
+        os.close(fd)
+if fds:
+    os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def exec_with_fds(argv: list[str], fds: list[int]) -> list[str]:
+    """``argv`` started as systemd starts a unit with stored descriptors ``fds``
+    (give the command to Popen with ``pass_fds=fds`` and LISTEN_FDS/LISTEN_FDNAMES)."""
+    return [sys.executable, "-c", _EXEC_WITH_FDS, ",".join(map(str, fds)), *argv]
+
+
 class Supervisor:
     def __init__(self, argv: list[str], pidfile: Path, store_max: int = STORE_MAX) -> None:
         self.argv = argv
@@ -120,6 +146,7 @@ class Supervisor:
         self.sock.bind(self.address)
         self.sock.setblocking(False)
         self.store = FdStore(store_max)
+        self.proc: subprocess.Popen[bytes] | None = None
         self.child = 0
         self.restarts = 0
 
@@ -131,28 +158,11 @@ class Supervisor:
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             env.pop(key, None)
         env.update(self.store.listen_env())
-        pid = os.fork()
-        if pid == 0:  # the child: what systemd does between fork and exec
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                # Out of the way of 3, 4, ... first.
-                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]
-                for target, fd in enumerate(high, 3):
-                    os.dup2(fd, target)  # inheritable
-                    os.close(fd)
-                os.closerange(3 + len(fds), 1 << 16)
-                if fds:
-                    env["LISTEN_PID"] = str(os.getpid())
-                os.execvpe(self.argv[0], self.argv, env)
-            except BaseException as exc:  # never back into the parent's code
-                os.write(2, f"fdstore: cannot start {self.argv[0]}: {exc}\n".encode())
-            finally:
-                os._exit(127)
-        self.child = pid
-        log.info("started %s (pid %d) with %d stored descriptors", self.argv[0], pid, len(fds))
+        # stdin, stdout and stderr are the supervisor's: /dev/null and the log.
+        self.proc = subprocess.Popen(exec_with_fds(self.argv, fds), env=env, pass_fds=fds)
+        self.child = self.proc.pid
+        log.info("started %s (pid %d) with %d stored descriptors", self.argv[0], self.child,
+                 len(fds))  # fmt: skip
 
     # -- notifications ------------------------------------------------------------
 
@@ -180,14 +190,11 @@ class Supervisor:
             while True:
                 select.select([self.sock], [], [], 0.1)
                 self.drain()
-                try:
-                    pid, status = os.waitpid(self.child, os.WNOHANG)
-                except ChildProcessError:
-                    return 1
-                if pid == 0:
+                assert self.proc is not None
+                code = self.proc.poll()
+                if code is None:
                     continue
                 self.drain()  # whatever it said before it went
-                code = os.waitstatus_to_exitcode(status)
                 if code != EXIT_HANDED_OFF:
                     log.info("server pid %d exited with %d", self.child, code)
                     return code if code >= 0 else 128 - code

@@ -19,29 +19,12 @@ import contextlib
 import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self
 
-from harness.lab.fdstore import FdStore, read_notification
-
-#: What systemd does between fork and exec: descriptors to 3, 4, ..., LISTEN_PID.
-_PLACE_FDS = """
-import fcntl, os, sys
-fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]
-for target, fd in enumerate(high, 3):
-    os.dup2(fd, target)
-    os.close(fd)
-for fd in fds:
-    if fd >= 3 + len(fds):
-        os.close(fd)
-if fds:
-    os.environ["LISTEN_PID"] = str(os.getpid())
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
+from harness.lab.fdstore import FdStore, exec_with_fds, read_notification
 
 
 class StoreManager:
@@ -117,12 +100,10 @@ class StoreManager:
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             environ.pop(key, None)
         environ.update(listen)
-        # In the child: move the descriptors to 3.., name LISTEN_PID, exec.
-        wrapped = [sys.executable, "-c", _PLACE_FDS, ",".join(map(str, fds)), *argv]
         with stderr.open("ab") as err:
             return subprocess.Popen(
-                wrapped, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err, pass_fds=fds,
+                exec_with_fds(list(argv), fds), env=environ, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err, pass_fds=fds,
             )  # fmt: skip
 
     def flush(self) -> None:
